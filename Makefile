@@ -1,0 +1,32 @@
+# mnemo: `make train` and `make test` each set themselves up on a fresh clone.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+ARGS   ?=
+
+export HF_DATASETS_OFFLINE ?= 1
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= disabled
+
+.PHONY: setup train test clean
+
+# Torch goes in first and pinned: a loose requirement in an empty venv pulls a multi-GB CUDA build.
+# An existing torch (e.g. a GPU image's) is kept.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+train: setup
+	$(PY) -m train config=configs/tiny.yaml $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q -ra $(ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,1 @@
+"""Launch helpers: they build torchrun / sbatch commands and scripts; they never import the trainer."""

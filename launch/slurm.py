@@ -1,0 +1,118 @@
+"""Write (and submit) an sbatch script for a multi-node run.
+
+    python -m launch.slurm config=configs/x.yaml nodes=4 gpus_per_node=8 time=24:00:00 [--dry-run] [key=value ...]
+
+The script goes to <run_dir>/launch.sbatch. srun starts one torchrun per node; the first node of the
+allocation hosts the c10d rendezvous. SLURM sends SIGUSR1 `signal_lead_s` seconds before the time limit;
+the trainer saves a checkpoint on it and exits, and `--requeue` puts the job back in the queue, where the
+next start resumes from that checkpoint (the trainer resumes automatically from the run directory).
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from typing import Dict, List
+
+from .common import join, run_dir_of, split_args
+from .torchrun import torchrun_command
+
+_SIGNAL_WORKERS = (
+    "for p in $(pgrep -f -- '-m train'); do "
+    "grep -qa torch.distributed.run /proc/$p/cmdline || kill -USR1 $p; done"
+)
+
+DEFAULTS: Dict[str, object] = {
+    "nodes": 1,
+    "gpus_per_node": 8,
+    "time": "24:00:00",
+    "partition": "",
+    "account": "",
+    "qos": "",
+    "job_name": "mnemo",
+    "cpus_per_task": 16,
+    "signal_lead_s": 300,
+    "port": 29500,
+    "python": "python",
+}
+
+
+def sbatch_script(train_args: List[str], opts: Dict[str, object]) -> str:
+    run_dir = run_dir_of(train_args)
+    nodes, gpus = int(opts["nodes"]), int(opts["gpus_per_node"])
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name={opts['job_name']}",
+        f"#SBATCH --nodes={nodes}",
+        "#SBATCH --ntasks-per-node=1",
+        f"#SBATCH --gpus-per-node={gpus}",
+        f"#SBATCH --cpus-per-task={opts['cpus_per_task']}",
+        f"#SBATCH --time={opts['time']}",
+        f"#SBATCH --output={run_dir}/slurm-%j.out",
+        # B: = signal the batch shell too; the trainer catches SIGUSR1, saves, exits; requeue restarts.
+        f"#SBATCH --signal=B:USR1@{opts['signal_lead_s']}",
+        "#SBATCH --requeue",
+        "#SBATCH --open-mode=append",
+    ]
+    for key in ("partition", "account", "qos"):
+        if opts[key]:
+            lines.append(f"#SBATCH --{key}={opts[key]}")
+    cmd = torchrun_command(
+        train_args,
+        nodes=nodes,
+        gpus_per_node=gpus,
+        rdzv_endpoint=f"$MASTER_ADDR:{opts['port']}",
+        rdzv_id="$SLURM_JOB_ID",
+        python=str(opts["python"]),
+    )
+    # Keep $VARS unquoted so the shell expands them on each node.
+    cmd_text = " ".join(c if "$" in c else shlex.quote(c) for c in cmd)
+    lines += [
+        "",
+        "set -euo pipefail",
+        'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        "export MASTER_ADDR",
+        "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}",
+        "",
+        "# SLURM signals this batch shell (B:). torchrun's agent would die of SIGUSR1, so the signal goes to",
+        "# the trainer processes only (children of torchrun, whose own command line is torch.distributed.run).",
+        "REQUEUE=0",
+        "forward_usr1() {",
+        "  REQUEUE=1",
+        "  echo \"caught USR1: asking every rank to checkpoint and exit\"",
+        "  srun --overlap --ntasks-per-node=1 bash -c " + shlex.quote(_SIGNAL_WORKERS),
+        "}",
+        "trap forward_usr1 USR1",
+        f"srun --kill-on-bad-exit=1 bash -c {shlex.quote(cmd_text)} &",
+        "SRUN_PID=$!",
+        "# wait returns early when the trap fires; wait again for the ranks to save and exit.",
+        "wait $SRUN_PID || true",
+        "wait $SRUN_PID",
+        "# The time limit is near and the ranks saved: queue the job again; its next start resumes.",
+        'if [ "$REQUEUE" = 1 ]; then scontrol requeue "$SLURM_JOB_ID"; fi',
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    dry_run = "--dry-run" in argv
+    argv = [a for a in argv if a != "--dry-run"]
+    opts, train_args = split_args(argv, DEFAULTS)
+    script = sbatch_script(train_args, opts)
+    if dry_run:
+        print(script)
+        return 0
+    run_dir = run_dir_of(train_args)
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, "launch.sbatch")
+    with open(path, "w") as f:
+        f.write(script)
+    print(f"wrote {path}")
+    return subprocess.call(["sbatch", path])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Read a model back from a training checkpoint, without importing `train` (eval and tools use this).
+
+A checkpoint directory (see train/checkpoint.py) holds DCP shards under the key "model" and a meta.json
+whose "model_config" is the ModelConfig the run was built with.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import List, Tuple
+
+import torch
+
+META_FILE = "meta.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def list_checkpoints(run_dir: str) -> List[str]:
+    """Complete checkpoints of a run directory, oldest first (unfinished `.tmp` saves are ignored)."""
+    root = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    steps = []
+    for name in os.listdir(root):
+        m = _STEP_DIR.match(name)
+        if m and os.path.exists(os.path.join(root, name, META_FILE)):
+            steps.append(int(m.group(1)))
+    return [os.path.join(root, f"step_{s}") for s in sorted(steps)]
+
+
+def resolve_checkpoint(path: str) -> str:
+    """Accept a checkpoint directory or a run directory (-> its newest checkpoint)."""
+    if os.path.exists(os.path.join(path, META_FILE)):
+        return path
+    found = list_checkpoints(path)
+    if not found:
+        raise FileNotFoundError(f"checkpoint: no checkpoint found at {path} (expected {META_FILE} or checkpoints/step_N/)")
+    return found[-1]
+
+
+def model_config_from_dict(d: dict):
+    from .config import MemoryConfig, ModelConfig
+
+    d = dict(d)
+    memory = MemoryConfig(**d.pop("memory", {}))
+    return ModelConfig(memory=memory, **d)
+
+
+def model_config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def load_model(checkpoint_dir: str, device="cpu") -> Tuple[torch.nn.Module, object]:
+    """Build the checkpoint's model on `device` and load its weights. Returns (model, ModelConfig)."""
+    import torch.distributed.checkpoint as dcp
+
+    from .transformer import Transformer
+
+    path = resolve_checkpoint(checkpoint_dir)
+    with open(os.path.join(path, META_FILE)) as f:
+        meta = json.load(f)
+    if "model_config" not in meta:
+        raise ValueError(f"checkpoint {path}: {META_FILE} has no model_config")
+    cfg = model_config_from_dict(meta["model_config"])
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device=device)
+    model.init_weights()  # buffers (e.g. RoPE tables) are not in the checkpoint
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=path)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return model, cfg

@@ -1,0 +1,126 @@
+"""Model configuration: plain dataclasses (OmegaConf structured-config friendly) with validate(prefix)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+MEMORY_BACKENDS = ("auto", "reference", "triton")
+ATTENTION_BACKENDS = ("sdpa", "xformers")
+
+
+@dataclass
+class MemoryConfig:
+    """Product-key memory (Memory+) layers, which replace the FFN of the chosen blocks."""
+
+    layers: List[int] = field(default_factory=list)  # explicit block indices, or use `every`/`start`
+    every: Optional[int] = None  # stride form: start, start + every, ... < n_layers
+    start: int = 0
+    n_keys: int = 256  # sub-keys per half; the memory has n_keys**2 slots
+    heads: int = 4
+    knn: int = 32  # slots read per head
+    k_dim: int = 256  # query/key size per head (two halves of k_dim/2)
+    v_dim: Optional[int] = None  # value size; None -> model dim
+    qk_norm: bool = True
+    swilu: bool = True  # Memory+: out = W2 (y * silu(W1 x)); off: out = W2 y
+    gate: bool = False  # out <- sigmoid(w_g . x) * out
+    share_values: bool = True  # one value table for all memory layers
+    backend: str = "auto"  # auto | reference | triton (see ops)
+    value_init_std: Optional[float] = None  # None -> v_dim ** -0.5
+
+    def resolved_layers(self, n_layers: int) -> List[int]:
+        """Sorted block indices that get a memory layer."""
+        if self.every is not None:
+            return list(range(self.start, n_layers, self.every))
+        return sorted(int(i) for i in self.layers)
+
+    def validate(self, prefix: str, n_layers: Optional[int] = None) -> None:
+        def bad(key: str, msg: str):
+            raise ValueError(f"{prefix}.{key}: {msg}")
+
+        if self.every is not None and len(self.layers) > 0:
+            bad("every", f"set either layers ({list(self.layers)}) or every ({self.every}), not both")
+        if self.every is not None and self.every < 1:
+            bad("every", f"must be >= 1, got {self.every}")
+        if self.start < 0:
+            bad("start", f"must be >= 0, got {self.start}")
+        if self.every is not None and n_layers is not None and self.start >= n_layers:
+            bad("start", f"must be < n_layers ({n_layers}), got {self.start}")
+        seen = set()
+        for i in self.layers:
+            if i < 0 or (n_layers is not None and i >= n_layers):
+                bad("layers", f"layer index {i} out of range, allowed 0..{(n_layers or 1) - 1}")
+            if i in seen:
+                bad("layers", f"layer {i} listed twice in {list(self.layers)}")
+            seen.add(i)
+        for key in ("n_keys", "heads", "k_dim"):
+            if getattr(self, key) < 1:
+                bad(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.k_dim % 2:
+            bad("k_dim", f"must be even (two sub-key halves), got {self.k_dim}")
+        if not 1 <= self.knn <= self.n_keys:
+            bad("knn", f"must be in [1, n_keys={self.n_keys}], got {self.knn}")
+        if self.v_dim is not None and self.v_dim < 1:
+            bad("v_dim", f"must be positive (or null for the model dim), got {self.v_dim}")
+        if self.backend not in MEMORY_BACKENDS:
+            bad("backend", f"must be one of {', '.join(MEMORY_BACKENDS)}, got {self.backend!r}")
+        if self.value_init_std is not None and not self.value_init_std > 0:
+            bad("value_init_std", f"must be > 0 (or null for v_dim**-0.5), got {self.value_init_std}")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 4096
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # None -> n_heads (no GQA)
+    ffn_dim: Optional[int] = None  # None -> 8/3 * dim rounded up to multiple_of
+    multiple_of: int = 256
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    attention_backend: str = "sdpa"  # sdpa | xformers (optional, imported lazily)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.ffn_dim is not None:
+            return self.ffn_dim
+        return self.multiple_of * math.ceil(int(8 * self.dim / 3) / self.multiple_of)
+
+    @property
+    def v_dim(self) -> int:
+        return self.dim if self.memory.v_dim is None else self.memory.v_dim
+
+    def validate(self, prefix: str) -> None:
+        def bad(key: str, msg: str):
+            raise ValueError(f"{prefix}.{key}: {msg}")
+
+        for key in ("vocab_size", "dim", "n_layers", "n_heads", "multiple_of", "max_seq_len"):
+            if getattr(self, key) < 1:
+                bad(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.dim % self.n_heads:
+            bad("n_heads", f"must divide dim ({self.dim}), got {self.n_heads}")
+        if self.head_dim % 2:
+            bad("n_heads", f"head dim dim/n_heads must be even for RoPE, got {self.head_dim}")
+        if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
+            bad("n_kv_heads", f"must be >= 1 and divide n_heads ({self.n_heads}), got {self.n_kv_heads}")
+        if self.ffn_dim is not None and self.ffn_dim < 1:
+            bad("ffn_dim", f"must be positive (or null for 8/3*dim), got {self.ffn_dim}")
+        for key in ("norm_eps", "rope_theta", "init_std"):
+            if not getattr(self, key) > 0:
+                bad(key, f"must be > 0, got {getattr(self, key)}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            bad("attention_backend", f"must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}")
+        self.memory.validate(f"{prefix}.memory", n_layers=self.n_layers)

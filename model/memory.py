@@ -1,0 +1,111 @@
+"""Product-key memory layer (Memory+) and its value table.
+
+Per token x (the block's normed hidden state):
+  q = W_q x + b, split into `heads` queries of k_dim, each split into two halves;
+  per head: exact top-knn over n_keys**2 slots of the product keys (ops.product_key_search);
+  w = softmax over each head's knn scores (fp32); y = sum over the heads*knn bag of w * V[slot];
+  out = value_proj(y * silu(swilu_proj x))  (swilu)  or  value_proj(y)  (plain);  optional sigmoid gate.
+
+qk-norm (our choice, the paper gives no details): each query half is RMS-normalised with a learnable gain
+(`query_norm.weight`, shared by heads and halves); each sub-key row is normalised to unit L2 norm without
+parameters. A query half then has norm sqrt(k_dim/2) and a score half is sqrt(k_dim/2) * cosine: for random
+directions about N(0, 1), like scaled dot-product attention, and the gain can sharpen the softmax later.
+
+The value table is a ValuePool. With shared values, one pool lives on the Transformer (`values.weight`) and is
+passed into forward; the layer then holds no table of its own. No class-level or global state.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ops
+
+from .config import ModelConfig
+from .norms import RMSNorm
+
+
+class ValuePool(nn.Module):
+    """The memory's value table [n_slots, v_dim] (state-dict name `<owner>.values.weight`)."""
+
+    def __init__(self, n_slots: int, v_dim: int, init_std: float):
+        super().__init__()
+        self.init_std = init_std
+        self.weight = nn.Parameter(torch.empty(n_slots, v_dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.init_std)
+
+
+def value_init_std(cfg: ModelConfig) -> float:
+    m = cfg.memory
+    return m.value_init_std if m.value_init_std is not None else cfg.v_dim ** -0.5
+
+
+def _unit_rows(keys: torch.Tensor, eps: float) -> torch.Tensor:
+    """Sub-key rows scaled to unit L2 norm, computed in fp32 (fp64 stays fp64)."""
+    acc = torch.promote_types(keys.dtype, torch.float32)
+    return F.normalize(keys.to(acc), dim=-1, eps=eps).to(keys.dtype)
+
+
+class MemoryLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, own_values: bool):
+        super().__init__()
+        m = cfg.memory
+        self.heads, self.k_dim, self.knn, self.n_keys = m.heads, m.k_dim, m.knn, m.n_keys
+        self.qk_norm, self.backend, self.eps = m.qk_norm, m.backend, cfg.norm_eps
+        half = m.k_dim // 2
+        self.query_proj = nn.Linear(cfg.dim, m.heads * m.k_dim, bias=True)
+        self.query_norm = RMSNorm(half, cfg.norm_eps) if m.qk_norm else None
+        self.keys1 = nn.Parameter(torch.empty(m.heads, m.n_keys, half))
+        self.keys2 = nn.Parameter(torch.empty(m.heads, m.n_keys, half))
+        self.values = ValuePool(m.n_keys**2, cfg.v_dim, value_init_std(cfg)) if own_values else None
+        self.swilu_proj = nn.Linear(cfg.dim, cfg.v_dim, bias=False) if m.swilu else None
+        self.value_proj = nn.Linear(cfg.v_dim, cfg.dim, bias=False)
+        self.gate = nn.Linear(cfg.dim, 1, bias=False) if m.gate else None
+        # Replaces ops.memory_lookup when set, with the same (indices, weights, values) -> out signature: the
+        # trainer plugs in a memory-parallel lookup here (e.g. ops.column_parallel over a process group).
+        self.lookup_fn: Optional[Callable[..., torch.Tensor]] = None
+
+    def reset_parameters(self) -> None:
+        """Own parameters only (sub-keys); submodules are initialised by Transformer.init_weights."""
+        bound = 1.0 / math.sqrt(self.k_dim // 2)
+        nn.init.uniform_(self.keys1, -bound, bound)
+        nn.init.uniform_(self.keys2, -bound, bound)
+
+    def search(self, x: torch.Tensor):
+        """x [T, dim] -> (scores [T, heads, knn] fp32, slots [T, heads, knn] int64)."""
+        T = x.shape[0]
+        half = self.k_dim // 2
+        q = self.query_proj(x).view(T, self.heads, 2, half)
+        k1, k2 = self.keys1, self.keys2
+        if self.qk_norm:
+            q = self.query_norm(q)
+            k1, k2 = _unit_rows(k1, self.eps), _unit_rows(k2, self.eps)
+        return ops.product_key_search(q.reshape(T, self.heads, self.k_dim), k1, k2, self.knn, backend=self.backend)
+
+    def forward(self, x: torch.Tensor, values: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [..., dim] -> [..., dim]. `values` is the shared table; None uses this layer's own."""
+        if values is None:
+            if self.values is None:
+                raise ValueError("MemoryLayer: shared values expected but none passed to forward")
+            values = self.values.weight
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        scores, slots = self.search(x)
+        weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+        if self.lookup_fn is not None:
+            y = self.lookup_fn(slots.flatten(1), weights.flatten(1), values)
+        else:
+            y = ops.memory_lookup(slots.flatten(1), weights.flatten(1), values, backend=self.backend)
+        y = y.to(x.dtype)  # e.g. a bf16 table in an fp32 model
+        if self.swilu_proj is not None:
+            y = y * F.silu(self.swilu_proj(x))
+        out = self.value_proj(y)
+        if self.gate is not None:
+            out = torch.sigmoid(self.gate(x)) * out
+        return out.reshape(shape)

@@ -1,0 +1,137 @@
+"""Llama-style decoder: token embedding, pre-norm blocks (attention + SwiGLU FFN or memory layer), final norm."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import Attention, KVCache
+from .config import ModelConfig
+from .ffn import FeedForward
+from .init import init_module
+from .memory import MemoryLayer, ValuePool, value_init_std
+from .norms import RMSNorm
+from .rope import RotaryEmbedding
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, use_memory: bool):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.attention_backend)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        # A memory block's FFN slot holds the memory layer (`layers.{i}.memory`), others a SwiGLU (`layers.{i}.feed_forward`).
+        if use_memory:
+            self.memory = MemoryLayer(cfg, own_values=not cfg.memory.share_values)
+        else:
+            self.feed_forward = FeedForward(cfg.dim, cfg.hidden_dim)
+
+    @property
+    def is_memory(self) -> bool:
+        return hasattr(self, "memory")
+
+    def forward(self, x, cos, sin, mask=None, cache=None, start_pos=0, values=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, self.layer_id, start_pos)
+        if self.is_memory:
+            return h + self.memory(self.ffn_norm(h), values)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate("model")
+        self.cfg = cfg
+        memory_layers = set(cfg.memory.resolved_layers(cfg.n_layers))
+        # Module constructors draw default inits from the RNG; fork it so that only init_weights() consumes it.
+        # Then eager construction equals meta construction + to_empty + init_weights under the same seed.
+        device = torch.empty(0).device  # honours `with torch.device(...)`
+        cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+            self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+            shared = bool(memory_layers) and cfg.memory.share_values
+            self.values = ValuePool(cfg.memory.n_keys**2, cfg.v_dim, value_init_std(cfg)) if shared else None
+            self.layers = nn.ModuleList(Block(cfg, i, i in memory_layers) for i in range(cfg.n_layers))
+            self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+            self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter and buffer from the torch RNG (see model/init.py)."""
+        init_module(self, self.cfg.init_std)
+
+    def make_kv_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> KVCache:
+        cfg = self.cfg
+        if device is None:
+            device = self.tok_embeddings.weight.device
+        if dtype is None:
+            dtype = self.tok_embeddings.weight.dtype
+        return KVCache(cfg.n_layers, batch_size, max_len, cfg.kv_heads, cfg.head_dim, device, dtype)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        cache: Optional[KVCache] = None,
+        start_pos: int = 0,
+        positions: Optional[torch.Tensor] = None,
+        key_valid: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """tokens [B, L] -> logits [B, L, vocab].
+
+        cache: KV cache from make_kv_cache; tokens are written at cache positions start_pos..start_pos+L.
+        positions [B, L]: RoPE positions (default start_pos + arange(L)); left-padded batches pass their own.
+        key_valid [B, S] bool (S = start_pos + L with a cache, else L): False marks padding keys.
+        """
+        B, L = tokens.shape
+        device = tokens.device
+        max_len = self.cfg.max_seq_len
+        if positions is None:
+            if start_pos < 0 or start_pos + L > max_len:
+                raise ValueError(f"Transformer: positions [{start_pos}, {start_pos + L}) exceed model.max_seq_len={max_len}")
+            positions = (start_pos + torch.arange(L, device=device)).expand(B, L)
+        elif positions.shape != (B, L):
+            raise ValueError(f"Transformer: positions must be [B, L] = {(B, L)}, got {tuple(positions.shape)}")
+        elif positions.device.type == "cpu" and (positions.min() < 0 or positions.max() >= max_len):
+            # checked on CPU only: on GPU the check would sync every step
+            raise ValueError(f"Transformer: positions must be in [0, model.max_seq_len={max_len})")
+        mask = self._attention_mask(B, L, start_pos if cache is not None else 0, key_valid, cache is not None, device)
+        cos, sin = self.rope(positions)
+        values = self.values.weight if self.values is not None else None
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask, cache, start_pos, values)
+        h = self.norm(h)
+        if self.output is None:
+            return F.linear(h, self.tok_embeddings.weight)  # tied: the embedding table is the output matrix
+        return self.output(h)
+
+    @staticmethod
+    def _attention_mask(B, L, offset, key_valid, cached, device) -> Optional[torch.Tensor]:
+        """Bool [B, 1, L, S] (True = attend) over key positions 0..S-1, S = offset + L; None = plain causal.
+
+        Query i sits at key position offset + i and sees keys j <= offset + i that are valid. It always sees
+        itself, so a padding query never has an empty row: softmax over no keys is NaN on some SDPA backends,
+        and NaN in a pad position's hidden state would leak into real tokens through 0 * NaN in later layers.
+        """
+        S = offset + L
+        if key_valid is None and not cached:
+            return None
+        q_pos = offset + torch.arange(L, device=device)[:, None]
+        k_pos = torch.arange(S, device=device)[None, :]
+        mask = (k_pos <= q_pos)[None, None].expand(B, 1, L, S)
+        if key_valid is not None:
+            if key_valid.shape != (B, S):
+                raise ValueError(f"Transformer: key_valid must be [B, start_pos + L] = {(B, S)}, got {tuple(key_valid.shape)}")
+            mask = mask & (key_valid.bool()[:, None, None, :] | (k_pos == q_pos)[None, None])
+        return mask
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Unique parameters (a shared table counts once); exclude_embeddings drops the input embedding table."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.tok_embeddings.weight.numel()
+        return n

@@ -1,0 +1,65 @@
+"""Memory-layer ops with backend dispatch.
+
+backend: "auto" (Triton on CUDA tensors when the kernels import, else reference) | "reference" | "triton".
+The Triton kernels live in ops/triton_*.py and are imported only when the triton backend is chosen, so CPU
+machines and model code never need Triton.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from . import reference
+
+BACKENDS = ("auto", "reference", "triton")
+
+# ---------------------------------------------------------------------------------------------------------
+# Triton dispatch: the ONE place that names the kernel modules. op name -> (module, function).
+# Edit here when the kernels land or are renamed; an op missing here (or failing to import) under "auto"
+# falls back to the reference.
+_TRITON_OPS = {
+    "product_key_search": ("ops.triton_search", "product_key_search"),
+    "memory_lookup": ("ops.triton_lookup", "memory_lookup"),
+}
+
+
+def _triton_impl(op: str):
+    """The Triton function for `op`; raises ImportError/AttributeError when it is not available."""
+    if op not in _TRITON_OPS:
+        raise ImportError(f"ops: no Triton kernel registered for {op}")
+    module, fn = _TRITON_OPS[op]
+    return getattr(importlib.import_module(module), fn)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _resolve(op: str, backend: str, device: torch.device):
+    if backend not in BACKENDS:
+        raise ValueError(f"ops.{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return getattr(reference, op)
+    if backend == "triton":
+        try:
+            return _triton_impl(op)
+        except (ImportError, AttributeError) as e:
+            raise RuntimeError(f"ops.{op}: backend 'triton' requested but the kernel is unavailable: {e}") from e
+    if device.type == "cuda":  # auto
+        try:
+            return _triton_impl(op)
+        except (ImportError, AttributeError):
+            pass
+    return getattr(reference, op)
+
+
+def product_key_search(query, keys1, keys2, knn: int, backend: str = "auto"):
+    """query [T, H, k_dim], keys1/keys2 [H, n_keys, k_dim//2] -> (scores [T, H, knn] fp32 sorted desc,
+    indices [T, H, knn] int64 with slot = i1 * n_keys + i2). Exact; ties go to the lower slot index."""
+    return _resolve("product_key_search", backend, query.device)(query, keys1, keys2, knn)
+
+
+def memory_lookup(indices, weights, values, backend: str = "auto"):
+    """indices [T, S] int32/int64, weights [T, S], values [N, D] -> [T, D] in values.dtype (fp32 accumulation)."""
+    return _resolve("memory_lookup", backend, values.device)(indices, weights, values)
+
+
+__all__ = ["BACKENDS", "product_key_search", "memory_lookup"]

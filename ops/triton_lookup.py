@@ -1,0 +1,317 @@
+"""Triton memory lookup: out[t] = sum_s weights[t, s] * values[indices[t, s]], and its backward.
+
+Forward: one program per (token, column chunk) reads a [BLOCK_S, BLOCK_D] tile of value rows per step (BLOCK_S
+of the token's slots at once, so many row reads are in flight), accumulates w * v in fp32 into a 2-D
+accumulator and reduces it over the slot axis once at the end. Any value dim works: columns are masked, and
+loads stay 16 bytes wide whenever D is a multiple of 16 elements (Triton specialises such sizes).
+
+Backward (one kernel, deterministic, no float atomics):
+  1. sort the flattened (token, slot) pairs by row (torch.sort, stable): equal rows become one segment whose
+     pairs are in pair-index order;
+  2. one program per segment (= per touched row) loads the row's value V[r] once, gathers the output
+     gradient of each of its pairs, writes grad_w[pair] = <grad_out[t], V[r]> and accumulates
+     grad_V[r] = grad_scale * sum w[pair] * grad_out[t] in fp32, in a fixed order.
+  Cost O(tokens * slots) plus one read of each touched row: the value table is read once per touched row
+  (not once per pair as a token-ordered grad_w would), and nothing table-sized is sorted.
+  Untouched rows of the dense gradient are zeroed by a separate kernel (one write per row in total).
+
+Value-gradient form. Autograd returns a dense gradient shaped like the table (zeros + touched rows), which
+plain (dense) AdamW applies unchanged. `memory_lookup_backward(..., sparse=True)` also exposes the compact form
+(unique rows + their gradients) for a sparse optimizer step; it is not what autograd returns because a
+torch sparse gradient breaks dense optimizers and torch.compile.
+
+`grad_scale` multiplies the value gradient inside the kernel (e.g. 1/replicas for sharded values), so no
+table-sized copy is ever made to rescale it. The weight gradient is not scaled.
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+def _npow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+# ------------------------------------------------------------------------------------------------ kernels
+@triton.jit
+def _lookup_fwd_kernel(
+    idx_ptr, w_ptr, v_ptr, out_ptr,
+    S, D, stride_v, stride_out, n_dblocks,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # d-chunks of one token are adjacent programs: they share the token's indices (L1/L2) and read
+    # neighbouring bytes of the same rows.
+    pid = tl.program_id(0)
+    t = (pid // n_dblocks).to(tl.int64)
+    d = (pid % n_dblocks) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = d < D
+    acc = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        smask = s < S
+        rows = tl.load(idx_ptr + t * S + s, mask=smask, other=0).to(tl.int64)
+        w = tl.load(w_ptr + t * S + s, mask=smask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + rows[:, None] * stride_v + d[None, :], mask=smask[:, None] & dmask[None, :], other=0.0)
+        acc += w[:, None] * v.to(tl.float32)
+    out = tl.sum(acc, axis=0)
+    tl.store(out_ptr + t * stride_out + d, out.to(out_ptr.dtype.element_ty), mask=dmask)
+
+
+@triton.jit
+def _segment_bwd_kernel(
+    sorted_rows_ptr, perm_ptr, seg_start_ptr, nseg_ptr,
+    w_ptr, g_ptr, v_ptr, gw_ptr, gv_ptr, rows_out_ptr,
+    P, S, D, stride_g, stride_v, stride_gv, grad_scale,
+    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    COMPUTE_GW: tl.constexpr, SPARSE: tl.constexpr,
+):
+    seg = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = d < D
+    nseg = tl.load(nseg_ptr)
+    if seg < nseg:
+        start = tl.load(seg_start_ptr + seg)
+        end = tl.load(seg_start_ptr + seg + 1)
+        r = tl.load(sorted_rows_ptr + start).to(tl.int64)
+        if COMPUTE_GW:
+            vrow = tl.load(v_ptr + r * stride_v + d, mask=dmask, other=0.0).to(tl.float32)
+        # 1-D accumulator: the pair axis lives in each thread's registers (threads span the columns), so the
+        # per-step sum over it is in-thread and the tile costs no extra registers between steps.
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for i0 in range(start, end, BLOCK_P):
+            i = i0 + tl.arange(0, BLOCK_P)
+            pmask = i < end
+            p = tl.load(perm_ptr + i, mask=pmask, other=0).to(tl.int64)
+            t = p // S
+            w = tl.load(w_ptr + p, mask=pmask, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + t[:, None] * stride_g + d[None, :], mask=pmask[:, None] & dmask[None, :], other=0.0)
+            g = g.to(tl.float32)
+            acc += tl.sum(w[:, None] * g, axis=0)
+            if COMPUTE_GW:
+                # partial dot over this program's columns; chunk pid_d writes its own partial row
+                gw = tl.sum(g * vrow[None, :], axis=1)
+                tl.store(gw_ptr + pid_d * P + p, gw, mask=pmask)
+        row_grad = acc * grad_scale
+        if SPARSE:
+            tl.store(gv_ptr + seg * stride_gv + d, row_grad.to(gv_ptr.dtype.element_ty), mask=dmask)
+            if pid_d == 0:
+                tl.store(rows_out_ptr + seg, r)
+        else:
+            tl.store(gv_ptr + r * stride_gv + d, row_grad.to(gv_ptr.dtype.element_ty), mask=dmask)
+    else:
+        if SPARSE:  # padding entries of the compact form: row -1, gradient 0
+            tl.store(gv_ptr + seg.to(tl.int64) * stride_gv + d, tl.zeros([BLOCK_D], gv_ptr.dtype.element_ty), mask=dmask)
+            if pid_d == 0:
+                tl.store(rows_out_ptr + seg, -1)
+
+
+@triton.jit
+def _zero_untouched_kernel(touched_ptr, gv_ptr, N, D, stride_gv, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    rmask = r < N
+    touched = tl.load(touched_ptr + r, mask=rmask, other=1)
+    zmask = (rmask & (touched == 0))[:, None] & (d < D)[None, :]
+    tl.store(gv_ptr + r[:, None] * stride_gv + d[None, :], tl.zeros([BLOCK_R, BLOCK_D], gv_ptr.dtype.element_ty), mask=zmask)
+
+
+# ------------------------------------------------------------------------------------------------ launchers
+def _col_block(D: int, cap: int) -> int:
+    """Largest power of two <= cap that divides D (no half-empty last chunk, e.g. 1536 -> 512), or the
+    next power of two above a small D (masked)."""
+    b = min(_npow2(D), cap)
+    while b > 128 and D % b:
+        b //= 2
+    return b
+
+
+def fwd_config(S: int, D: int, elem_bytes: int):
+    """(BLOCK_S, BLOCK_D, num_warps): up to 2 KiB contiguous per row chunk, ~4K elements per tile.
+    H100 sweeps (ms): 32768x128x1024 bf16 (4,1024,4) 2.91, (2,1024,4) 2.90, (8,512,4) 3.03, (16,256,4) 3.21;
+    262144x128x128 bf16 (32,128,2) 2.74, (32,128,4) 2.97."""
+    block_d = _col_block(D, max(16, 2048 // elem_bytes))
+    block_s = max(1, min(_npow2(S), 4096 // block_d))
+    warps = max(2, min(4, block_d * elem_bytes // 256))
+    return block_s, block_d, warps
+
+
+def lookup_forward(indices, weights, values, out=None, config=None):
+    """Kernel launch for out[t] = sum_s w[t,s] V[idx[t,s]] (out may be a strided column view)."""
+    T, S = indices.shape
+    D = values.shape[1]
+    if out is None:
+        out = torch.empty((T, D), dtype=values.dtype, device=values.device)
+    if T == 0 or D == 0:
+        return out
+    if S == 0:
+        out.zero_()
+        return out
+    block_s, block_d, warps = config or fwd_config(S, D, values.element_size())
+    n_d = triton.cdiv(D, block_d)
+    _lookup_fwd_kernel[(T * n_d,)](
+        indices, weights, values, out, S, D, values.stride(0), out.stride(0), n_d,
+        BLOCK_S=block_s, BLOCK_D=block_d, num_warps=warps,
+    )
+    return out
+
+
+def _segments(indices: torch.Tensor, n_rows: int):
+    """Sort pairs by row. Returns (sorted_rows, perm, seg_start [M+1], nseg [1], M) with M = min(P, n_rows) an
+    upper bound on the number of touched rows; tensors stay on the device and nothing syncs with the host."""
+    flat = indices.reshape(-1)
+    P = flat.numel()
+    keys = flat.to(torch.int32) if n_rows < 2**31 else flat.to(torch.int64)  # 32-bit keys sort faster
+    sorted_rows, perm = torch.sort(keys, stable=True)
+    new = torch.ones(P, dtype=torch.bool, device=flat.device)
+    new[1:] = sorted_rows[1:] != sorted_rows[:-1]
+    seg_id = torch.cumsum(new, 0)  # 1-based segment id of each sorted pair
+    M = min(P, n_rows)
+    # start of segment k = first position whose 1-based id exceeds k; k = nseg gives P (end of the last)
+    seg_start = torch.searchsorted(seg_id, torch.arange(M + 1, device=flat.device, dtype=seg_id.dtype), right=True)
+    nseg = seg_id[-1:]
+    return sorted_rows, perm, seg_start, nseg, M
+
+
+def bwd_config(P: int, M: int, D: int, elem_bytes: int = 2):
+    """(BLOCK_P, BLOCK_D, num_warps). The kernel is latency-bound (a chain of dependent loads per segment),
+    so occupancy matters most: 1 KiB column chunks (16 B per thread), few warps, <= 32 tile elements per
+    thread, BLOCK_P ~ half the mean number of pairs per touched row.
+    H100 sweeps (bwd only, ms): 32768x128x1024 bf16 (2,512,2) 5.53, (4,512,2) 5.98, (8,512,2) 8.73,
+    (2,1024,4) 5.52; 262144x128x128 (8,128,1) 8.62, (16,128,1) 8.84, (32,128,4) 12.5; 4096x32x4096 sparse
+    (1,512,2) 1.15, (1,2048,8) 1.27."""
+    block_d = _col_block(D, max(16, 1024 // elem_bytes))
+    warps = max(1, min(4, block_d * elem_bytes // 512))
+    mean_seg = max(1, P // max(1, min(M, P)))
+    block_p = max(1, min(_npow2(mean_seg) // 2, (32 * 32 * warps) // block_d))
+    return block_p, block_d, warps
+
+
+def lookup_backward(grad_out, indices, weights, values, grad_scale: float = 1.0, compute_gw: bool = True,
+                    sparse: bool = False, grad_v_dtype=None, config=None):
+    """Returns (grad_w fp32 [T, S] or None, grad_V) with grad_V dense [N, D], or for sparse=True the compact
+    form (rows [M] int64 padded with -1, row_grads [M, D] padded with 0, nseg [1]); M = min(T*S, N).
+
+    `values` gives N, D and the default gradient dtype; its rows are read only for grad_w (compute_gw).
+    grad_out may be a strided column view (unit stride along D)."""
+    T, S = indices.shape
+    N, D = values.shape
+    dev = grad_out.device
+    gv_dtype = grad_v_dtype or values.dtype
+    P = T * S
+    if P == 0 or D == 0:
+        gw = torch.zeros((T, S), dtype=torch.float32, device=dev) if compute_gw else None
+        if sparse:
+            return gw, (torch.empty(0, dtype=torch.int64, device=dev), torch.empty((0, D), dtype=gv_dtype, device=dev),
+                        torch.zeros(1, dtype=torch.int64, device=dev))
+        return gw, torch.zeros((N, D), dtype=gv_dtype, device=dev)
+    sorted_rows, perm, seg_start, nseg, M = _segments(indices, N)
+    block_p, block_d, warps = config or bwd_config(P, M, D, grad_out.element_size())
+    n_d = triton.cdiv(D, block_d)
+    gw_part = torch.empty((n_d, P), dtype=torch.float32, device=dev) if compute_gw else None
+    if sparse:
+        gv = torch.empty((M, D), dtype=gv_dtype, device=dev)
+        rows_out = torch.empty(M, dtype=torch.int64, device=dev)
+    else:
+        gv = torch.empty((N, D), dtype=gv_dtype, device=dev)
+        rows_out = nseg  # unused
+    _segment_bwd_kernel[(M, n_d)](
+        sorted_rows, perm, seg_start, nseg,
+        weights, grad_out, values, gw_part if compute_gw else gv, gv, rows_out,
+        P, S, D, grad_out.stride(0), values.stride(0), gv.stride(0), float(grad_scale),
+        BLOCK_P=block_p, BLOCK_D=block_d, COMPUTE_GW=compute_gw, SPARSE=sparse, num_warps=warps,
+    )
+    gw = None
+    if compute_gw:
+        gw = (gw_part[0] if n_d == 1 else gw_part.sum(0)).view(T, S)  # fixed-order sum: deterministic
+    if sparse:
+        return gw, (rows_out, gv, nseg)
+    # Rows no pair touched (any, even when T*S >= N) get zeros: one masked write per row, so the dense
+    # gradient costs one write of the table in total, not a zero fill plus the touched rows again.
+    touched = torch.zeros(N, dtype=torch.uint8, device=dev)
+    touched[sorted_rows.long()] = 1  # index_put of a constant: duplicates agree, deterministic
+    zr, zd = 16, min(_npow2(D), 256)
+    _zero_untouched_kernel[(triton.cdiv(N, zr), triton.cdiv(D, zd))](
+        touched, gv, N, D, gv.stride(0), BLOCK_R=zr, BLOCK_D=zd, num_warps=4)
+    return gw, gv
+
+
+# ------------------------------------------------------------------------------------------------ custom ops
+def _check(indices, weights, values):
+    if indices.dim() != 2 or weights.shape != indices.shape or values.dim() != 2:
+        raise ValueError(
+            f"memory_lookup: need indices [T, S], weights [T, S], values [N, D]; got {tuple(indices.shape)}, "
+            f"{tuple(weights.shape)}, {tuple(values.shape)}")
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"memory_lookup: indices must be int32 or int64, got {indices.dtype}")
+    if values.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"memory_lookup: values must be float32/bfloat16/float16, got {values.dtype}")
+    if values.stride(1) != 1:
+        raise ValueError("memory_lookup: values must have unit stride along the value dim (a row-major table)")
+    if not (indices.device == weights.device == values.device):
+        raise ValueError(f"memory_lookup: tensors on different devices: {indices.device}, {weights.device}, "
+                         f"{values.device}")
+
+
+@torch.library.custom_op("mnemo::triton_memory_lookup", mutates_args=())
+def _lookup_op(indices: torch.Tensor, weights: torch.Tensor, values: torch.Tensor, grad_scale: float) -> torch.Tensor:
+    return lookup_forward(indices, weights, values)
+
+
+@_lookup_op.register_fake
+def _(indices, weights, values, grad_scale):
+    return values.new_empty((indices.shape[0], values.shape[1]))
+
+
+@torch.library.custom_op("mnemo::triton_memory_lookup_backward", mutates_args=())
+def _lookup_bwd_op(grad_out: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, values: torch.Tensor,
+                   grad_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    gw, gv = lookup_backward(grad_out, indices, weights, values, grad_scale)
+    return gw.to(weights.dtype), gv
+
+
+@_lookup_bwd_op.register_fake
+def _(grad_out, indices, weights, values, grad_scale):
+    return torch.empty_like(weights), torch.empty_like(values)
+
+
+def _setup(ctx, inputs, output):
+    indices, weights, values, grad_scale = inputs
+    ctx.save_for_backward(indices, weights, values)
+    ctx.grad_scale = grad_scale
+
+
+def _backward(ctx, grad_out):
+    indices, weights, values = ctx.saved_tensors
+    gw, gv = _lookup_bwd_op(grad_out.contiguous(), indices, weights, values, ctx.grad_scale)
+    return None, (gw if ctx.needs_input_grad[1] else None), (gv if ctx.needs_input_grad[2] else None), None
+
+
+_lookup_op.register_autograd(_backward, setup_context=_setup)
+
+
+def memory_lookup(indices: torch.Tensor, weights: torch.Tensor, values: torch.Tensor,
+                  grad_scale: float = 1.0) -> torch.Tensor:
+    """indices [T, S] int32/int64, weights [T, S] float, values [N, D] fp32/bf16 -> out [T, D] in values.dtype
+    (fp32 accumulation). Differentiable w.r.t. weights and values; the value gradient is dense (zeros on
+    untouched rows) and multiplied by `grad_scale`. Indices must lie in [0, N) (not checked: a check needs a
+    host sync)."""
+    _check(indices, weights, values)
+    return _lookup_op(indices.contiguous(), weights.contiguous(), values, float(grad_scale))
+
+
+def memory_lookup_backward(grad_out, indices, weights, values, grad_scale: float = 1.0, sparse: bool = False):
+    """The lookup's backward without autograd, for callers that apply value gradients themselves.
+
+    sparse=False: (grad_weights [T, S] in weights.dtype, grad_values [N, D] dense).
+    sparse=True: (grad_weights, rows [M] int64, row_grads [M, D] in values.dtype, num_rows [1] int64), with
+    M = min(T*S, N); entries past num_rows have row -1 and gradient 0, so a sparse optimizer can consume the
+    padded buffers without a host sync."""
+    _check(indices, weights, values)
+    gw, gv = lookup_backward(grad_out.contiguous(), indices.contiguous(), weights.contiguous(), values, grad_scale,
+                             sparse=sparse)
+    gw = gw.to(weights.dtype)
+    if sparse:
+        rows, row_grads, nseg = gv
+        return gw, rows, row_grads, nseg
+    return gw, gv

@@ -1,0 +1,244 @@
+"""Triton fused product-key search: scores [T, H, knn] fp32 (desc) and slots [T, H, knn] int64.
+
+One program per (block of tokens, head) does everything in registers:
+  1. s1 = q1 . K1^T chunk by chunk (BLOCK_N sub-keys at a time, tensor-core dots; fp32 inputs use exact
+     fp32 dots, bf16/fp16 inputs bf16/fp16 dots with fp32 accumulation), keeping a running top-knn of each
+     half;
+  2. the candidate sums s1[a] + s2[b] for the rank pairs (a, b) with (a+1)(b+1) <= knn (the only pairs that
+     can reach the top-knn; see ops/reference.py), then their top-knn.
+Top-k is Triton's bitonic tl.topk on packed int64 keys: the high 32 bits are the fp32 score mapped to an
+order-preserving integer, the low 32 bits are (2^31 - 1 - index). So a key carries its index, the order is
+exactly "score descending, then lower index first", and no separate index bookkeeping is needed.
+Tie rule (same as the reference): equal scores go to the lower sub-key index, and in the final list to the
+lower slot index (slot = i1 * n_keys + i2).
+
+The softmax over the scores is left to the caller (the ops contract returns raw scores).
+
+Backward (scores are s1[i1] + s2[i2] of the chosen slots): per half it is a memory lookup with the sub-key
+table as values (grad_q1[t,h] = sum_k g[t,h,k] K1[h, i1]) and the lookup's value gradient with the query as
+output gradient (grad_K1[h, i] = sum over (t, k) with i1 = i of g q1[t,h]); both reuse the deterministic
+kernels of ops/triton_lookup.py (sorted segment sums, no atomics).
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_lookup import _npow2, lookup_backward, lookup_forward
+
+_MAXI = 2**31 - 1
+
+
+@triton.jit
+def _pack(score, idx):
+    """fp32 score, int32 index -> int64 key ordered by (score desc, index asc) under signed comparison."""
+    b = score.to(tl.int32, bitcast=True)
+    b = tl.where(b < 0, b ^ 0x7FFFFFFF, b)  # negative floats: reverse magnitude order
+    return (b.to(tl.int64) << 32) | (0x7FFFFFFF - idx).to(tl.int64)
+
+
+@triton.jit
+def _unpack(key):
+    b = (key >> 32).to(tl.int32)
+    b = tl.where(b < 0, b ^ 0x7FFFFFFF, b)
+    idx = 0x7FFFFFFF - (key & 0xFFFFFFFF).to(tl.int32)
+    return b.to(tl.float32, bitcast=True), idx
+
+
+@triton.jit
+def _half_topk(q, k_ptr, NK, HALF, stride_kn, BLOCK_T: tl.constexpr, HALF_P: tl.constexpr,
+               BLOCK_N: tl.constexpr, KP: tl.constexpr, IEEE: tl.constexpr, INTERP: tl.constexpr):
+    """Running top-KP (packed keys, sorted desc) of q [BLOCK_T, HALF_P] against the NK sub-keys at k_ptr."""
+    c = tl.arange(0, HALF_P)
+    best = _pack(tl.full([BLOCK_T, KP], float("-inf"), tl.float32), tl.full([BLOCK_T, KP], 0x7FFFFFFF, tl.int32))
+    for n0 in range(0, NK, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        nmask = n < NK
+        kt = tl.load(k_ptr + n[None, :].to(tl.int64) * stride_kn + c[:, None], mask=nmask[None, :] & (c < HALF)[:, None],
+                     other=0.0).to(q.dtype)  # [HALF_P, BLOCK_N]
+        if IEEE:
+            s = tl.dot(q, kt, input_precision="ieee")
+        elif INTERP:  # the CPU interpreter's bf16 dot is wrong; fp32 dot of the same bf16 values is exact
+            s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
+        else:
+            s = tl.dot(q, kt)
+        s = tl.where(nmask[None, :], s, float("-inf"))
+        key = _pack(s, tl.broadcast_to(n[None, :], [BLOCK_T, BLOCK_N]))
+        if BLOCK_N > KP:
+            key = tl.topk(key, KP)  # sorted desc
+        else:
+            key = tl.sort(key, descending=True)
+        # best (desc) vs the chunk's list reversed (asc): the elementwise max holds the top-KP of the union and
+        # is a bitonic sequence, so one bitonic merge (log2 KP layers) sorts it; no full re-sort per chunk.
+        best = tl.bitonic_merge(tl.maximum(best, tl.flip(key, 1)), descending=True)
+    return best
+
+
+@triton.jit
+def _pk_search_kernel(
+    q_ptr, k1_ptr, k2_ptr, cand_a_ptr, cand_b_ptr, scores_ptr, idx_ptr,
+    T, H, NK, HALF, KNN, NCAND,
+    stride_qt, stride_qh, stride_kh, stride_kn,
+    BLOCK_T: tl.constexpr, HALF_P: tl.constexpr, BLOCK_N: tl.constexpr, KP: tl.constexpr, CP: tl.constexpr,
+    IEEE: tl.constexpr, INTERP: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    h = tl.program_id(1)
+    t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    tmask = t < T
+    c = tl.arange(0, HALF_P)
+    qmask = tmask[:, None] & (c < HALF)[None, :]
+    qbase = q_ptr + t[:, None] * stride_qt + h * stride_qh + c[None, :]
+    if IEEE:
+        q1 = tl.load(qbase, mask=qmask, other=0.0).to(tl.float32)
+        q2 = tl.load(qbase + HALF, mask=qmask, other=0.0).to(tl.float32)
+    else:
+        q1 = tl.load(qbase, mask=qmask, other=0.0)
+        q2 = tl.load(qbase + HALF, mask=qmask, other=0.0)
+    best1 = _half_topk(q1, k1_ptr + h * stride_kh, NK, HALF, stride_kn, BLOCK_T, HALF_P, BLOCK_N, KP, IEEE, INTERP)
+    best2 = _half_topk(q2, k2_ptr + h * stride_kh, NK, HALF, stride_kn, BLOCK_T, HALF_P, BLOCK_N, KP, IEEE, INTERP)
+    v1, i1 = _unpack(best1)
+    v2, i2 = _unpack(best2)
+    # candidate rank pairs (a, b) with (a+1)(b+1) <= knn, padded to CP entries
+    j = tl.arange(0, CP)
+    cvalid = j < NCAND
+    a = tl.broadcast_to(tl.load(cand_a_ptr + j, mask=cvalid, other=0)[None, :], [BLOCK_T, CP])
+    b = tl.broadcast_to(tl.load(cand_b_ptr + j, mask=cvalid, other=0)[None, :], [BLOCK_T, CP])
+    cs = tl.gather(v1, a, 1) + tl.gather(v2, b, 1)
+    slot = tl.gather(i1, a, 1) * NK + tl.gather(i2, b, 1)
+    cs = tl.where(cvalid[None, :], cs, float("-inf"))
+    top = tl.topk(_pack(cs, slot), KP)
+    score, slot = _unpack(top)
+    k = tl.arange(0, KP)
+    omask = tmask[:, None] & (k < KNN)[None, :]
+    off = (t[:, None] * H + h) * KNN + k[None, :]
+    tl.store(scores_ptr + off, score, mask=omask)
+    tl.store(idx_ptr + off, slot.to(tl.int64), mask=omask)
+
+
+def _candidates(knn: int, device):
+    """Rank pairs (a, b) with (a+1)(b+1) <= knn, a-major, as int32 device tensors. Built with device ops
+    (repeat_interleave with a known output size): no host-to-device copy, no sync, no cache to keep."""
+    r = torch.arange(knn, device=device, dtype=torch.int64)
+    count = knn // (r + 1)
+    total = sum(knn // (i + 1) for i in range(knn))
+    a = torch.repeat_interleave(r, count, output_size=total)
+    first = torch.cumsum(count, 0) - count
+    b = torch.arange(total, device=device, dtype=torch.int64) - first[a]
+    return a.to(torch.int32), b.to(torch.int32)
+
+
+def search_config(T: int, half: int, ieee: bool, knn_p: int):
+    """(BLOCK_T, BLOCK_N, num_warps, num_stages). One pipeline stage: the key chunk, the dot operands and
+    the top-k layout conversions already take ~100-150 KB of shared memory."""
+    if ieee:  # exact fp32 dots (no tensor cores). H100, same shape in fp32 (ms): (16,64,4) 35.9, (64,64,8) 172
+        return 16, max(knn_p, 64), 4, 1
+    # H100 sweep, 32768 tokens x 4 heads, half 256, knn 32, bf16 (ms, before the bitonic merge):
+    # (16,128,4) 16.7, (64,64,8) 7.8, (64,128,8) 5.4, (128,64,8) 4.2: the top-k work per program is fixed,
+    # the sub-key reads and the dot set-up are shared by more tokens as BLOCK_T grows. With the bitonic
+    # merge: (128,64,8) 2.66, (128,128,8) 2.79, (128,32,8) 2.80, (64,64,4) 3.24.
+    return 128, max(knn_p, 64), 8, 1
+
+
+def search_forward(query, keys1, keys2, knn: int, config=None):
+    T, H, k_dim = query.shape
+    NK, half = keys1.shape[1], keys1.shape[2]
+    scores = torch.empty((T, H, knn), dtype=torch.float32, device=query.device)
+    indices = torch.empty((T, H, knn), dtype=torch.int64, device=query.device)
+    if T == 0:
+        return scores, indices
+    ieee = query.dtype == torch.float32
+    kp = max(_npow2(knn), 8)  # Triton 3.6 fails to compile the top-k at 4 columns
+    ca, cb = _candidates(knn, query.device)
+    cp = max(_npow2(ca.numel()), kp)
+    block_t, block_n, warps, stages = config or search_config(T, half, ieee, kp)
+    if not ieee:  # cast the (small) sub-key tables once, not in every program
+        keys1, keys2 = keys1.to(query.dtype), keys2.to(query.dtype)
+    block_n = max(block_n, kp)
+    _pk_search_kernel[(triton.cdiv(T, block_t), H)](
+        query, keys1, keys2, ca, cb, scores, indices,
+        T, H, NK, half, knn, ca.numel(),
+        query.stride(0), query.stride(1), keys1.stride(0), keys1.stride(1),
+        BLOCK_T=block_t, HALF_P=max(_npow2(half), 16), BLOCK_N=block_n, KP=kp, CP=cp, IEEE=ieee,
+        INTERP=os.environ.get("TRITON_INTERPRET", "0") == "1", num_warps=warps, num_stages=stages,
+    )
+    return scores, indices
+
+
+def search_backward(grad_scores, indices, query, keys1, keys2):
+    T, H, k_dim = query.shape
+    NK, half = keys1.shape[1], keys1.shape[2]
+    knn = indices.shape[-1]
+    g = grad_scores.reshape(T * H, knn)
+    head = torch.arange(H, device=indices.device).view(1, H, 1) * NK
+    rows1 = (indices // NK + head).reshape(T * H, knn)
+    rows2 = (indices % NK + head).reshape(T * H, knn)
+    q = query.reshape(T * H, k_dim)
+    k1 = keys1.reshape(H * NK, half)
+    k2 = keys2.reshape(H * NK, half)
+    gq = torch.empty((T * H, k_dim), dtype=query.dtype, device=query.device)
+    lookup_forward(rows1, g, k1, out=gq[:, :half])
+    lookup_forward(rows2, g, k2, out=gq[:, half:])
+    _, gk1 = lookup_backward(q[:, :half], rows1, g, k1, compute_gw=False)
+    _, gk2 = lookup_backward(q[:, half:], rows2, g, k2, compute_gw=False)
+    return gq.view(T, H, k_dim), gk1.view(H, NK, half), gk2.view(H, NK, half)
+
+
+@torch.library.custom_op("mnemo::triton_pk_search", mutates_args=())
+def _search_op(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, knn: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return search_forward(query, keys1, keys2, knn)
+
+
+@_search_op.register_fake
+def _(query, keys1, keys2, knn):
+    T, H, _ = query.shape
+    return (query.new_empty((T, H, knn), dtype=torch.float32), query.new_empty((T, H, knn), dtype=torch.int64))
+
+
+@torch.library.custom_op("mnemo::triton_pk_search_backward", mutates_args=())
+def _search_bwd_op(grad_scores: torch.Tensor, indices: torch.Tensor, query: torch.Tensor, keys1: torch.Tensor,
+                   keys2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return search_backward(grad_scores, indices, query, keys1, keys2)
+
+
+@_search_bwd_op.register_fake
+def _(grad_scores, indices, query, keys1, keys2):
+    return torch.empty_like(query), torch.empty_like(keys1), torch.empty_like(keys2)
+
+
+def _setup(ctx, inputs, output):
+    query, keys1, keys2, knn = inputs
+    ctx.save_for_backward(query, keys1, keys2, output[1])
+
+
+def _backward(ctx, grad_scores, grad_indices):
+    query, keys1, keys2, indices = ctx.saved_tensors
+    gq, gk1, gk2 = _search_bwd_op(grad_scores.contiguous(), indices, query, keys1, keys2)
+    need = ctx.needs_input_grad
+    return (gq if need[0] else None), (gk1 if need[1] else None), (gk2 if need[2] else None), None
+
+
+_search_op.register_autograd(_backward, setup_context=_setup)
+
+
+def product_key_search(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, knn: int):
+    """query [T, H, k_dim], keys1/keys2 [H, n_keys, k_dim//2] -> (scores [T, H, knn] fp32 sorted desc,
+    indices [T, H, knn] int64, slot = i1 * n_keys + i2). Exact top-knn; ties to the lower slot index.
+    fp32 inputs are scored with exact fp32 dots; bf16/fp16 queries with dots in the query's dtype (keys cast
+    to it) and fp32 accumulation."""
+    if query.dim() != 3 or query.shape[2] % 2:
+        raise ValueError(f"product_key_search: query must be [T, H, k_dim] with k_dim even, got {tuple(query.shape)}")
+    T, H, k_dim = query.shape
+    half = k_dim // 2
+    if keys1.dim() != 3 or keys1.shape[0] != H or keys1.shape[2] != half or keys2.shape != keys1.shape:
+        raise ValueError(f"product_key_search: query {tuple(query.shape)} needs keys [H={H}, n_keys, {half}], got "
+                         f"keys1 {tuple(keys1.shape)}, keys2 {tuple(keys2.shape)}")
+    n_keys = keys1.shape[1]
+    if not 1 <= knn <= n_keys:
+        raise ValueError(f"product_key_search: knn must be in [1, n_keys={n_keys}], got {knn}")
+    if n_keys * n_keys > _MAXI:
+        raise ValueError(f"product_key_search: n_keys**2 must be < 2**31 (slots are packed in 31 bits), got {n_keys}")
+    if query.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"product_key_search: query must be float32/bfloat16/float16, got {query.dtype}")
+    return _search_op(query.contiguous(), keys1.contiguous(), keys2.contiguous(), int(knn))

@@ -1,0 +1,164 @@
+"""`python -m eval checkpoint=DIR tasks=[qa_wikidata,synthetic:DIR] key=value ...` (also under torchrun).
+
+DIR is a checkpoint (runs/X/checkpoints/step_N) or a run directory (its newest checkpoint). Keys: every field of
+EvalConfig (tasks, max_examples, num_fewshot, ...) plus those of EvalCLIConfig below. Prints a table, appends
+records to `out` (default <run dir>/eval.jsonl), logs to wandb when wandb=online|offline.
+With val_batches=N > 0 it also reports validation NLL / bits per byte on the run's val sources (config.yaml).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+from typing import List, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .config import EvalConfig
+
+
+@dataclass
+class EvalCLIConfig(EvalConfig):
+    checkpoint: str = ""
+    tokenizer: Optional[str] = None  # default: <run dir>/tokenizer.model, else data.tokenizer of <run dir>/config.yaml
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 on GPU) | bf16 | fp32
+    out: Optional[str] = None  # results jsonl; default <run dir>/eval.jsonl
+    val_batches: int = 0  # > 0: also validation NLL/bpb over this many batches per val source
+    val_batch_size: int = 8
+    wandb: str = "disabled"  # disabled | online | offline
+    project: str = "mnemo"
+
+    def validate(self, prefix: str = "") -> None:
+        p = f"{prefix}." if prefix else ""
+        if not self.checkpoint:
+            raise ValueError(f"{p}checkpoint: required (a checkpoint or run directory)")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"{p}device: must be auto, cpu or cuda, got {self.device!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"{p}precision: must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.wandb not in ("disabled", "online", "offline"):
+            raise ValueError(f"{p}wandb: must be disabled, online or offline, got {self.wandb!r}")
+        if self.val_batches < 0 or self.val_batch_size < 1:
+            raise ValueError(f"{p}val_batches/val_batch_size: must be >= 0 / >= 1")
+        if not self.tasks and not self.val_batches:
+            raise ValueError(f"{p}tasks: nothing to do; give tasks=[...] and/or val_batches=N")
+        EvalConfig.validate(self, prefix or "eval")
+
+
+def parse_cli(argv: List[str]) -> EvalCLIConfig:
+    bad = [a for a in argv if "=" not in a]
+    if bad:
+        raise ValueError(f"{bad[0]}: arguments are key=value (e.g. tasks=[qa_wikidata] checkpoint=runs/x)")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(EvalCLIConfig), OmegaConf.from_dotlist(argv))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "config"
+        raise ValueError(f"{key}: {str(e).splitlines()[0]}") from None
+    cfg.validate()
+    return cfg
+
+
+def run_dir_of(checkpoint_dir: str) -> str:
+    """runs/X/checkpoints/step_N -> runs/X; a run directory is its own run dir."""
+    path = os.path.abspath(checkpoint_dir)
+    parent = os.path.dirname(path)
+    if os.path.basename(parent) == "checkpoints":
+        return os.path.dirname(parent)
+    return path
+
+
+def _run_config(run_dir: str):
+    path = os.path.join(run_dir, "config.yaml")
+    return OmegaConf.load(path) if os.path.isfile(path) else None
+
+
+def resolve_tokenizer(cfg: EvalCLIConfig, run_dir: str):
+    from data import load_tokenizer
+
+    if cfg.tokenizer:
+        return load_tokenizer(cfg.tokenizer)
+    copied = os.path.join(run_dir, "tokenizer.model")
+    if os.path.isfile(copied):
+        return load_tokenizer(copied)
+    run_cfg = _run_config(run_dir)
+    spec = OmegaConf.select(run_cfg, "data.tokenizer") if run_cfg is not None else None
+    if not spec:
+        raise ValueError(f"tokenizer: none given and none found in {run_dir} (tokenizer.model or config.yaml data.tokenizer)")
+    return load_tokenizer(spec)
+
+
+def _data_config(run_dir: str):
+    from data import DataConfig
+
+    run_cfg = _run_config(run_dir)
+    if run_cfg is None or OmegaConf.select(run_cfg, "data") is None:
+        raise ValueError(f"val_batches: {run_dir}/config.yaml with a data section is needed for validation NLL")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), run_cfg.data))
+
+
+def main(argv=None) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from model.checkpoint import load_model, resolve_checkpoint
+
+    from .results import WandbSink, flatten, format_table, write_jsonl
+    from .runner import load_eval_tasks, run_tasks
+    from .validation import fixed_val_batches, validation_metrics
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = parse_cli(argv)
+        ckpt = resolve_checkpoint(cfg.checkpoint)
+        run_dir = run_dir_of(ckpt)
+        tokenizer = resolve_tokenizer(cfg, run_dir)
+        tasks = load_eval_tasks(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        print("error: device: cuda requested but no CUDA device is available", file=sys.stderr)
+        return 2
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world > 1:  # each rank holds the whole model and takes a share of the examples
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    amp = torch.bfloat16 if (cfg.precision == "bf16" or (cfg.precision == "auto" and use_cuda)) else None
+    try:
+        model, _ = load_model(ckpt, device)
+        with open(os.path.join(ckpt, "meta.json")) as f:
+            step = json.load(f).get("step")
+        out = cfg.out or os.path.join(run_dir, "eval.jsonl")
+        results = run_tasks(model, tokenizer, cfg, step=step, tasks=tasks, amp_dtype=amp, out_path=out)
+        val = {}
+        if cfg.val_batches:
+            batches = fixed_val_batches(_data_config(run_dir), tokenizer, cfg.val_batches, cfg.val_batch_size, rank, world)
+            val = validation_metrics(model, batches, tokenizer, amp)
+        if rank == 0:
+            print(f"checkpoint {ckpt} (step {step})")
+            if results:
+                print(format_table(results))
+            for k, v in val.items():
+                print(f"{k} {v:.4f}")
+            if val:
+                write_jsonl(out, [{"step": step, "task": "val", **val}])
+            print(f"results appended to {out}")
+            sink = WandbSink(cfg.wandb, cfg.project, name=os.path.basename(run_dir), config=asdict(cfg))
+            sink.log({**flatten(results), **val}, step=step)
+            sink.close()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,8 +14,8 @@ export WANDB_MODE ?= disabled
 # Torch goes in first and pinned: a loose requirement in an empty venv pulls a multi-GB CUDA build.
 # An existing torch (e.g. a GPU image's) is kept.
 $(VENV)/.installed: pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	@# --system-site-packages: a GPU image's own CUDA torch stays visible and is used as is.
+	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@

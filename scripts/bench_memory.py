@@ -1,0 +1,282 @@
+"""Benchmark the memory-layer ops (Triton kernels vs the plain-PyTorch reference) on one CUDA GPU.
+
+    PYTHONUNBUFFERED=1 python scripts/bench_memory.py [--out DIR] [--sweep] [--no-reference] [--only NAME,...]
+
+Prints one table: ms (triton.testing.do_bench median) and effective TB/s for ours and the reference, against a
+device-to-device copy ceiling measured in the same run. Byte model per shape (the fewest bytes an exact
+implementation must move): forward = value rows read (T*S*D) + indices/weights + output; backward adds the
+value rows read again for the weight gradient (T*S*D), the output gradient, and the touched rows' gradient
+written (U*D, U = distinct rows). The dense value gradient also writes zeros to untouched rows; that extra
+is reported as its own column. Needs only torch + triton (no omegaconf).
+"""
+import argparse
+import datetime
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import triton  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+from ops import reference  # noqa: E402
+from ops import triton_lookup, triton_search  # noqa: E402
+
+N_ROWS = 1 << 20  # 1024**2 slots
+
+
+def bench(fn, rep=200):
+    return do_bench(fn, warmup=25, rep=rep, return_mode="median")
+
+
+def copy_ceiling():
+    src = torch.randn(1 << 30, device="cuda", dtype=torch.float32)  # 4 GiB
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src), rep=300)
+    del src, dst
+    return 2 * (1 << 32) / (ms * 1e-3) / 1e12
+
+
+def lookup_inputs(T, S, D, dtype=torch.bfloat16, idx_dtype=torch.int64, n_rows=N_ROWS):
+    torch.manual_seed(0)
+    idx = torch.randint(0, n_rows, (T, S), device="cuda", dtype=idx_dtype)
+    w = torch.randn(T, S, device="cuda", dtype=torch.float32).softmax(-1).requires_grad_()
+    v = (torch.randn(n_rows, D, device="cuda", dtype=dtype) * 0.02).requires_grad_()
+    g = torch.randn(T, D, device="cuda", dtype=dtype)
+    return idx, w, v, g
+
+
+def lookup_bytes(idx, v, bwd, n_rows=N_ROWS):
+    T, S = idx.shape
+    D, e = v.shape[1], v.element_size()
+    fwd = T * S * D * e + T * S * (idx.element_size() + 4) + T * D * e
+    if not bwd:
+        return fwd, 0
+    U = torch.unique(idx).numel()
+    b = fwd + T * S * D * e + T * D * e + T * S * (idx.element_size() + 4) * 2 + U * D * e
+    return b, (n_rows - U) * D * e
+
+
+def run_lookup(name, T, S, D, bwd, args, rows, ceiling, sparse=False, idx_dtype=torch.int64):
+    idx, w, v, g = lookup_inputs(T, S, D, idx_dtype=idx_dtype)
+    nbytes, zero_bytes = lookup_bytes(idx, v, bwd)
+
+    def ours():
+        out = triton_lookup.memory_lookup(idx, w, v)
+        if bwd:
+            if sparse:
+                triton_lookup.memory_lookup_backward(g, idx, w.detach(), v.detach(), sparse=True)
+            else:
+                torch.autograd.grad(out, [w, v], g)
+
+    def ref():
+        out = reference.memory_lookup(idx, w, v)
+        if bwd:
+            torch.autograd.grad(out, [w, v], g)
+
+    ms = bench(ours)
+    ms_ref = None
+    if args.reference and not sparse:
+        try:
+            ms_ref = bench(ref, rep=50)
+        except torch.OutOfMemoryError:
+            ms_ref = None
+        torch.cuda.empty_cache()
+    rows.append(dict(name=name, ms=ms, ms_ref=ms_ref, bytes=nbytes, zero_bytes=0 if sparse else zero_bytes,
+                     floor_ms=nbytes / (ceiling * 1e12) * 1e3))
+    del idx, w, v, g
+    torch.cuda.empty_cache()
+
+
+def run_search(name, T, bwd, args, rows, ceiling, dtype=torch.bfloat16, H=4, n_keys=1024, half=256, knn=32):
+    torch.manual_seed(0)
+    q = torch.randn(T, H, 2 * half, device="cuda", dtype=dtype).requires_grad_()
+    k1 = torch.randn(H, n_keys, half, device="cuda").requires_grad_()
+    k2 = torch.randn(H, n_keys, half, device="cuda").requires_grad_()
+
+    def mk(fn):
+        def f():
+            s, _ = fn(q, k1, k2, knn)
+            if bwd:
+                torch.autograd.grad(s, [q, k1, k2], torch.ones_like(s))
+        return f
+
+    ms = bench(mk(triton_search.product_key_search))
+    ms_ref = bench(mk(reference.product_key_search), rep=50) if args.reference else None
+    nbytes = q.numel() * q.element_size() + 2 * k1.numel() * 4 + T * H * knn * 12
+    flops = 2 * T * H * 2 * n_keys * half
+    rows.append(dict(name=name, ms=ms, ms_ref=ms_ref, bytes=nbytes, zero_bytes=0, floor_ms=None,
+                     tflops=flops / (ms * 1e-3) / 1e12))
+
+
+def run_layer(name, T, args, rows, ceiling, dim=1024, H=4, n_keys=1024, k_dim=512, knn=32):
+    """Whole Memory+ layer fwd+bwd under bf16 autocast: query proj + search + softmax + lookup + swilu."""
+    torch.manual_seed(0)
+    dev = "cuda"
+    x = torch.randn(T, dim, device=dev, requires_grad=True)
+    wq = (torch.randn(H * k_dim, dim, device=dev) * dim ** -0.5).requires_grad_()
+    k1 = torch.randn(H, n_keys, k_dim // 2, device=dev).requires_grad_()
+    k2 = torch.randn(H, n_keys, k_dim // 2, device=dev).requires_grad_()
+    vals = (torch.randn(N_ROWS, dim, device=dev, dtype=torch.bfloat16) * 0.02).requires_grad_()
+    w1 = (torch.randn(dim, dim, device=dev) * dim ** -0.5).requires_grad_()
+    w2 = (torch.randn(dim, dim, device=dev) * dim ** -0.5).requires_grad_()
+    hidden = 2816
+    f1 = (torch.randn(hidden, dim, device=dev) * dim ** -0.5).requires_grad_()
+    f3 = (torch.randn(hidden, dim, device=dev) * dim ** -0.5).requires_grad_()
+    f2 = (torch.randn(dim, hidden, device=dev) * hidden ** -0.5).requires_grad_()
+    F = torch.nn.functional
+
+    def layer(search, lookup):
+        def f():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                q = F.linear(x, wq).view(T, H, k_dim)
+                s, i = search(q, k1, k2, knn)
+                wts = s.softmax(-1).view(T, H * knn)
+                y = lookup(i.view(T, H * knn), wts, vals)
+                out = F.linear(y * F.silu(F.linear(x, w1)), w2)
+            torch.autograd.grad(out.float().sum(), [x, wq, k1, k2, vals, w1, w2])
+        return f
+
+    def ffn():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = F.linear(F.silu(F.linear(x, f1)) * F.linear(x, f3), f2)
+        torch.autograd.grad(out.float().sum(), [x, f1, f2, f3])
+
+    ms = bench(layer(triton_search.product_key_search, triton_lookup.memory_lookup))
+    ms_ref = bench(layer(reference.product_key_search, reference.memory_lookup), rep=50) if args.reference else None
+    rows.append(dict(name=name, ms=ms, ms_ref=ms_ref, bytes=0, zero_bytes=0, floor_ms=None,
+                     note=f"SwiGLU FFN same dim: {bench(ffn):.2f} ms"))
+
+
+def sweep(out_lines):
+    """Launch-config sweep at the headline shapes (used to pick the defaults)."""
+    def log(line):
+        out_lines.append(line)
+        print(line)
+
+    def each(label, cfgs, fn):
+        for cfg in cfgs:
+            try:
+                log(f"{label} cfg={cfg}: {bench(lambda: fn(cfg)):.3f} ms")
+            except Exception as e:  # noqa: BLE001 - a config may not fit (shared memory / registers)
+                log(f"{label} cfg={cfg}: FAILED {type(e).__name__}: {str(e)[:160]}")
+            torch.cuda.empty_cache()
+
+    idx, w, v, g = lookup_inputs(32768, 128, 1024)
+    wd, vd = w.detach(), v.detach()
+    each("fwd 32768x128x1024 (BS,BD,warps)", [(4, 1024, 4), (2, 1024, 4), (8, 1024, 8), (4, 512, 2)],
+         lambda cfg: triton_lookup.lookup_forward(idx, wd, vd, config=cfg))
+    each("bwd 32768x128x1024 (BP,BD,warps)", [None, (4, 512, 2), (2, 512, 2), (8, 512, 2), (4, 1024, 4), (2, 1024, 4),
+                                              (4, 256, 1), (8, 256, 1), (2, 256, 1)],
+         lambda cfg: triton_lookup.lookup_backward(g, idx, wd, vd, config=cfg))
+    log(f"  sort+segments only: {bench(lambda: triton_lookup._segments(idx, N_ROWS)):.3f} ms")
+    del idx, w, v, g, wd, vd
+    torch.cuda.empty_cache()
+    idx, w, v, g = lookup_inputs(262144, 128, 128)
+    wd, vd = w.detach(), v.detach()
+    each("fwd 262144x128x128", [None, (32, 128, 4), (16, 128, 2), (32, 128, 2)],
+         lambda cfg: triton_lookup.lookup_forward(idx, wd, vd, config=cfg))
+    each("bwd 262144x128x128", [None, (8, 128, 1), (16, 128, 1), (16, 128, 2), (32, 128, 4), (4, 128, 1)],
+         lambda cfg: triton_lookup.lookup_backward(g, idx, wd, vd, config=cfg))
+    log(f"  sort+segments only: {bench(lambda: triton_lookup._segments(idx, N_ROWS)):.3f} ms")
+    del idx, w, v, g, wd, vd
+    torch.cuda.empty_cache()
+    idx, w, v, g = lookup_inputs(4096, 32, 4096)
+    wd, vd = w.detach(), v.detach()
+    each("bwd sparse 4096x32x4096", [None, (1, 512, 2), (1, 1024, 4), (1, 2048, 8), (2, 512, 2)],
+         lambda cfg: triton_lookup.lookup_backward(g, idx, wd, vd, config=cfg, sparse=True))
+    each("bwd dense 4096x32x4096", [None, (1, 1024, 4)],
+         lambda cfg: triton_lookup.lookup_backward(g, idx, wd, vd, config=cfg))
+    del idx, w, v, g, wd, vd
+    torch.cuda.empty_cache()
+    q = torch.randn(32768, 4, 512, device="cuda", dtype=torch.bfloat16)
+    k1 = torch.randn(4, 1024, 256, device="cuda")
+    k2 = torch.randn(4, 1024, 256, device="cuda")
+    each("search fwd bf16 (BT,BN,warps,stages)", [None, (128, 32, 8, 1), (64, 32, 4, 1), (64, 64, 4, 1),
+                                                  (128, 128, 8, 1), (64, 64, 8, 1)],
+         lambda cfg: triton_search.search_forward(q, k1, k2, 32, config=cfg))
+    qf = q.float()
+    each("search fwd fp32", [None, (16, 64, 4, 1), (64, 64, 8, 1), (32, 32, 4, 1)],
+         lambda cfg: triton_search.search_forward(qf, k1, k2, 32, config=cfg))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--no-reference", dest="reference", action="store_false")
+    ap.add_argument("--only", default="")
+    args = ap.parse_args()
+    assert torch.cuda.is_available(), "bench_memory.py needs a CUDA GPU"
+    card = torch.cuda.get_device_name()
+    print(f"card: {card}; torch {torch.__version__}; triton {triton.__version__}")
+    sweep_lines = []
+    if args.sweep:
+        sweep(sweep_lines)
+    ceiling = copy_ceiling()
+    print(f"device-to-device copy ceiling: {ceiling:.2f} TB/s")
+    rows = []
+    only = set(filter(None, args.only.split(",")))
+    cases = [
+        ("lookup fwd 32768x128x1024", lambda: run_lookup("lookup fwd 32768x128x1024", 32768, 128, 1024, False, args, rows, ceiling)),
+        ("lookup fwd 32768x128x1024 int32", lambda: run_lookup("lookup fwd 32768x128x1024 int32", 32768, 128, 1024, False, args, rows, ceiling, idx_dtype=torch.int32)),
+        ("lookup fwd 32768x128x1536", lambda: run_lookup("lookup fwd 32768x128x1536", 32768, 128, 1536, False, args, rows, ceiling)),
+        ("lookup fwd+bwd 32768x128x1024", lambda: run_lookup("lookup fwd+bwd 32768x128x1024", 32768, 128, 1024, True, args, rows, ceiling)),
+        ("lookup fwd+bwd 8192x128x4096", lambda: run_lookup("lookup fwd+bwd 8192x128x4096", 8192, 128, 4096, True, args, rows, ceiling)),
+        ("lookup fwd+bwd 4096x32x4096", lambda: run_lookup("lookup fwd+bwd 4096x32x4096", 4096, 32, 4096, True, args, rows, ceiling)),
+        ("lookup fwd+bwd 4096x32x4096 sparse", lambda: run_lookup("lookup fwd+bwd 4096x32x4096 sparse", 4096, 32, 4096, True, args, rows, ceiling, sparse=True)),
+        ("lookup fwd+bwd 262144x128x128", lambda: run_lookup("lookup fwd+bwd 262144x128x128", 262144, 128, 128, True, args, rows, ceiling)),
+        ("search fwd 32768x4 knn32", lambda: run_search("search fwd 32768x4 knn32", 32768, False, args, rows, ceiling)),
+        ("search fwd+bwd 32768x4 knn32", lambda: run_search("search fwd+bwd 32768x4 knn32", 32768, True, args, rows, ceiling)),
+        ("search fwd 32768x4 knn32 fp32", lambda: run_search("search fwd 32768x4 knn32 fp32", 32768, False, args, rows, ceiling, dtype=torch.float32)),
+        ("memory layer fwd+bwd dim1024 32768", lambda: run_layer("memory layer fwd+bwd dim1024 32768", 32768, args, rows, ceiling)),
+    ]
+    for name, fn in cases:
+        if only and name not in only:
+            continue
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - report and go on to the next shape
+            print(f"{name}: FAILED {type(e).__name__}: {e}")
+            rows.append(dict(name=name, error=f"{type(e).__name__}: {str(e)[:300]}"))
+            torch.cuda.empty_cache()
+        if rows and "error" not in rows[-1]:
+            r = rows[-1]
+            print(f"  {r['name']}: ours {r['ms']:.3f} ms, ref {r['ms_ref'] if r['ms_ref'] is None else round(r['ms_ref'], 3)} ms")
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"card: {card}; torch {torch.__version__}; triton {triton.__version__}; {date}",
+             f"copy ceiling (device-to-device, read+write): {ceiling:.2f} TB/s", "",
+             "| shape | ours ms | ours TB/s | % of copy ceiling | floor ms | reference ms | speed-up vs ref | notes |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['name']} | failed | | | | | | {r['error']} |")
+            continue
+        # TB/s only where bytes bound the op (the lookups); the search is bound by its top-k, not by bytes
+        tbs = r["bytes"] / (r["ms"] * 1e-3) / 1e12 if r["bytes"] and r.get("floor_ms") else None
+        notes = []
+        if r.get("zero_bytes"):
+            notes.append(f"+{r['zero_bytes'] / 1e9:.2f} GB zeros of the dense grad (not in TB/s)")
+        if r.get("tflops"):
+            notes.append(f"{r['tflops']:.0f} TFLOP/s of score dots")
+        if r.get("note"):
+            notes.append(r["note"])
+        lines.append("| {} | {:.3f} | {} | {} | {} | {} | {} | {} |".format(
+            r["name"], r["ms"], f"{tbs:.2f}" if tbs else "-", f"{100 * tbs / ceiling:.0f}%" if tbs else "-",
+            f"{r['floor_ms']:.2f}" if r.get("floor_ms") else "-",
+            f"{r['ms_ref']:.2f}" if r.get("ms_ref") else "-",
+            f"{r['ms_ref'] / r['ms']:.1f}x" if r.get("ms_ref") else "-", "; ".join(notes)))
+    table = "\n".join(lines)
+    print(table)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench_memory.md"), "w") as f:
+        f.write(table + "\n\n" + "\n".join(sweep_lines) + "\n")
+    with open(os.path.join(args.out, "bench_memory.json"), "w") as f:
+        json.dump(dict(card=card, date=date, ceiling_tbs=ceiling, rows=rows, sweep=sweep_lines), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

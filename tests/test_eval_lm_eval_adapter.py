@@ -1,0 +1,116 @@
+"""The lm_eval adapter against the built-in scorer and full forwards. lm_eval itself is heavy (transformers,
+datasets, ...) and not a dependency: a minimal stand-in of its LM base class and registry is installed in
+sys.modules, which checks the registration path too."""
+import importlib
+import sys
+import types
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from data import load_tokenizer
+from eval.generate import generate_text
+from eval.scoring import continuation_logprobs
+from eval.text import encode_request
+from model import MemoryConfig, ModelConfig, Transformer
+
+
+def tiny_model():
+    cfg = ModelConfig(vocab_size=259, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, max_seq_len=64,
+                      memory=MemoryConfig(layers=[1], n_keys=8, heads=2, knn=4, k_dim=16, backend="reference"))
+    torch.manual_seed(0)
+    m = Transformer(cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() >= 2:
+                p.mul_(8.0)
+    return m.eval()
+
+
+@dataclass
+class FakeInstance:  # lm_eval.api.instance.Instance exposes the request through .args
+    args: tuple
+
+
+@pytest.fixture
+def fake_lm_eval(monkeypatch):
+    registry = {}
+    lm_eval = types.ModuleType("lm_eval")
+    api = types.ModuleType("lm_eval.api")
+    model_mod = types.ModuleType("lm_eval.api.model")
+    reg_mod = types.ModuleType("lm_eval.api.registry")
+
+    class LM:
+        def __init__(self):
+            self._rank, self._world_size, self.cache_hook = 0, 1, None
+
+    def register_model(*names):
+        def deco(cls):
+            for n in names:
+                registry[n] = cls
+            return cls
+        return deco
+
+    model_mod.LM, reg_mod.register_model = LM, register_model
+    for name, mod in (("lm_eval", lm_eval), ("lm_eval.api", api), ("lm_eval.api.model", model_mod),
+                      ("lm_eval.api.registry", reg_mod)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    import eval.lm_eval_adapter as adapter
+
+    adapter = importlib.reload(adapter)
+    yield adapter, registry, LM
+    monkeypatch.undo()
+    importlib.reload(adapter)
+
+
+def test_adapter_absent_without_lm_eval(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval -> ImportError
+    import eval.lm_eval_adapter as adapter
+
+    adapter = importlib.reload(adapter)
+    assert adapter.MnemoLM is None
+    assert adapter.MnemoLMCore is not None
+
+
+def test_adapter_matches_builtin_scorer(fake_lm_eval):
+    adapter, registry, LM = fake_lm_eval
+    assert registry["mnemo"] is adapter.MnemoLM and issubclass(adapter.MnemoLM, LM)
+    model, tok = tiny_model(), load_tokenizer("byte")
+    lm = adapter.MnemoLM(model=model, tokenizer=tok, batch_size=2)
+    pairs = [("The capital of France is", " Paris"), ("", "Hello world"), ("Q: 2+2? A:", " 4")]
+    got = lm.loglikelihood([FakeInstance(p) for p in pairs])
+    builtin = continuation_logprobs(model, [encode_request(tok, c, x) for c, x in pairs], batch_size=2)
+    assert got == builtin
+    # and against an independent full forward, BOS-only context included (first token scored)
+    for (ctx, cont), (score, _) in zip(pairs, got):
+        seq = [tok.bos_id] + list(ctx.encode()) + list(cont.encode())
+        logp = torch.log_softmax(model(torch.tensor([seq[:-1]])), -1)[0]
+        n = len(cont.encode())
+        ref = sum(logp[len(seq) - 1 - n + j, seq[len(seq) - n + j]].item() for j in range(n))
+        assert score == pytest.approx(ref, abs=1e-4)
+
+
+def test_adapter_rolling_and_generate(fake_lm_eval):
+    adapter, _, _ = fake_lm_eval
+    model, tok = tiny_model(), load_tokenizer("byte")
+    lm = adapter.MnemoLM(model=model, tokenizer=tok)
+    text = "Memory layers at scale store facts. " * 3  # > max_seq_len (64) bytes: several windows
+    (rolling,) = lm.loglikelihood_rolling([FakeInstance((text,))])
+    seq = [tok.bos_id] + list(text.encode())
+    ref = 0.0
+    for start in range(0, len(seq) - 1, 64):  # windows of 64 predictions, each starting fresh from the token before
+        window = seq[start:start + 65]
+        logp = torch.log_softmax(model(torch.tensor([window[:-1]])), -1)[0]
+        ref += sum(logp[j, window[j + 1]].item() for j in range(len(window) - 1))
+    assert rolling == pytest.approx(ref, rel=1e-5)
+    reqs = [FakeInstance(("Hello", {"until": ["\n"], "max_gen_toks": 5})), FakeInstance(("Hi there", {"until": "zz", "max_gen_toks": 3}))]
+    out = lm.generate_until(reqs)
+    assert out[0] == generate_text(model, tok, ["Hello"], 5, stop=["\n"])[0]
+    assert out[1] == generate_text(model, tok, ["Hi there"], 3, stop=["zz"])[0]
+
+
+def test_adapter_needs_model_or_checkpoint(fake_lm_eval):
+    adapter, _, _ = fake_lm_eval
+    with pytest.raises(ValueError, match="checkpoint"):
+        adapter.MnemoLM()

@@ -1,0 +1,261 @@
+"""Triton kernels (ops/triton_lookup.py, ops/triton_search.py) against ops.reference.
+
+On CPU the kernels run under TRITON_INTERPRET=1 (set by conftest), which is slow: shapes are tiny. The
+interpreter rounds fp32 -> bf16 differently from the GPU (and its bf16 dot is wrong, which the search kernel
+avoids there), so bf16 comparisons allow a couple of bf16 ulps. GPU tests (`-m gpu`) use realistic shapes.
+"""
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from ops import reference  # noqa: E402
+from ops.triton_lookup import memory_lookup, memory_lookup_backward  # noqa: E402
+from ops.triton_search import product_key_search  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _tol(dtype):
+    return dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=6e-2, rtol=2e-2)
+
+
+def _indices(kind, T, S, N, gen):
+    if kind == "random":
+        return torch.randint(0, N, (T, S), generator=gen)
+    if kind == "one_row":  # every token on one row: one long segment
+        return torch.full((T, S), N - 1, dtype=torch.long)
+    if kind == "dup_in_bag":  # duplicates inside each bag and across bags, few rows
+        return torch.randint(0, 3, (T, S), generator=gen)
+    raise ValueError(kind)
+
+
+def _lookup_both(idx, w, v, grad_scale=1.0):
+    """(out, grad_w, grad_v) of the kernel and of the reference on the same inputs and output gradient."""
+    g = torch.randn(idx.shape[0], v.shape[1], generator=torch.Generator().manual_seed(7)).to(v.dtype).to(v.device)
+    res = []
+    for fn in (lambda *a: memory_lookup(*a, grad_scale=grad_scale), reference.memory_lookup):
+        ww = w.detach().clone().requires_grad_()
+        vv = v.detach().clone().requires_grad_()
+        out = fn(idx, ww, vv)
+        out.backward(g)
+        res.append((out.detach(), ww.grad, vv.grad))
+    return res
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["random", "one_row", "dup_in_bag"])
+def test_lookup_matches_reference(dtype, kind):
+    gen = torch.Generator().manual_seed(hash((str(dtype), kind)) % 2**31)
+    T, S, N, D = 6, 5, 11, 37  # non-power-of-two S and D
+    idx = _indices(kind, T, S, N, gen)
+    idx = idx.to(torch.int32) if kind == "random" else idx  # int32 and int64 indices
+    w = torch.randn(T, S, generator=gen)
+    v = torch.randn(N, D, generator=gen).to(dtype)
+    idx, w, v = idx.to(DEV), w.to(DEV), v.to(DEV)
+    (out, gw, gv), (rout, rgw, rgv) = _lookup_both(idx, w, v)
+    assert out.dtype == dtype and gv.dtype == dtype
+    torch.testing.assert_close(out.float(), rout.float(), **_tol(dtype))
+    torch.testing.assert_close(gw, rgw, **({"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else _tol(dtype)))
+    torch.testing.assert_close(gv.float(), rgv.float(), **_tol(dtype))
+    untouched = torch.ones(N, dtype=torch.bool, device=DEV)
+    untouched[idx.long().flatten()] = False
+    assert (gv[untouched] == 0).all()
+
+
+def test_lookup_multi_column_chunks_and_grad_scale():
+    # D > one column block of the forward (256 fp32) and several slot blocks; grad_scale hits values only
+    gen = torch.Generator().manual_seed(1)
+    T, S, N, D = 3, 3, 5, 300
+    idx = torch.randint(0, N, (T, S), generator=gen)
+    w = torch.randn(T, S, generator=gen)
+    v = torch.randn(N, D, generator=gen)
+    idx, w, v = idx.to(DEV), w.to(DEV), v.to(DEV)
+    (out, gw, gv), (rout, rgw, rgv) = _lookup_both(idx, w, v, grad_scale=0.25)
+    torch.testing.assert_close(out, rout)
+    torch.testing.assert_close(gw, rgw, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gv, 0.25 * rgv)
+
+
+def test_lookup_sparse_form_matches_dense():
+    gen = torch.Generator().manual_seed(2)
+    T, S, N, D = 4, 3, 50, 24
+    idx = torch.randint(0, N, (T, S), generator=gen)
+    w = torch.randn(T, S, generator=gen)
+    v = torch.randn(N, D, generator=gen)
+    g = torch.randn(T, D, generator=gen)
+    idx, w, v, g = idx.to(DEV), w.to(DEV), v.to(DEV), g.to(DEV)
+    gw_d, gv_d = memory_lookup_backward(g, idx, w, v)
+    gw_s, rows, row_grads, n = memory_lookup_backward(g, idx, w, v, sparse=True)
+    uniq = torch.unique(idx)
+    assert rows.shape[0] == T * S and int(n) == uniq.numel()
+    assert torch.equal(rows[: int(n)], uniq) and (rows[int(n):] == -1).all()
+    assert (row_grads[int(n):] == 0).all()
+    assert torch.equal(row_grads[: int(n)], gv_d[uniq]) and torch.equal(gw_s, gw_d)
+
+
+def test_lookup_backward_is_deterministic():
+    gen = torch.Generator().manual_seed(3)
+    T, S, N, D = 8, 6, 4, 40  # many duplicates per row
+    idx = torch.randint(0, N, (T, S), generator=gen)
+    w = torch.randn(T, S, generator=gen)
+    v = torch.randn(N, D, generator=gen).to(torch.bfloat16)
+    g = torch.randn(T, D, generator=gen).to(torch.bfloat16)
+    idx, w, v, g = idx.to(DEV), w.to(DEV), v.to(DEV), g.to(DEV)
+    a = memory_lookup_backward(g, idx, w, v)
+    b = memory_lookup_backward(g, idx, w, v)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_lookup_rejects_bad_input():
+    with pytest.raises(ValueError, match="indices must be int32 or int64"):
+        memory_lookup(torch.zeros(2, 2), torch.zeros(2, 2), torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="weights"):
+        memory_lookup(torch.zeros(2, 2, dtype=torch.long), torch.zeros(2, 3), torch.zeros(3, 4))
+
+
+def _search_inputs(T, H, n_keys, k_dim, dtype, gen, device="cpu"):
+    q = torch.randn(T, H, k_dim, generator=gen).to(dtype).to(device)
+    k1 = torch.randn(H, n_keys, k_dim // 2, generator=gen).to(dtype).to(device)
+    k2 = torch.randn(H, n_keys, k_dim // 2, generator=gen).to(dtype).to(device)
+    return q, k1, k2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(5, 2, 20, 16, 4), (17, 1, 70, 24, 6)])  # n_keys not a block multiple, knn 6
+def test_search_forward_matches_reference(dtype, shape):
+    T, H, n_keys, k_dim, knn = shape
+    q, k1, k2 = _search_inputs(T, H, n_keys, k_dim, dtype, torch.Generator().manual_seed(sum(shape)), DEV)
+    s, i = product_key_search(q, k1, k2, knn)
+    rs, ri = reference.product_key_search(q, k1, k2, knn)
+    assert s.dtype == torch.float32 and i.dtype == torch.int64 and s.shape == (T, H, knn)
+    assert torch.equal(i, ri)  # random inputs have no near-ties at these sizes
+    torch.testing.assert_close(s, rs.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_search_chunk_as_wide_as_knn():
+    # BLOCK_N == knn (rounded up): the chunk list is fully sorted instead of top-k'd before the merge
+    from ops.triton_search import search_forward
+
+    q, k1, k2 = _search_inputs(16, 1, 40, 16, torch.float32, torch.Generator().manual_seed(9), DEV)
+    s, i = search_forward(q, k1, k2, 7, config=(16, 8, 4, 1))
+    rs, ri = reference.product_key_search(q, k1, k2, 7)
+    assert torch.equal(i, ri)
+    torch.testing.assert_close(s, rs, atol=1e-5, rtol=1e-5)
+
+
+def test_search_ties_go_to_lower_slot():
+    # every sub-key row equal: all n_keys**2 slots tie, so the top-knn are slots 0..knn-1 in order. Integer
+    # inputs keep every dot exact whatever the summation order.
+    T, H, n_keys, k_dim, knn = 3, 1, 9, 16, 5
+    q = torch.randint(-3, 4, (T, H, k_dim), generator=torch.Generator().manual_seed(0)).float()
+    k1 = torch.ones(H, n_keys, k_dim // 2)
+    k2 = torch.ones(H, n_keys, k_dim // 2)
+    q, k1, k2 = q.to(DEV), k1.to(DEV), k2.to(DEV)
+    s, i = product_key_search(q, k1, k2, knn)
+    rs, ri = reference.product_key_search(q, k1, k2, knn)
+    assert torch.equal(i, ri)
+    assert (i.cpu() == torch.arange(knn)).all()
+    # partial ties: equal sub-keys 2 and 5 of the first table; the lower one comes first
+    k1 = torch.randint(-2, 3, (H, n_keys, k_dim // 2), generator=torch.Generator().manual_seed(1)).float()
+    k1[:, 5] = k1[:, 2]
+    k2 = torch.randint(-2, 3, (H, n_keys, k_dim // 2), generator=torch.Generator().manual_seed(2)).float()
+    k1, k2 = k1.to(DEV), k2.to(DEV)
+    assert torch.equal(product_key_search(q, k1, k2, knn)[1], reference.product_key_search(q, k1, k2, knn)[1])
+
+
+def test_search_gradients_match_reference():
+    T, H, n_keys, k_dim, knn = 6, 2, 12, 16, 4
+    q, k1, k2 = _search_inputs(T, H, n_keys, k_dim, torch.float32, torch.Generator().manual_seed(5), DEV)
+    g = torch.randn(T, H, knn).to(DEV)
+    grads = []
+    for fn in (product_key_search, reference.product_key_search):
+        leaves = [x.clone().requires_grad_() for x in (q, k1, k2)]
+        s, _ = fn(*leaves, knn)
+        s.backward(g)
+        grads.append([x.grad for x in leaves])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # same inputs, same bits
+    leaves = [x.clone().requires_grad_() for x in (q, k1, k2)]
+    product_key_search(*leaves, knn)[0].backward(g)
+    assert all(torch.equal(a.grad, b) for a, b in zip(leaves, grads[0]))
+
+
+def test_search_rejects_bad_input():
+    q, k1, k2 = _search_inputs(2, 1, 4, 8, torch.float32, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="knn"):
+        product_key_search(q, k1, k2, 5)
+    with pytest.raises(ValueError, match="keys"):
+        product_key_search(q, k1[:, :, :3], k2, 2)
+
+
+def _memory_block(q, k1, k2, values, knn):
+    s, i = product_key_search(q, k1, k2, knn)
+    w = torch.softmax(s, dim=-1)
+    T, H, _ = q.shape
+    return memory_lookup(i.view(T, H * knn), w.view(T, H * knn), values)
+
+
+@pytest.mark.slow
+def test_compiled_memory_block_equals_eager():
+    T, H, n_keys, k_dim, knn, D = 4, 2, 8, 16, 4, 24
+    gen = torch.Generator().manual_seed(11)
+    q, k1, k2 = _search_inputs(T, H, n_keys, k_dim, torch.float32, gen, DEV)
+    values = torch.randn(n_keys * n_keys, D, generator=gen).to(DEV)
+    runs = []
+    for fn in (_memory_block, torch.compile(_memory_block, fullgraph=True)):
+        leaves = [x.clone().requires_grad_() for x in (q, k1, k2, values)]
+        out = fn(*leaves[:3], leaves[3], knn)
+        (out * out).sum().backward()
+        runs.append([out.detach()] + [x.grad for x in leaves])
+    for a, b in zip(*runs):  # inductor fuses the softmax differently: rounding-level differences only
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------- GPU, real shapes
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,D,idx_dtype", [(torch.bfloat16, 1536, torch.int32), (torch.float32, 100, torch.int64),
+                                               (torch.bfloat16, 4096, torch.int64)])
+def test_gpu_lookup_real_shapes(dtype, D, idx_dtype):
+    torch.manual_seed(0)
+    T, S, N = 2048, 128, 1 << 16
+    idx = torch.randint(0, N, (T, S), device="cuda").to(idx_dtype)
+    idx[:8] = 5  # a hot row
+    w = torch.randn(T, S, device="cuda")
+    v = torch.randn(N, D, device="cuda").to(dtype)
+    (out, gw, gv), (rout, rgw, rgv) = _lookup_both(idx, w, v)
+    tol = 1e-5 if dtype == torch.float32 else 8e-3
+    assert _rel(out, rout) < tol and _rel(gw, rgw) < max(tol, 1e-4) and _rel(gv, rgv) < tol
+    (_, gw2, gv2), _ = _lookup_both(idx, w, v)
+    assert torch.equal(gw, gw2) and torch.equal(gv, gv2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_search_real_shapes(dtype):
+    T, H, n_keys, k_dim, knn = 2048, 4, 1024, 512, 32
+    q, k1, k2 = _search_inputs(T, H, n_keys, k_dim, dtype, torch.Generator().manual_seed(0), "cuda")
+    s, i = product_key_search(q, k1, k2, knn)
+    rs, ri = reference.product_key_search(q, k1, k2, knn)
+    if dtype == torch.float32:
+        # different fp32 summation orders may swap near-ties in a few rows, nothing else
+        assert (i == ri).float().mean().item() > 0.999
+        torch.testing.assert_close(s, rs, atol=1e-4, rtol=1e-5)
+    else:
+        torch.testing.assert_close(s, rs, atol=2e-2, rtol=1e-2)
+        assert (i == ri).float().mean().item() > 0.95
+    g = torch.randn_like(s)
+    grads = []
+    for fn in (product_key_search, reference.product_key_search):
+        leaves = [x.clone().requires_grad_() for x in (q, k1, k2)]
+        out, _ = fn(*leaves, knn)
+        out.backward(g)
+        grads.append([x.grad for x in leaves])
+    if dtype == torch.float32:
+        for a, b in zip(*grads):
+            assert _rel(a, b) < 1e-3

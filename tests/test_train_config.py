@@ -1,0 +1,55 @@
+"""Config loading: presets parse, overrides apply, bad keys and values fail before compute, naming the key."""
+import glob
+import os
+
+import pytest
+
+from train.config import ConfigError, load_config, parse_cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))))
+def test_every_preset_loads(path):
+    cfg = load_config(path)
+    assert cfg.model.n_layers >= 1
+
+
+def test_overrides_apply():
+    cfg = parse_cli([f"config={ROOT}/configs/tiny.yaml", "train.steps=7", "model.memory.layers=[0]"])
+    assert cfg.train.steps == 7 and cfg.model.memory.layers == [0]
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.stepz=3", "train.stepz"),
+        ("nonsense=1", "nonsense"),
+        ("train.steps=many", "train.steps"),
+        ("model.memory.layers=[99]", "model.memory.layers"),
+        ("model.memory.k_dim=33", "model.memory.k_dim"),
+        ("model.memory.knn=100000", "model.memory.knn"),
+        ("model.n_heads=5", "model.n_heads"),
+        ("optim.lr=-1", "optim.lr"),
+        ("train.precision=fp8", "train.precision"),
+        ("logging.wandb=maybe", "logging.wandb"),
+        ("checkpoint.keep=0", "checkpoint.keep"),
+    ],
+)
+def test_bad_key_or_value_names_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        parse_cli([f"config={ROOT}/configs/tiny.yaml", override])
+    assert str(err.value).startswith(key), str(err.value)
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_cli_exits_2_before_compute(tmp_path, capsys):
+    from train.__main__ import main
+
+    assert main([f"config={ROOT}/configs/tiny.yaml", f"run_dir={tmp_path}/r", "model.memory.layers=[42]"]) == 2
+    assert "model.memory.layers" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # nothing was created: rejected before any work

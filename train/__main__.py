@@ -1,0 +1,24 @@
+"""`python -m train config=configs/X.yaml key.sub=value ...` (also under torchrun)."""
+import sys
+
+from .config import ConfigError, parse_cli
+from .loop import run
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = parse_cli(argv)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    try:
+        run(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""The training job's configuration: one dataclass per component, composed into `TrainConfig`.
+
+Configs come from a YAML preset merged with `key.sub=value` overrides (OmegaConf structured configs), so an
+unknown key or a value of the wrong type is rejected by name before any compute starts; `validate()` then
+checks the relations between values (layer indices, divisibility, ...).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from data import DataConfig
+from eval import EvalConfig
+from model import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message starts with the dotted key at fault."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    # The value table is updated sparsely (a row only when it is read), so it wants its own rate (paper: 1e-3 vs 1e-4).
+    value_lr: float = 3e-3
+    # Whether the value rate follows warmup/cosine like the rest, or stays fixed at value_lr.
+    value_lr_scheduled: bool = True
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    # Decay on norm weights, biases and values is off by default; each is configurable.
+    norm_bias_weight_decay: float = 0.0
+    value_weight_decay: float = 0.0
+    warmup_steps: int = 100
+    # Cosine decays to lr * min_lr_ratio at the last step.
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+    def validate(self, prefix: str) -> None:
+        for key in ("lr", "value_lr", "eps"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{prefix}.{key}: must be > 0, got {getattr(self, key)}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"{prefix}.betas: need two values in [0, 1), got {list(self.betas)}")
+        for key in ("weight_decay", "norm_bias_weight_decay", "value_weight_decay", "warmup_steps", "grad_clip"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{prefix}.{key}: must be >= 0, got {getattr(self, key)}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"{prefix}.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class LoopConfig:
+    steps: int = 1000
+    batch_size: int = 8  # sequences per rank per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
+    compile: bool = False
+    activation_checkpointing: bool = False
+    log_every: int = 10
+    val_every: int = 100  # 0 disables periodic validation (a final one still runs)
+    val_batches: int = 8
+
+    def validate(self, prefix: str) -> None:
+        for key in ("steps", "batch_size", "grad_accum", "log_every", "val_batches"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{prefix}.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.val_every < 0:
+            raise ValueError(f"{prefix}.val_every: must be >= 0, got {self.val_every}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"{prefix}.device: must be auto, cpu or cuda, got {self.device!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"{prefix}.precision: must be auto, bf16 or fp32, got {self.precision!r}")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 200  # steps between checkpoints; the last step is always saved; 0 saves only at the end
+    keep: int = 2  # newest checkpoints kept on disk
+    resume: bool = True  # resume from the newest checkpoint in run_dir when there is one
+
+    def validate(self, prefix: str) -> None:
+        if self.every < 0:
+            raise ValueError(f"{prefix}.every: must be >= 0, got {self.every}")
+        if self.keep < 1:
+            raise ValueError(f"{prefix}.keep: must be >= 1, got {self.keep}")
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = "disabled"  # disabled | online | offline
+    project: str = "mnemo"
+    run_name: Optional[str] = None
+
+    def validate(self, prefix: str) -> None:
+        if self.wandb not in ("disabled", "online", "offline"):
+            raise ValueError(f"{prefix}.wandb: must be disabled, online or offline, got {self.wandb!r}")
+
+
+@dataclass
+class DistConfig:
+    """Parallel layout. World size = replicate * shard; memory_parallel divides the world."""
+
+    replicate: int = 1  # data-parallel replicas (HSDP outer dim)
+    shard: int = -1  # FSDP shard degree; -1 = world_size // replicate
+    memory_parallel: int = 1  # ranks that split the value table by columns
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+
+    def validate(self, prefix: str) -> None:
+        if self.replicate < 1:
+            raise ValueError(f"{prefix}.replicate: must be >= 1, got {self.replicate}")
+        if self.shard == 0 or self.shard < -1:
+            raise ValueError(f"{prefix}.shard: must be >= 1 or -1 (the rest of the world), got {self.shard}")
+        if self.memory_parallel < 1:
+            raise ValueError(f"{prefix}.memory_parallel: must be >= 1, got {self.memory_parallel}")
+        if self.backend not in ("auto", "nccl", "gloo"):
+            raise ValueError(f"{prefix}.backend: must be auto, nccl or gloo, got {self.backend!r}")
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    def validate(self) -> None:
+        try:
+            for f in dataclasses.fields(self):
+                section = getattr(self, f.name)
+                if hasattr(section, "validate"):
+                    section.validate(f.name)
+        except ConfigError:
+            raise
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if not self.run_dir:
+            raise ConfigError("run_dir: must not be empty")
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> TrainConfig:
+    """YAML preset (optional) + dotlist overrides -> validated TrainConfig. Raises ConfigError naming the key."""
+    schema = OmegaConf.structured(TrainConfig)
+    layers = [schema]
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config: file not found: {path}")
+        try:
+            layers.append(OmegaConf.load(path))
+        except Exception as e:  # YAML syntax errors carry line numbers; keep them
+            raise ConfigError(f"config: cannot parse {path}: {e}") from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"{item}: overrides are key=value (e.g. train.steps=100)")
+    try:
+        layers.append(OmegaConf.from_dotlist(list(overrides or [])))
+        merged = OmegaConf.merge(*layers)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "config"
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"{key}: {msg}") from None
+    cfg.validate()
+    return cfg
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def parse_cli(argv: List[str]) -> TrainConfig:
+    """`config=path.yaml key.sub=value ...` -> TrainConfig."""
+    path = None
+    overrides = []
+    for arg in argv:
+        if arg.startswith("config="):
+            path = arg.split("=", 1)[1]
+        else:
+            overrides.append(arg)
+    return load_config(path, overrides)

@@ -1,0 +1,79 @@
+"""Metrics sinks: a console progress line, `metrics.jsonl` in the run directory, and wandb when enabled.
+
+wandb is imported only when `logging.wandb` is online/offline. Only rank 0 writes.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, Optional
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def format_progress(rec: Dict[str, Any], total_steps: int) -> str:
+    parts = [f"step {rec['step']}/{total_steps}", f"loss {rec['loss']:.4f}"]
+    if "lr" in rec:
+        parts.append(f"lr {rec['lr']:.2e}")
+    if "grad_norm" in rec:
+        parts.append(f"gnorm {rec['grad_norm']:.3f}")
+    if "tokens_per_s" in rec:
+        parts.append(f"{rec['tokens_per_s'] / 1000:.1f}k tok/s")
+    if "eta_s" in rec:
+        parts.append(f"eta {format_duration(rec['eta_s'])}")
+    return " | ".join(parts)
+
+
+def truncate_after(path: str, step: int) -> None:
+    """Drop records past `step` (written after the checkpoint we resume from) so each step appears once."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash mid-write
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str, logging_cfg, config_dict: Dict[str, Any], enabled: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self._wandb = None
+        if enabled and logging_cfg.wandb != "disabled":
+            import wandb  # optional dependency: only when asked for
+
+            self._wandb = wandb.init(
+                project=logging_cfg.project,
+                name=logging_cfg.run_name or os.path.basename(os.path.abspath(run_dir)),
+                dir=run_dir,
+                mode=logging_cfg.wandb,
+                config=config_dict,
+                resume="allow",
+            )
+
+    def log(self, record: Dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def print(self, line: str, force: Optional[bool] = None) -> None:
+        if self.enabled:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.finish()

@@ -1,0 +1,69 @@
+"""AdamW with explicit parameter groups and a warmup + cosine schedule.
+
+Groups are decided by parameter name, in the model's registration order (never by sorting or grouping
+unsorted iterables), so the grouping is stable across runs and checkpoints:
+- "values": the memory value table(s), at `value_lr` with `value_weight_decay`;
+- "no_decay": norm weights and biases (1-D parameters), with `norm_bias_weight_decay`;
+- "decay": everything else, at `lr` with `weight_decay`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List
+
+import torch
+
+from .config import OptimConfig
+
+
+def is_value_param(name: str) -> bool:
+    return name == "values.weight" or name.endswith(".values.weight")
+
+
+def group_name(name: str, param: torch.nn.Parameter) -> str:
+    if is_value_param(name):
+        return "values"
+    if param.ndim < 2 or "norm" in name or name.endswith(".bias"):
+        return "no_decay"
+    return "decay"
+
+
+def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> List[Dict]:
+    members: Dict[str, List[torch.nn.Parameter]] = {"decay": [], "no_decay": [], "values": []}
+    for name, p in model.named_parameters():  # shared parameters appear once
+        if p.requires_grad:
+            members[group_name(name, p)].append(p)
+    settings = {
+        "decay": dict(lr=cfg.lr, weight_decay=cfg.weight_decay),
+        "no_decay": dict(lr=cfg.lr, weight_decay=cfg.norm_bias_weight_decay),
+        "values": dict(lr=cfg.value_lr, weight_decay=cfg.value_weight_decay),
+    }
+    return [dict(params=ps, name=g, **settings[g]) for g, ps in members.items() if ps]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    # foreach=False keeps the CPU path deterministic and simple; fused kernels are a GPU speed-up.
+    fused = all(p.is_cuda for p in model.parameters())
+    return torch.optim.AdamW(
+        param_groups(model, cfg), betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None
+    )
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+    """Multiplier on the base rate at optimizer step `step` (0-based): linear warmup, then cosine to min_ratio."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+    def scheduled(step: int) -> float:
+        return lr_factor(step, total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
+
+    lambdas = [
+        (scheduled if (g["name"] != "values" or cfg.value_lr_scheduled) else (lambda step: 1.0))
+        for g in optimizer.param_groups
+    ]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)

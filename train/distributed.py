@@ -63,3 +63,77 @@ def init_distributed(rt, cfg: TrainConfig) -> None:
         rt.mesh = init_device_mesh(dev, (rt.world_size,), mesh_dim_names=("shard",))
     mp = cfg.dist.memory_parallel
     rt.value_mesh = init_device_mesh(dev, (rt.world_size // mp, mp), mesh_dim_names=("mp_replica", "mp"))
+
+
+def _value_pools(model: torch.nn.Module):
+    from model import ValuePool
+
+    return [m for m in model.modules() if isinstance(m, ValuePool)]
+
+
+def _memory_layers(model: torch.nn.Module):
+    from model import MemoryLayer
+
+    return [m for m in model.modules() if isinstance(m, MemoryLayer)]
+
+
+def _column_parallel_lookup_fn(group, backend: str):
+    """The memory layers' lookup over this rank's column slice of a (Replicate, Shard(1)) value DTensor."""
+    import ops
+    from ops.column_parallel import column_parallel_lookup
+
+    def local_lookup(indices, weights, values):
+        return ops.memory_lookup(indices, weights, values, backend=backend)
+
+    def lookup(indices, weights, values):
+        local = values.to_local() if hasattr(values, "to_local") else values
+        return column_parallel_lookup(indices, weights, local, group, local_lookup)
+
+    return lookup
+
+
+def shard_values(model: torch.nn.Module, rt) -> None:
+    """Split every value table by columns over the MP dim of rt.value_mesh; wire the layers' lookups."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    for pool in _value_pools(model):
+        # Every rank initialised the same full table under the same seed; each keeps its column slice.
+        pool.weight = torch.nn.Parameter(
+            distribute_tensor(pool.weight.detach(), rt.value_mesh, [Replicate(), Shard(1)])
+        )
+    group = rt.value_mesh.get_group("mp")
+    for layer in _memory_layers(model):
+        layer.lookup_fn = _column_parallel_lookup_fn(group, layer.backend)
+
+
+def apply_fsdp(model: torch.nn.Module, cfg: TrainConfig, rt) -> None:
+    """Values: column-parallel DTensors (not FSDP). Everything else: FSDP2 per block, then the root."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    shard_values(model, rt)
+    values = {pool.weight for pool in _value_pools(model)}
+    mp_policy = MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32)
+    for block in model.layers.children():
+        own = {p for p in block.parameters() if p in values}
+        fully_shard(block, mesh=rt.mesh, mp_policy=mp_policy, ignored_params=own or None)
+    fully_shard(model, mesh=rt.mesh, mp_policy=mp_policy, ignored_params=values or None)
+
+
+@torch.no_grad()
+def sync_value_grads(model: torch.nn.Module, rt) -> None:
+    """Once per optimizer step: sum value gradients over the MP replicas and scale to the global mean.
+
+    Each rank's slice gradient already covers all tokens of its MP group (the lookup gathered them);
+    the replicas saw other data. The mean over all W ranks' losses needs the sum over replicas / W, done
+    in place on the gradient shard (no table copy). No collective when MP = W (one replica).
+    """
+    replicas = rt.value_mesh.get_group("mp_replica")
+    n_replicas = rt.value_mesh.size(0)
+    for pool in _value_pools(model):
+        g = pool.weight.grad
+        if g is None:
+            continue
+        local = g.to_local() if hasattr(g, "to_local") else g
+        if n_replicas > 1:
+            dist.all_reduce(local, group=replicas)
+        local.mul_(1.0 / rt.world_size)

@@ -12,7 +12,8 @@ from typing import Any, Dict, List
 import torch
 import torch.nn.functional as F
 
-from data import build_loader, load_tokenizer, unigram_entropy
+from data import all_rank_states, build_loader, check_vocab, load_tokenizer, unigram_entropy
+from eval import fixed_val_batches, flatten, format_table, load_eval_tasks, run_tasks, validation_metrics
 from model import Transformer
 from model.checkpoint import model_config_to_dict
 
@@ -33,18 +34,6 @@ def lm_loss(model: torch.nn.Module, batch: torch.Tensor, rt: Runtime) -> torch.T
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
-@torch.no_grad()
-def validation_loss(model: torch.nn.Module, batches: List[torch.Tensor], rt: Runtime) -> float:
-    was_training = model.training
-    model.eval()
-    total = torch.zeros((), device=rt.device, dtype=torch.float64)
-    for batch in batches:
-        total += lm_loss(model, batch, rt).double()
-    total = rt.all_reduce_mean(total / max(1, len(batches)))
-    model.train(was_training)
-    return float(total)
-
-
 def build_model(cfg: TrainConfig, rt: Runtime) -> torch.nn.Module:
     # Built on the meta device and initialised in place: the same path at 1 and at 1000 GPUs, and the
     # seed alone decides every initial weight.
@@ -57,11 +46,29 @@ def build_model(cfg: TrainConfig, rt: Runtime) -> torch.nn.Module:
 
 
 def check_tokenizer(cfg: TrainConfig, tokenizer) -> None:
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(
-            f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
-            f"({tokenizer.vocab_size}, {cfg.data.tokenizer})"
-        )
+    try:
+        check_vocab(tokenizer, cfg.model.vocab_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.data.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(f"data.seq_len: {cfg.data.seq_len} exceeds model.max_seq_len ({cfg.model.max_seq_len})")
+
+
+def train_step(model, optimizer, scheduler, micro_batches, cfg: TrainConfig, rt: Runtime):
+    """One optimizer step over `micro_batches` (gradient accumulation). Returns (mean loss, grad norm)."""
+    loss_sum = torch.zeros((), device=rt.device)
+    n = len(micro_batches)
+    for i, batch in enumerate(micro_batches):
+        with rt.no_sync(model, last=i == n - 1):
+            loss = lm_loss(model, batch, rt)
+            (loss / n).backward()
+        loss_sum += loss.detach()
+    rt.sync_value_grads(model)
+    grad_norm = rt.clip_grad_norm(model, cfg.optim.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return rt.all_reduce_mean(loss_sum / n), grad_norm
 
 
 def run(cfg: TrainConfig) -> Dict[str, Any]:
@@ -110,40 +117,48 @@ def _train(cfg: TrainConfig, rt: Runtime, tokenizer, log: MetricsLogger, resume_
     else:
         log.print(f"mnemo: {n_params / 1e6:.2f}M parameters, {cfg.train.steps} steps, run dir {cfg.run_dir}")
 
-    val_batches = _fixed_val_batches(cfg, tokenizer, rt)
+    val_batches = fixed_val_batches(
+        cfg.data, tokenizer, cfg.train.val_batches, cfg.train.batch_size, rank=rt.dp_rank, world_size=rt.dp_size
+    )
+    if not any(val_batches.values()):
+        raise ConfigError(f"data.val: the validation split yields no batch of {cfg.data.seq_len + 1} tokens")
+    eval_tasks = load_eval_tasks(cfg.eval) if cfg.eval.tasks else []
+
+    def evaluate(step: int, final: bool = False, qa: bool = False) -> float:
+        """Validation NLL every time; QA tasks every eval.every steps and at the end. Returns val loss."""
+        metrics = validation_metrics(model, val_batches, tokenizer, amp_dtype=rt.dtype)
+        record = {"step": step, **metrics}
+        if eval_tasks and (final or qa):
+            results = run_tasks(model, tokenizer, cfg.eval, step=step, tasks=eval_tasks, amp_dtype=rt.dtype,
+                                out_path=os.path.join(cfg.run_dir, "eval.jsonl"))
+            record.update(flatten(results))
+            log.print(format_table(results))
+        log.log(record)
+        log.print(f"step {step} | val loss {metrics['val/loss']:.4f} | val bpb {metrics.get('val/bpb', float('nan')):.4f}")
+        return metrics["val/loss"]
     seq_tokens = cfg.train.batch_size * cfg.data.seq_len * cfg.train.grad_accum
     tokens_per_step = seq_tokens * rt.dp_size
     data_iter = iter(loader)
     model.train()
     step = start_step
     window_t, window_steps = time.perf_counter(), 0
-    last_val = None
 
     def checkpoint_meta() -> Dict[str, Any]:
         return {
             "scheduler": scheduler.state_dict(),
-            "data": loader.state_dict(),
+            "data": all_rank_states(loader),  # every rank's position: resumable at another world size
             "model_config": model_config_to_dict(cfg.model),
             "tokens_seen": step * tokens_per_step,
         }
 
     while step < cfg.train.steps:
-        loss_sum = torch.zeros((), device=rt.device)
-        for micro in range(cfg.train.grad_accum):
-            batch = next(data_iter)
-            with rt.no_sync(model, last=micro == cfg.train.grad_accum - 1):
-                loss = lm_loss(model, batch, rt)
-                (loss / cfg.train.grad_accum).backward()
-            loss_sum += loss.detach()
-        grad_norm = rt.clip_grad_norm(model, cfg.optim.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        micro_batches = [next(data_iter) for _ in range(cfg.train.grad_accum)]
+        loss, grad_norm = train_step(model, optimizer, scheduler, micro_batches, cfg, rt)
         step += 1
         window_steps += 1
 
         if step % cfg.train.log_every == 0 or step == cfg.train.steps or step == start_step + 1:
-            loss_val = float(rt.all_reduce_mean(loss_sum / cfg.train.grad_accum))
+            loss_val = float(loss)
             if not math.isfinite(loss_val):
                 raise FloatingPointError(f"loss is {loss_val} at step {step}; stopping before saving it")
             now = time.perf_counter()
@@ -162,10 +177,10 @@ def _train(cfg: TrainConfig, rt: Runtime, tokenizer, log: MetricsLogger, resume_
             log.print(format_progress(rec, cfg.train.steps))
             window_t, window_steps = time.perf_counter(), 0
 
-        if cfg.train.val_every and step % cfg.train.val_every == 0 and step < cfg.train.steps:
-            last_val = validation_loss(model, val_batches, rt)
-            log.log({"step": step, "val_loss": last_val})
-            log.print(f"step {step} | val loss {last_val:.4f}")
+        due_val = cfg.train.val_every and step % cfg.train.val_every == 0
+        due_qa = bool(eval_tasks) and cfg.eval.every and step % cfg.eval.every == 0
+        if (due_val or due_qa) and step < cfg.train.steps:
+            evaluate(step, qa=due_qa)
             window_t, window_steps = time.perf_counter(), 0
 
         should_save = step == cfg.train.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
@@ -177,27 +192,12 @@ def _train(cfg: TrainConfig, rt: Runtime, tokenizer, log: MetricsLogger, resume_
                 log.print(f"stop requested: checkpoint saved at step {step}; rerun the same command to resume")
                 return {"stopped_at": step}
 
-    final_val = validation_loss(model, val_batches, rt)
+    final_val = evaluate(step, final=True)
     entropy = unigram_entropy(cfg.data, tokenizer, split="val")
     summary = {"step": step, "val_loss": final_val, "unigram_entropy": entropy}
-    log.log({"step": step, "val_loss": final_val, "unigram_entropy": entropy})
+    log.log({"step": step, "unigram_entropy": entropy})
     log.print(
         f"done: {step} steps | final val loss {final_val:.4f} nats/token | unigram entropy {entropy:.4f} "
         f"(a model that learned only token frequencies) | {100 * (1 - final_val / entropy):.1f}% below it"
     )
     return summary
-
-
-def _fixed_val_batches(cfg: TrainConfig, tokenizer, rt: Runtime) -> List[torch.Tensor]:
-    """The same validation batches at every evaluation, so val losses are comparable across steps."""
-    loader = build_loader(
-        cfg.data, tokenizer, split="val", rank=rt.dp_rank, world_size=rt.dp_size, batch_size=cfg.train.batch_size
-    )
-    batches = []
-    for batch in loader:
-        batches.append(batch)
-        if len(batches) == cfg.train.val_batches:
-            break
-    if not batches:
-        raise ConfigError(f"data.val: the validation split yields no batch of {cfg.data.seq_len + 1} tokens")
-    return batches

@@ -57,6 +57,12 @@ class Runtime:
 
         return clip_grad_norm(model, max_norm)
 
+    def sync_value_grads(self, model: torch.nn.Module) -> None:
+        if self.world_size > 1:
+            from .distributed import sync_value_grads
+
+            sync_value_grads(model, self)
+
     def request_stop(self, *_):
         self._stop["flag"] = True
 

@@ -85,6 +85,7 @@ class CheckpointConfig:
     every: int = 200  # steps between checkpoints; the last step is always saved; 0 saves only at the end
     keep: int = 2  # newest checkpoints kept on disk
     resume: bool = True  # resume from the newest checkpoint in run_dir when there is one
+    save_final: bool = True  # save at the last step (off for throwaway benchmark runs)
 
     def validate(self, prefix: str) -> None:
         if self.every < 0:

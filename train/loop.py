@@ -183,12 +183,13 @@ def _train(cfg: TrainConfig, rt: Runtime, tokenizer, log: MetricsLogger, resume_
             evaluate(step, qa=due_qa)
             window_t, window_steps = time.perf_counter(), 0
 
-        should_save = step == cfg.train.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
-        if should_save or rt.stop_requested():
+        should_save = (step == cfg.train.steps and cfg.checkpoint.save_final) or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
+        stop = rt.stop_requested(step, cfg.train.log_every)
+        if should_save or stop:
             path = save_checkpoint(cfg.run_dir, step, model, optimizer, checkpoint_meta(), cfg.checkpoint.keep)
             log.print(f"saved checkpoint {path}")
             window_t, window_steps = time.perf_counter(), 0
-            if step < cfg.train.steps and rt.stop_requested():
+            if step < cfg.train.steps and stop:
                 log.print(f"stop requested: checkpoint saved at step {step}; rerun the same command to resume")
                 return {"stopped_at": step}
 

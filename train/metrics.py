@@ -24,6 +24,8 @@ def format_progress(rec: Dict[str, Any], total_steps: int) -> str:
         parts.append(f"gnorm {rec['grad_norm']:.3f}")
     if "tokens_per_s" in rec:
         parts.append(f"{rec['tokens_per_s'] / 1000:.1f}k tok/s")
+        if rec.get("tokens_per_s_per_device", rec["tokens_per_s"]) != rec["tokens_per_s"]:
+            parts.append(f"{rec['tokens_per_s_per_device'] / 1000:.1f}k tok/s/device")
     if "eta_s" in rec:
         parts.append(f"eta {format_duration(rec['eta_s'])}")
     return " | ".join(parts)

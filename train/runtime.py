@@ -66,11 +66,17 @@ class Runtime:
     def request_stop(self, *_):
         self._stop["flag"] = True
 
-    def stop_requested(self) -> bool:
-        """True on every rank as soon as any rank got SIGTERM/SIGUSR1 (all ranks must save together)."""
+    def stop_requested(self, step: int, every: int) -> bool:
+        """True on every rank once any rank got SIGTERM/SIGUSR1 (all ranks must save together).
+
+        Distributed, the ranks agree through a collective (a device sync), so they ask only every `every` steps.
+        """
+        if self.world_size == 1:
+            return self._stop["flag"]
+        if step % every:
+            return False
         flag = torch.tensor(1.0 if self._stop["flag"] else 0.0, device=self.device)
-        if self.world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
     def check_layout(self, cfg: TrainConfig) -> None:

@@ -8,7 +8,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 COMMON="config=configs/memory_373m.yaml train.steps=${STEPS:-50} train.log_every=10 train.val_every=0 train.val_batches=2
  data.seq_len=2048 model.max_seq_len=2048 train.batch_size=4 optim.warmup_steps=10 train.compile=${COMPILE:-false}
- checkpoint.every=0 checkpoint.save_final=false"
+ checkpoint.every=0 checkpoint.save_final=false ${EXTRA:-}"
 python -m train $COMMON run_dir=$OUT/gpu1 2>&1 | tail -n 8 | tee "$OUT/gpu1.log"
 torchrun --standalone --nproc-per-node 2 -m train $COMMON dist.memory_parallel=2 run_dir=$OUT/gpu2_mp2 2>&1 \
   | grep -v Warning | tail -n 8 | tee "$OUT/gpu2_mp2.log"

@@ -86,7 +86,8 @@ def _column_parallel_lookup_fn(group, backend: str):
         return ops.memory_lookup(indices, weights, values, backend=backend)
 
     def lookup(indices, weights, values):
-        local = values.to_local() if hasattr(values, "to_local") else values
+        # explicit grad placements: the local gradient is this rank's column slice of a replicated table
+        local = values.to_local(grad_placements=values.placements) if hasattr(values, "to_local") else values
         return column_parallel_lookup(indices, weights, local, group, local_lookup)
 
     return lookup
@@ -112,7 +113,9 @@ def apply_fsdp(model: torch.nn.Module, cfg: TrainConfig, rt) -> None:
 
     shard_values(model, rt)
     values = {pool.weight for pool in _value_pools(model)}
-    mp_policy = MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32)
+    # cast_forward_inputs=False: blocks receive the shared value table as a forward input, and casting that
+    # (a billion-parameter DTensor) at every block would copy it; autocast already runs the matmuls in bf16.
+    mp_policy = MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for block in model.layers.children():
         own = {p for p in block.parameters() if p in values}
         fully_shard(block, mesh=rt.mesh, mp_policy=mp_policy, ignored_params=own or None)

@@ -87,9 +87,10 @@ def test_signal_saves_and_exits_then_resumes(tmp_path):
 
 @pytest.mark.slow
 def test_loss_falls_below_unigram_entropy(tmp_path):
-    summary = run(config(
-        tmp_path, "train.steps=300", "data.seq_len=64", "train.batch_size=16", "optim.lr=1e-2",
-        "optim.value_lr=1e-2", "train.log_every=50", "optim.warmup_steps=20",
-    ))
-    # "well below": at least 20% under the entropy of a model that learned token frequencies only
-    assert summary["val_loss"] < 0.8 * summary["unigram_entropy"], summary
+    # the tiny preset's own model (dim 128, one memory layer), shorter sequences, 500 steps
+    summary = run(load_config(os.path.join(ROOT, "configs", "tiny.yaml"), [
+        f"run_dir={tmp_path}", "train.steps=500", "data.seq_len=64", "train.log_every=50", "train.val_every=0",
+        "checkpoint.every=0", "checkpoint.save_final=false",
+    ]))
+    # well below: 0.8 nats/token under a model that learned only token frequencies is 2.2x the likelihood
+    assert summary["val_loss"] < summary["unigram_entropy"] - 0.8, summary

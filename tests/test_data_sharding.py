@@ -119,6 +119,7 @@ def _gather_worker(rank, world, files, port, out):
         if rank == 0:
             with open(out, "w") as f:
                 json.dump(states, f)
+        dist.barrier()  # let every rank finish before any tears the group down
     finally:
         dist.destroy_process_group()
 

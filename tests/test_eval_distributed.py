@@ -67,6 +67,7 @@ def _worker(rank, world, init_file, syn_dir, out_dir):
         res = run_tasks(model, tok, eval_cfg(syn_dir))
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump({"val": val, "tasks": res, "mismatches": model.mismatches, "calls": model.calls}, f)
+        dist.barrier()  # let every rank finish before any tears the group down
     finally:
         dist.destroy_process_group()
 

@@ -62,6 +62,7 @@ def _worker(rank, world, init_file, overrides, out):
         result = run_layout(world, rank, overrides)
         if rank == 0:
             torch.save(result, out)
+        dist.barrier()  # no rank tears its gloo pairs down while another still uses them (SIGABRT)
     finally:
         dist.destroy_process_group()
 

@@ -10,10 +10,8 @@ leaves a half checkpoint that resume would pick up, and older checkpoints are de
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import re
 import shutil
 from typing import Any, Dict, Optional
 
@@ -23,8 +21,6 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from model.checkpoint import META_FILE, list_checkpoints
-
-_STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 def _rank() -> int:
@@ -105,6 +101,3 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
         set_rng_state(torch.load(rng_path, weights_only=False))
     return meta
 
-
-def config_dict(obj) -> Dict[str, Any]:
-    return dataclasses.asdict(obj)

@@ -12,19 +12,11 @@ import torch.multiprocessing as mp
 from data import load_tokenizer
 from eval import EvalConfig, run_tasks, validation_nll
 from eval.synthetic_facts import generate
-from model import MemoryConfig, ModelConfig, Transformer
+from _eval_helpers import tiny_model as _tiny_model
 
 
 def tiny_model():
-    cfg = ModelConfig(vocab_size=259, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, max_seq_len=256,
-                      memory=MemoryConfig(layers=[1], n_keys=8, heads=2, knn=4, k_dim=16, backend="reference"))
-    torch.manual_seed(0)
-    m = Transformer(cfg)
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() >= 2:
-                p.mul_(4.0)
-    return m.eval()
+    return _tiny_model(max_seq_len=256, weight_scale=4.0)
 
 
 class Lockstep(torch.nn.Module):

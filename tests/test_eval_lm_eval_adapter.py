@@ -13,19 +13,7 @@ from data import load_tokenizer
 from eval.generate import generate_text
 from eval.scoring import continuation_logprobs
 from eval.text import encode_request
-from model import MemoryConfig, ModelConfig, Transformer
-
-
-def tiny_model():
-    cfg = ModelConfig(vocab_size=259, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, max_seq_len=64,
-                      memory=MemoryConfig(layers=[1], n_keys=8, heads=2, knn=4, k_dim=16, backend="reference"))
-    torch.manual_seed(0)
-    m = Transformer(cfg)
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() >= 2:
-                p.mul_(8.0)
-    return m.eval()
+from _eval_helpers import tiny_model
 
 
 @dataclass

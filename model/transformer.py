@@ -33,10 +33,17 @@ class Block(nn.Module):
     def is_memory(self) -> bool:
         return hasattr(self, "memory")
 
-    def forward(self, x, cos, sin, mask=None, cache=None, start_pos=0, values=None):
+    def forward(self, x, cos, sin, mask=None, cache=None, start_pos=0, pool: Optional[ValuePool] = None):
+        """`pool`: the shared value table's module (None: the memory layer uses its own table).
+
+        The module, not its weight, is passed in: FSDP2 hooks every tensor input of a sharded block that needs a
+        gradient, and a (column-sharded DTensor) value table seen as an input of every block would get one such
+        hook per block; the unused ones then hand back plain-tensor zero gradients that cannot be added to the
+        DTensor gradient (and cost a table-sized add each).
+        """
         h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, self.layer_id, start_pos)
         if self.is_memory:
-            return h + self.memory(self.ffn_norm(h), values)
+            return h + self.memory(self.ffn_norm(h), pool.weight if pool is not None else None)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -100,10 +107,9 @@ class Transformer(nn.Module):
             raise ValueError(f"Transformer: positions must be in [0, model.max_seq_len={max_len})")
         mask = self._attention_mask(B, L, start_pos if cache is not None else 0, key_valid, cache is not None, device)
         cos, sin = self.rope(positions)
-        values = self.values.weight if self.values is not None else None
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h, cos, sin, mask, cache, start_pos, values)
+            h = layer(h, cos, sin, mask, cache, start_pos, self.values)
         h = self.norm(h)
         if self.output is None:
             return F.linear(h, self.tok_embeddings.weight)  # tied: the embedding table is the output matrix

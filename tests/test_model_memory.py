@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from model import MemoryConfig, MemoryLayer, ModelConfig, Transformer
+from model import MemoryConfig, MemoryLayer, ModelConfig, Transformer, ValuePool
 from model.init import init_module
 from ops import reference as ops_reference
 
@@ -57,8 +57,10 @@ def test_shared_values_single_tensor_and_accumulated_grads():
     for i, block in enumerate(model.layers):
         v = None
         if hasattr(block, "memory"):
-            v = copies[i] = model.values.weight.detach().clone().requires_grad_(True)
-        h = block(h, cos, sin, values=v)
+            v = ValuePool(*model.values.weight.shape, init_std=0.0)
+            v.weight = torch.nn.Parameter(model.values.weight.detach().clone())
+            copies[i] = v.weight
+        h = block(h, cos, sin, pool=v)
     model.output(model.norm(h)).square().mean().backward()
     assert sorted(copies) == [0, 2]
     per_layer = [copies[i].grad for i in sorted(copies)]

@@ -63,6 +63,9 @@ def init_distributed(rt, cfg: TrainConfig) -> None:
         rt.mesh = init_device_mesh(dev, (rt.world_size,), mesh_dim_names=("shard",))
     mp = cfg.dist.memory_parallel
     rt.value_mesh = init_device_mesh(dev, (rt.world_size // mp, mp), mesh_dim_names=("mp_replica", "mp"))
+    from ops.column_parallel import CollectiveTimer
+
+    rt.memory_comm = CollectiveTimer()
 
 
 def _value_pools(model: torch.nn.Module):
@@ -77,7 +80,7 @@ def _memory_layers(model: torch.nn.Module):
     return [m for m in model.modules() if isinstance(m, MemoryLayer)]
 
 
-def _column_parallel_lookup_fn(group, backend: str):
+def _column_parallel_lookup_fn(group, backend: str, timer):
     """The memory layers' lookup over this rank's column slice of a (Replicate, Shard(1)) value DTensor."""
     import ops
     from ops.column_parallel import column_parallel_lookup
@@ -88,7 +91,7 @@ def _column_parallel_lookup_fn(group, backend: str):
     def lookup(indices, weights, values):
         # explicit grad placements: the local gradient is this rank's column slice of a replicated table
         local = values.to_local(grad_placements=values.placements) if hasattr(values, "to_local") else values
-        return column_parallel_lookup(indices, weights, local, group, local_lookup)
+        return column_parallel_lookup(indices, weights, local, group, local_lookup, timer)
 
     return lookup
 
@@ -104,7 +107,7 @@ def shard_values(model: torch.nn.Module, rt) -> None:
         )
     group = rt.value_mesh.get_group("mp")
     for layer in _memory_layers(model):
-        layer.lookup_fn = _column_parallel_lookup_fn(group, layer.backend)
+        layer.lookup_fn = _column_parallel_lookup_fn(group, layer.backend, rt.memory_comm)
 
 
 def apply_fsdp(model: torch.nn.Module, cfg: TrainConfig, rt) -> None:
@@ -138,5 +141,6 @@ def sync_value_grads(model: torch.nn.Module, rt) -> None:
             continue
         local = g.to_local() if hasattr(g, "to_local") else g
         if n_replicas > 1:
-            dist.all_reduce(local, group=replicas)
+            with rt.memory_comm.measure(local.device):
+                dist.all_reduce(local, group=replicas)
         local.mul_(1.0 / rt.world_size)

@@ -143,6 +143,12 @@ def _train(cfg: TrainConfig, rt: Runtime, tokenizer, log: MetricsLogger, resume_
     step = start_step
     window_t, window_steps = time.perf_counter(), 0
 
+    def restart_window():
+        """Throughput and collective time are measured over training steps only (not eval or saving)."""
+        if rt.memory_comm is not None:
+            rt.memory_comm.read_ms()
+        return time.perf_counter(), 0
+
     def checkpoint_meta() -> Dict[str, Any]:
         return {
             "scheduler": scheduler.state_dict(),
@@ -173,6 +179,11 @@ def _train(cfg: TrainConfig, rt: Runtime, tokenizer, log: MetricsLogger, resume_
                 "eta_s": step_time * (cfg.train.steps - step),
                 "tokens": step * tokens_per_step,
             }
+            if rt.memory_comm is not None:
+                # memory-layer collectives (lookups forward and backward, value-gradient sum), per step
+                comm_s = rt.memory_comm.read_ms() / 1e3 / window_steps
+                rec["memory_comm_ms"] = comm_s * 1e3
+                rec["memory_comm_frac"] = comm_s / step_time
             log.log(rec)
             log.print(format_progress(rec, cfg.train.steps))
             window_t, window_steps = time.perf_counter(), 0
@@ -181,14 +192,14 @@ def _train(cfg: TrainConfig, rt: Runtime, tokenizer, log: MetricsLogger, resume_
         due_qa = bool(eval_tasks) and cfg.eval.every and step % cfg.eval.every == 0
         if (due_val or due_qa) and step < cfg.train.steps:
             evaluate(step, qa=due_qa)
-            window_t, window_steps = time.perf_counter(), 0
+            window_t, window_steps = restart_window()
 
         should_save = (step == cfg.train.steps and cfg.checkpoint.save_final) or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
         stop = rt.stop_requested(step, cfg.train.log_every)
         if should_save or stop:
             path = save_checkpoint(cfg.run_dir, step, model, optimizer, checkpoint_meta(), cfg.checkpoint.keep)
             log.print(f"saved checkpoint {path}")
-            window_t, window_steps = time.perf_counter(), 0
+            window_t, window_steps = restart_window()
             if step < cfg.train.steps and stop:
                 log.print(f"stop requested: checkpoint saved at step {step}; rerun the same command to resume")
                 return {"stopped_at": step}

@@ -26,6 +26,8 @@ def format_progress(rec: Dict[str, Any], total_steps: int) -> str:
         parts.append(f"{rec['tokens_per_s'] / 1000:.1f}k tok/s")
         if rec.get("tokens_per_s_per_device", rec["tokens_per_s"]) != rec["tokens_per_s"]:
             parts.append(f"{rec['tokens_per_s_per_device'] / 1000:.1f}k tok/s/device")
+    if "memory_comm_ms" in rec:
+        parts.append(f"memory comm {rec['memory_comm_ms']:.1f} ms/step ({rec['memory_comm_frac']:.0%})")
     if "eta_s" in rec:
         parts.append(f"eta {format_duration(rec['eta_s'])}")
     return " | ".join(parts)

@@ -26,6 +26,7 @@ class Runtime:
     dp_size: int = 1
     mesh: object = None  # DeviceMesh of the dense parameters when distributed
     value_mesh: object = None  # ("mp_replica", "mp") DeviceMesh of the value tables
+    memory_comm: object = None  # ops.column_parallel.CollectiveTimer of the memory layers' collectives
     _stop: dict = field(default_factory=lambda: {"flag": False})
 
     @property

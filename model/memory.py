@@ -86,6 +86,10 @@ class MemoryLayer(nn.Module):
         if self.qk_norm:
             q = self.query_norm(q)
             k1, k2 = _unit_rows(k1, self.eps), _unit_rows(k2, self.eps)
+        if torch.is_autocast_enabled(q.device.type):
+            # The norm's fp32 gain made q fp32; autocast would run the score matmuls in its low precision anyway,
+            # and low-precision queries let `auto` pick the tensor-core search kernel.
+            q = q.to(torch.get_autocast_dtype(q.device.type))
         return ops.product_key_search(q.reshape(T, self.heads, self.k_dim), k1, k2, self.knn, backend=self.backend)
 
     def forward(self, x: torch.Tensor, values: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -1,0 +1,80 @@
+"""Profile training steps exactly as `python -m train` builds them (parallelize, optimizer, train_step), on
+random tokens, and print the ops that take the most device time (rank 0). Works under torchrun.
+
+    python scripts/profile_step.py config=configs/memory_373m.yaml train.batch_size=4 [--warmup 5 --steps 3]
+    torchrun --nproc-per-node 2 scripts/profile_step.py config=... dist.memory_parallel=2
+Flags (before or after the overrides): --warmup N, --steps N, --rows N, --trace DIR (a chrome trace per rank).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from train.config import parse_cli  # noqa: E402
+from train.loop import build_model, train_step  # noqa: E402
+from train.optim import build_optimizer, build_scheduler  # noqa: E402
+from train.parallelize import parallelize  # noqa: E402
+from train.runtime import setup_runtime  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--rows", type=int, default=30)
+    ap.add_argument("--trace", default=None)
+    args, overrides = ap.parse_known_args()
+    cfg = parse_cli(overrides)
+    rt = setup_runtime(cfg)
+    model = parallelize(build_model(cfg, rt), cfg, rt)
+    opt = build_optimizer(model, cfg.optim)
+    sched = build_scheduler(opt, cfg.optim, max(cfg.train.steps, args.warmup + args.steps))
+    g = torch.Generator().manual_seed(cfg.train.seed + rt.rank)
+
+    def micro_batches():
+        shape = (cfg.train.batch_size, cfg.data.seq_len + 1)
+        return [torch.randint(0, cfg.model.vocab_size, shape, generator=g) for _ in range(cfg.train.grad_accum)]
+
+    def sync():
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(args.warmup):
+        train_step(model, opt, sched, micro_batches(), cfg, rt)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        train_step(model, opt, sched, micro_batches(), cfg, rt)
+    sync()
+    step_s = (time.perf_counter() - t0) / args.steps
+    tokens = cfg.train.batch_size * cfg.data.seq_len * cfg.train.grad_accum
+    if rt.memory_comm is not None:
+        rt.memory_comm.read_ms()
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if rt.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(args.steps):
+            train_step(model, opt, sched, micro_batches(), cfg, rt)
+        sync()
+    comm_ms = rt.memory_comm.read_ms() / args.steps if rt.memory_comm is not None else 0.0
+    if args.trace:
+        os.makedirs(args.trace, exist_ok=True)
+        prof.export_chrome_trace(os.path.join(args.trace, f"rank{rt.rank}.json"))
+    if rt.is_main:
+        sort = "self_cuda_time_total" if rt.device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=args.rows))
+        print(f"step {step_s * 1e3:.1f} ms (unprofiled) | {tokens / step_s:,.0f} tok/s per device | "
+              f"memory-layer collectives {comm_ms:.1f} ms/step (profiled steps)")
+    rt.close()
+
+
+if __name__ == "__main__":
+    main()

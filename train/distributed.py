@@ -88,6 +88,9 @@ def _column_parallel_lookup_fn(group, backend: str, timer):
     def local_lookup(indices, weights, values):
         return ops.memory_lookup(indices, weights, values, backend=backend)
 
+    # Eager even inside a compiled block: the collectives break the graph anyway, and dynamo (torch 2.11) lost
+    # the DTensor -> local conversion across those breaks and handed the kernel the DTensor itself.
+    @torch.compiler.disable
     def lookup(indices, weights, values):
         # explicit grad placements: the local gradient is this rank's column slice of a replicated table
         local = values.to_local(grad_placements=values.placements) if hasattr(values, "to_local") else values

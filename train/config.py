@@ -113,6 +113,9 @@ class DistConfig:
     shard: int = -1  # FSDP shard degree; -1 = world_size // replicate
     memory_parallel: int = 1  # ranks that split the value table by columns
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    # FSDP2: free each block's gathered parameters after its forward (True: least memory, a second all-gather in
+    # backward) or keep them until backward (False: 1/3 less parameter traffic, more memory).
+    reshard_after_forward: bool = True
 
     def validate(self, prefix: str) -> None:
         if self.replicate < 1:

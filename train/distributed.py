@@ -124,8 +124,10 @@ def apply_fsdp(model: torch.nn.Module, cfg: TrainConfig, rt) -> None:
     mp_policy = MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for block in model.layers.children():
         own = {p for p in block.parameters() if p in values}
-        fully_shard(block, mesh=rt.mesh, mp_policy=mp_policy, ignored_params=own or None)
-    fully_shard(model, mesh=rt.mesh, mp_policy=mp_policy, ignored_params=values or None)
+        fully_shard(block, mesh=rt.mesh, mp_policy=mp_policy, ignored_params=own or None,
+                    reshard_after_forward=cfg.dist.reshard_after_forward)
+    # the root (embeddings, final norm, output) is needed again first thing in backward: never resharded
+    fully_shard(model, mesh=rt.mesh, mp_policy=mp_policy, ignored_params=values or None, reshard_after_forward=False)
 
 
 @torch.no_grad()

@@ -90,15 +90,3 @@ def continuation_logprobs(
         model.train(was_training)
     return results  # type: ignore[return-value]
 
-
-def rolling_requests(tokens: Sequence[int], prefix_id: int, max_len: int) -> List[Request]:
-    """Split a whole text into requests that together score every token once (lm_eval's loglikelihood_rolling).
-
-    Window w predicts tokens[w*max_len:(w+1)*max_len] from the token before it (prefix_id for the first).
-    Each window sees only its own tokens, like a fresh document; simple and exact at the window sizes used.
-    """
-    reqs = []
-    for start in range(0, len(tokens), max_len):
-        ctx = [prefix_id] if start == 0 else [tokens[start - 1]]
-        reqs.append((ctx, list(tokens[start:start + max_len])))
-    return reqs

@@ -6,7 +6,7 @@ import torch
 
 from data import load_tokenizer
 from eval.generate import generate_text, generate_tokens, sample_next
-from eval.scoring import continuation_logprobs, rolling_requests
+from eval.scoring import continuation_logprobs
 from eval.text import encode_request
 from eval.validation import validation_metrics, validation_nll
 from _eval_helpers import tiny_model
@@ -57,11 +57,6 @@ def test_loglikelihood_truncates_long_context_from_the_left(tok):
     score = continuation_logprobs(m, [(ctx, cont)])[0][0]
     seq = (ctx + cont)[-17:]
     assert score == pytest.approx(reference_logprob(m, seq[:-2], cont), abs=1e-4)
-
-
-def test_rolling_requests_cover_every_token_once():
-    reqs = rolling_requests(list(range(10)), prefix_id=99, max_len=4)
-    assert reqs == [([99], [0, 1, 2, 3]), ([3], [4, 5, 6, 7]), ([7], [8, 9])]
 
 
 @pytest.mark.parametrize("memory", [True, False])

@@ -14,18 +14,24 @@ lower slot index (slot = i1 * n_keys + i2).
 
 The softmax over the scores is left to the caller (the ops contract returns raw scores).
 
-Backward (scores are s1[i1] + s2[i2] of the chosen slots): per half it is a memory lookup with the sub-key
-table as values (grad_q1[t,h] = sum_k g[t,h,k] K1[h, i1]) and the lookup's value gradient with the query as
-output gradient (grad_K1[h, i] = sum over (t, k) with i1 = i of g q1[t,h]); both reuse the deterministic
-kernels of ops/triton_lookup.py (sorted segment sums, no atomics).
+Optional pruning (search_forward(prune=True), off by default until it measures faster; see PRUNE_DEFAULT):
+a lower bound tau on each row's KNN-th score from group maxima, then only the scores >= tau (about 36 of 1024)
+are compacted and sorted; tiles it cannot settle are redone by the full kernel in a second launch. Exact.
+
+Backward (scores are s1[i1] + s2[i2] of the chosen slots): one kernel scatters each token's score gradients
+into a dense row over the sub-keys (W1[h, t, i] = sum of g over the chosen slots with i1 = i; duplicates summed
+in registers, each element written once: no atomics), then batched GEMMs give grad_q1 = W1 K1 and
+grad_K1 = W1^T q1 (same for the second half). bf16/fp16 queries: GEMMs in that dtype (W rounded once, fp32
+accumulation and fp32 grad_K); fp32 queries: fp32 GEMMs.
 """
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .triton_lookup import _npow2, lookup_backward, lookup_forward
+from .triton_lookup import _npow2
 
 _MAXI = 2**31 - 1
 
@@ -50,20 +56,10 @@ def _unpack(key):
 def _half_topk(q, k_ptr, NK, HALF, stride_kn, BLOCK_T: tl.constexpr, HALF_P: tl.constexpr,
                BLOCK_N: tl.constexpr, KP: tl.constexpr, IEEE: tl.constexpr, INTERP: tl.constexpr):
     """Running top-KP (packed keys, sorted desc) of q [BLOCK_T, HALF_P] against the NK sub-keys at k_ptr."""
-    c = tl.arange(0, HALF_P)
     best = _pack(tl.full([BLOCK_T, KP], float("-inf"), tl.float32), tl.full([BLOCK_T, KP], 0x7FFFFFFF, tl.int32))
     for n0 in range(0, NK, BLOCK_N):
+        s = _half_scores(q, k_ptr, n0, NK, HALF, stride_kn, BLOCK_T, HALF_P, BLOCK_N, IEEE, INTERP)
         n = n0 + tl.arange(0, BLOCK_N)
-        nmask = n < NK
-        kt = tl.load(k_ptr + n[None, :].to(tl.int64) * stride_kn + c[:, None], mask=nmask[None, :] & (c < HALF)[:, None],
-                     other=0.0).to(q.dtype)  # [HALF_P, BLOCK_N]
-        if IEEE:
-            s = tl.dot(q, kt, input_precision="ieee")
-        elif INTERP:  # the CPU interpreter's bf16 dot is wrong; fp32 dot of the same bf16 values is exact
-            s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
-        else:
-            s = tl.dot(q, kt)
-        s = tl.where(nmask[None, :], s, float("-inf"))
         key = _pack(s, tl.broadcast_to(n[None, :], [BLOCK_T, BLOCK_N]))
         if BLOCK_N > KP:
             key = tl.topk(key, KP)  # sorted desc
@@ -76,15 +72,109 @@ def _half_topk(q, k_ptr, NK, HALF, stride_kn, BLOCK_T: tl.constexpr, HALF_P: tl.
 
 
 @triton.jit
+def _half_scores(q, k_ptr, n0, NK, HALF, stride_kn, BLOCK_T: tl.constexpr, HALF_P: tl.constexpr,
+                 BLOCK_N: tl.constexpr, IEEE: tl.constexpr, INTERP: tl.constexpr):
+    """Scores [BLOCK_T, BLOCK_N] of q against sub-keys n0 .. n0+BLOCK_N (-inf past NK)."""
+    c = tl.arange(0, HALF_P)
+    n = n0 + tl.arange(0, BLOCK_N)
+    nmask = n < NK
+    kt = tl.load(k_ptr + n[None, :].to(tl.int64) * stride_kn + c[:, None], mask=nmask[None, :] & (c < HALF)[:, None],
+                 other=0.0).to(q.dtype)  # [HALF_P, BLOCK_N]
+    if IEEE:
+        s = tl.dot(q, kt, input_precision="ieee")
+    elif INTERP:  # the CPU interpreter's bf16 dot is wrong; fp32 dot of the same bf16 values is exact
+        s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
+    else:
+        s = tl.dot(q, kt)
+    return tl.where(nmask[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _half_topk_pruned(q, k_ptr, gmax_ptr, cand_ptr, tmask, NK, HALF, KNN, stride_kn,
+                      BLOCK_T: tl.constexpr, HALF_P: tl.constexpr, BLOCK_N: tl.constexpr, KP: tl.constexpr,
+                      G: tl.constexpr, NG_P: tl.constexpr, CAP: tl.constexpr, IEEE: tl.constexpr,
+                      INTERP: tl.constexpr):
+    """Top-KP (packed keys, sorted desc) of the scores of q against NK sub-keys, sorting few elements.
+
+    Pass 1: scores chunk by chunk, the maximum of each group of G consecutive sub-keys goes to this program's
+    scratch (gmax_ptr, [BLOCK_T, NG_P] fp32); tau = the KNN-th largest group maximum. The KNN groups with the
+    largest maxima hold KNN distinct scores >= tau, so every score of the top-KNN is >= tau (exact, ties too).
+    Pass 2: the scores again (same dots, same bits); the packed keys of scores >= tau are compacted into the
+    scratch row (cand_ptr, [BLOCK_T, CAP] int64) with a running count; one top-KP of CAP keys finishes.
+    Random data: ~36 of 1024 scores pass at G=8, knn 32 (max 47 in 20000 rows). If a row of the tile has more
+    than CAP (ties, adversarial data) or, through any rounding surprise, fewer than min(KNN, NK) candidates, the
+    tile is flagged (second result) and search_forward redoes it with the full running top-k (_half_topk) in a
+    second launch; the full path lives in its own launch so that this kernel carries no second copy of it."""
+    rows = tl.arange(0, BLOCK_T)
+    NGB: tl.constexpr = BLOCK_N // G
+    for n0 in range(0, NK, BLOCK_N):
+        s = _half_scores(q, k_ptr, n0, NK, HALF, stride_kn, BLOCK_T, HALF_P, BLOCK_N, IEEE, INTERP)
+        gm = tl.max(tl.reshape(s, [BLOCK_T, NGB, G]), axis=2)  # [BLOCK_T, NGB]
+        gcol = n0 // G + tl.arange(0, NGB)
+        tl.store(gmax_ptr + rows[:, None] * NG_P + gcol[None, :], gm)
+    tl.debug_barrier()  # the scratch rows were written by other threads of this program
+    ng = tl.cdiv(NK, BLOCK_N) * NGB
+    j = tl.arange(0, NG_P)
+    gm = tl.load(gmax_ptr + rows[:, None] * NG_P + j[None, :], mask=(j < ng)[None, :], other=float("-inf"))
+    if NG_P >= KP:
+        topg = tl.topk(gm, KP)
+        kcol = tl.arange(0, KP)
+        tau = tl.max(tl.where((kcol == KNN - 1)[None, :], topg, float("-inf")), axis=1)  # KNN-th largest
+    else:
+        tau = tl.full([BLOCK_T], float("-inf"), tl.float32)
+    cnt = tl.zeros([BLOCK_T], dtype=tl.int32)
+    for n0 in range(0, NK, BLOCK_N):
+        s = _half_scores(q, k_ptr, n0, NK, HALF, stride_kn, BLOCK_T, HALF_P, BLOCK_N, IEEE, INTERP)
+        n = n0 + tl.arange(0, BLOCK_N)
+        keep = (s >= tau[:, None]) & (n < NK)[None, :] & tmask[:, None]
+        pos = cnt[:, None] + tl.cumsum(keep.to(tl.int32), axis=1) - 1
+        key = _pack(s, tl.broadcast_to(n[None, :], [BLOCK_T, BLOCK_N]))
+        tl.store(cand_ptr + rows[:, None] * CAP + pos, key, mask=keep & (pos < CAP))
+        cnt += tl.sum(keep.to(tl.int32), axis=1)
+    need = tl.minimum(KNN, NK)
+    bad = (tl.max(cnt, axis=0) > CAP) | (tl.min(tl.where(tmask, cnt, need), axis=0) < need)
+    tl.debug_barrier()
+    c = tl.arange(0, CAP)
+    lowest = _pack(tl.full([BLOCK_T, CAP], float("-inf"), tl.float32), tl.full([BLOCK_T, CAP], 0x7FFFFFFF, tl.int32))
+    keys = tl.load(cand_ptr + rows[:, None] * CAP + c[None, :], mask=c[None, :] < cnt[:, None], other=lowest)
+    if CAP > KP:
+        best = tl.topk(keys, KP)
+    else:
+        best = tl.sort(keys, descending=True)
+    return best, bad
+
+
+@triton.jit
 def _pk_search_kernel(
-    q_ptr, k1_ptr, k2_ptr, cand_a_ptr, cand_b_ptr, scores_ptr, idx_ptr,
+    q_ptr, k1_ptr, k2_ptr, cand_a_ptr, cand_b_ptr, scores_ptr, idx_ptr, gmax_ptr, cand_ptr, flag_ptr,
     T, H, NK, HALF, KNN, NCAND,
     stride_qt, stride_qh, stride_kh, stride_kn,
     BLOCK_T: tl.constexpr, HALF_P: tl.constexpr, BLOCK_N: tl.constexpr, KP: tl.constexpr, CP: tl.constexpr,
-    IEEE: tl.constexpr, INTERP: tl.constexpr,
+    IEEE: tl.constexpr, INTERP: tl.constexpr, PRUNE: tl.constexpr, G: tl.constexpr, NG_P: tl.constexpr,
+    CAP: tl.constexpr, REDO: tl.constexpr,
 ):
+    """PRUNE: group-maximum pruning, tiles it cannot settle set flag_ptr[tile]. REDO: the full running top-k,
+    only for the tiles whose flag is set (the second launch). Neither: the full running top-k everywhere."""
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
+    prog = pid_t * H + h
+    run = True
+    if REDO:
+        run = tl.load(flag_ptr + prog) != 0
+    if run:
+        _pk_search_tile(q_ptr, k1_ptr, k2_ptr, cand_a_ptr, cand_b_ptr, scores_ptr, idx_ptr, gmax_ptr, cand_ptr,
+                        flag_ptr, pid_t, h, prog, T, H, NK, HALF, KNN, NCAND, stride_qt, stride_qh, stride_kh,
+                        stride_kn, BLOCK_T, HALF_P, BLOCK_N, KP, CP, IEEE, INTERP, PRUNE, G, NG_P, CAP)
+
+
+@triton.jit
+def _pk_search_tile(
+    q_ptr, k1_ptr, k2_ptr, cand_a_ptr, cand_b_ptr, scores_ptr, idx_ptr, gmax_ptr, cand_ptr, flag_ptr,
+    pid_t, h, prog, T, H, NK, HALF, KNN, NCAND, stride_qt, stride_qh, stride_kh, stride_kn,
+    BLOCK_T: tl.constexpr, HALF_P: tl.constexpr, BLOCK_N: tl.constexpr, KP: tl.constexpr, CP: tl.constexpr,
+    IEEE: tl.constexpr, INTERP: tl.constexpr, PRUNE: tl.constexpr, G: tl.constexpr, NG_P: tl.constexpr,
+    CAP: tl.constexpr,
+):
     t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     tmask = t < T
     c = tl.arange(0, HALF_P)
@@ -96,8 +186,20 @@ def _pk_search_kernel(
     else:
         q1 = tl.load(qbase, mask=qmask, other=0.0)
         q2 = tl.load(qbase + HALF, mask=qmask, other=0.0)
-    best1 = _half_topk(q1, k1_ptr + h * stride_kh, NK, HALF, stride_kn, BLOCK_T, HALF_P, BLOCK_N, KP, IEEE, INTERP)
-    best2 = _half_topk(q2, k2_ptr + h * stride_kh, NK, HALF, stride_kn, BLOCK_T, HALF_P, BLOCK_N, KP, IEEE, INTERP)
+    if PRUNE:
+        gbase = gmax_ptr + prog.to(tl.int64) * (BLOCK_T * NG_P)
+        cbase = cand_ptr + prog.to(tl.int64) * (BLOCK_T * CAP)
+        best1, bad1 = _half_topk_pruned(q1, k1_ptr + h * stride_kh, gbase, cbase, tmask, NK, HALF, KNN,
+                                        stride_kn, BLOCK_T, HALF_P, BLOCK_N, KP, G, NG_P, CAP, IEEE, INTERP)
+        tl.debug_barrier()  # the second half reuses the scratch rows
+        best2, bad2 = _half_topk_pruned(q2, k2_ptr + h * stride_kh, gbase, cbase, tmask, NK, HALF, KNN,
+                                        stride_kn, BLOCK_T, HALF_P, BLOCK_N, KP, G, NG_P, CAP, IEEE, INTERP)
+        tl.store(flag_ptr + prog, (bad1 | bad2).to(tl.int32))
+    else:
+        best1 = _half_topk(q1, k1_ptr + h * stride_kh, NK, HALF, stride_kn, BLOCK_T, HALF_P, BLOCK_N, KP, IEEE,
+                           INTERP)
+        best2 = _half_topk(q2, k2_ptr + h * stride_kh, NK, HALF, stride_kn, BLOCK_T, HALF_P, BLOCK_N, KP, IEEE,
+                           INTERP)
     v1, i1 = _unpack(best1)
     v2, i2 = _unpack(best2)
     # candidate rank pairs (a, b) with (a+1)(b+1) <= knn, padded to CP entries
@@ -134,20 +236,29 @@ def search_config(T: int, half: int, ieee: bool, knn_p: int):
     the top-k layout conversions already take ~100-150 KB of shared memory."""
     if ieee:  # exact fp32 dots (no tensor cores). H100, same shape in fp32 (ms): (16,64,4) 35.9, (64,64,8) 172
         return 16, max(knn_p, 64), 4, 1
-    # H100 sweep, 32768 tokens x 4 heads, half 256, knn 32, bf16 (ms, before the bitonic merge):
+    # H100 sweep, 32768 tokens x 4 heads, half 256, knn 32, bf16 (ms, full running top-k, before pruning):
     # (16,128,4) 16.7, (64,64,8) 7.8, (64,128,8) 5.4, (128,64,8) 4.2: the top-k work per program is fixed,
     # the sub-key reads and the dot set-up are shared by more tokens as BLOCK_T grows. With the bitonic
     # merge: (128,64,8) 2.66, (128,128,8) 2.79, (128,32,8) 2.80, (64,64,4) 3.24.
     return 128, max(knn_p, 64), 8, 1
 
 
-def search_forward(query, keys1, keys2, knn: int, config=None):
+# Group-maximum pruning (see _half_topk_pruned): group size and candidate capacity per row (x KP).
+PRUNE_GROUP = 8
+PRUNE_CAP_FACTOR = 2
+# Off by default: on an H200 (2026-11-26) the pruned kernel (first version, fallback inlined) took 3.69 ms
+# against ~2.65 for the full running top-k at 32768 x 4 heads, bf16; see BENCHMARKS.md.
+PRUNE_DEFAULT = False
+
+
+def search_forward(query, keys1, keys2, knn: int, config=None, prune=None):
     T, H, k_dim = query.shape
     NK, half = keys1.shape[1], keys1.shape[2]
     scores = torch.empty((T, H, knn), dtype=torch.float32, device=query.device)
     indices = torch.empty((T, H, knn), dtype=torch.int64, device=query.device)
     if T == 0:
         return scores, indices
+    prune = PRUNE_DEFAULT if prune is None else prune
     ieee = query.dtype == torch.float32
     kp = max(_npow2(knn), 8)  # Triton 3.6 fails to compile the top-k at 4 columns
     ca, cb = _candidates(knn, query.device)
@@ -156,33 +267,127 @@ def search_forward(query, keys1, keys2, knn: int, config=None):
     if not ieee:  # cast the (small) sub-key tables once, not in every program
         keys1, keys2 = keys1.to(query.dtype), keys2.to(query.dtype)
     block_n = max(block_n, kp)
-    _pk_search_kernel[(triton.cdiv(T, block_t), H)](
-        query, keys1, keys2, ca, cb, scores, indices,
-        T, H, NK, half, knn, ca.numel(),
-        query.stride(0), query.stride(1), keys1.stride(0), keys1.stride(1),
-        BLOCK_T=block_t, HALF_P=max(_npow2(half), 16), BLOCK_N=block_n, KP=kp, CP=cp, IEEE=ieee,
-        INTERP=os.environ.get("TRITON_INTERPRET", "0") == "1", num_warps=warps, num_stages=stages,
-    )
+    g = min(PRUNE_GROUP, block_n)
+    ng_p = _npow2(triton.cdiv(NK, block_n) * (block_n // g))
+    cap = PRUNE_CAP_FACTOR * kp
+    n_prog = triton.cdiv(T, block_t) * H
+    interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    common = (T, H, NK, half, knn, ca.numel(), query.stride(0), query.stride(1), keys1.stride(0), keys1.stride(1))
+    meta = dict(BLOCK_T=block_t, HALF_P=max(_npow2(half), 16), BLOCK_N=block_n, KP=kp, CP=cp, IEEE=ieee,
+                INTERP=interp, G=g, NG_P=ng_p, CAP=cap, num_warps=warps, num_stages=stages)
+    grid = (triton.cdiv(T, block_t), H)
+    if not prune:
+        _pk_search_kernel[grid](query, keys1, keys2, ca, cb, scores, indices, scores, indices, scores, *common,
+                                PRUNE=False, REDO=False, **meta)
+        return scores, indices
+    # per-program scratch rows (group maxima fp32, compacted candidates int64) and a flag per tile
+    gmax = torch.empty(n_prog * block_t * ng_p, dtype=torch.float32, device=query.device)
+    cand = torch.empty(n_prog * block_t * cap, dtype=torch.int64, device=query.device)
+    flag = torch.empty(n_prog, dtype=torch.int32, device=query.device)
+    _pk_search_kernel[grid](query, keys1, keys2, ca, cb, scores, indices, gmax, cand, flag, *common,
+                            PRUNE=True, REDO=False, **meta)
+    # tiles the pruning could not settle (ties, adversarial data): the full top-k, only there; no host sync
+    _pk_search_kernel[grid](query, keys1, keys2, ca, cb, scores, indices, gmax, cand, flag, *common,
+                            PRUNE=False, REDO=True, **meta)
     return scores, indices
 
 
+@triton.jit
+def _dense_grad_rows_kernel(idx_ptr, g_ptr, w1_ptr, w2_ptr, T, H, NK, KNN, t0, TC,
+                            BLOCK_T: tl.constexpr, KP: tl.constexpr):
+    """Scatter the score gradients of one chunk of tokens into dense per-token rows over the sub-keys:
+    W1[h, t - t0, i] = sum_k g[t, h, k] [i1[t, h, k] == i] (and W2 with i2). The rows must be zero on entry.
+    Duplicates inside a row (one sub-key in several chosen slots) are summed in registers and stored once by
+    their first occurrence, so every element is written by one thread at most: no atomics, deterministic."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    tl_ = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    t = (t0 + tl_).to(tl.int64)
+    tmask = (tl_ < TC) & (t < T)
+    k = tl.arange(0, KP)
+    kmask = k < KNN
+    m = tmask[:, None] & kmask[None, :]
+    off = (t[:, None] * H + h) * KNN + k[None, :]
+    idx = tl.load(idx_ptr + off, mask=m, other=0)
+    g = tl.load(g_ptr + off, mask=m, other=0.0).to(tl.float32)
+    before = (k[None, :] < k[:, None])[None, :, :]  # [1, k, k']: k' < k
+    valid = kmask[None, None, :]
+    row = (h * TC + tl_).to(tl.int64) * NK
+    for half in tl.static_range(2):
+        if half == 0:
+            i = idx // NK
+        else:
+            i = idx % NK
+        eq = (i[:, :, None] == i[:, None, :]) & valid  # [BT, k, k']
+        tot = tl.sum(tl.where(eq, g[:, None, :], 0.0), axis=2)
+        first = tl.sum((eq & before).to(tl.int32), axis=2) == 0
+        if half == 0:
+            tl.store(w1_ptr + row[:, None] + i, tot.to(w1_ptr.dtype.element_ty), mask=m & first)
+        else:
+            tl.store(w2_ptr + row[:, None] + i, tot.to(w2_ptr.dtype.element_ty), mask=m & first)
+
+
+# Bytes of the two dense [H, tokens, n_keys] gradient-row buffers per token chunk of the backward.
+_BWD_BUDGET = 1 << 29
+
+
+@functools.cache
+def _bmm_has_out_dtype(device_type: str) -> bool:
+    """Whether torch.bmm(..., out_dtype=float32) runs on bf16 inputs here (newer torch, CUDA)."""
+    try:
+        a = torch.zeros((1, 1, 1), dtype=torch.bfloat16, device=device_type)
+        torch.bmm(a, a, out_dtype=torch.float32)
+        return True
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+def _bmm_f32(a, b):
+    """Batched a @ b with an fp32 result; bf16/fp16 inputs keep tensor-core speed (fp32 accumulation and
+    output) where torch.bmm's out_dtype runs (CUDA), else the product of the fp32 upcasts."""
+    if a.dtype == torch.float32:
+        return torch.bmm(a, b)
+    if a.is_cuda and _bmm_has_out_dtype(a.device.type):
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    return torch.bmm(a.float(), b.float())
+
+
 def search_backward(grad_scores, indices, query, keys1, keys2):
+    """Gradients of scores[t,h,k] = q1[t,h] . K1[h, i1] + q2[t,h] . K2[h, i2] (i1, i2 of the chosen slot).
+
+    Per chunk of tokens, one kernel scatters the score gradients into dense rows W1 [H, Tc, n_keys] (and W2),
+    then four batched GEMMs give grad_q1 = W1 K1, grad_K1 += W1^T q1 (same for the second half). The GEMMs
+    run in the query's dtype for bf16/fp16 queries (W rounded to it once, fp32 accumulation, grad_K in fp32),
+    in fp32 for fp32 queries. No sort, no atomics: deterministic."""
     T, H, k_dim = query.shape
     NK, half = keys1.shape[1], keys1.shape[2]
     knn = indices.shape[-1]
-    g = grad_scores.reshape(T * H, knn)
-    head = torch.arange(H, device=indices.device).view(1, H, 1) * NK
-    rows1 = (indices // NK + head).reshape(T * H, knn)
-    rows2 = (indices % NK + head).reshape(T * H, knn)
-    q = query.reshape(T * H, k_dim)
-    k1 = keys1.reshape(H * NK, half)
-    k2 = keys2.reshape(H * NK, half)
-    gq = torch.empty((T * H, k_dim), dtype=query.dtype, device=query.device)
-    lookup_forward(rows1, g, k1, out=gq[:, :half])
-    lookup_forward(rows2, g, k2, out=gq[:, half:])
-    _, gk1 = lookup_backward(q[:, :half], rows1, g, k1, compute_gw=False)
-    _, gk2 = lookup_backward(q[:, half:], rows2, g, k2, compute_gw=False)
-    return gq.view(T, H, k_dim), gk1.view(H, NK, half), gk2.view(H, NK, half)
+    cd = query.dtype if query.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    gq = torch.empty((T, H, k_dim), dtype=query.dtype, device=query.device)
+    gk1 = torch.zeros((H, NK, half), dtype=torch.float32, device=query.device)
+    gk2 = torch.zeros((H, NK, half), dtype=torch.float32, device=query.device)
+    if T == 0:
+        return gq, gk1.to(keys1.dtype), gk2.to(keys2.dtype)
+    k1c, k2c = keys1.to(cd), keys2.to(cd)
+    qc = query.to(cd)
+    elem = torch.finfo(cd).bits // 8
+    tc = max(1, min(T, _BWD_BUDGET // (2 * H * NK * elem)))
+    block_t = 16
+    kp = max(_npow2(knn), 2)
+    g = grad_scores.contiguous()
+    for t0 in range(0, T, tc):
+        n = min(tc, T - t0)
+        w1 = torch.zeros((H, n, NK), dtype=cd, device=query.device)
+        w2 = torch.zeros((H, n, NK), dtype=cd, device=query.device)
+        _dense_grad_rows_kernel[(triton.cdiv(n, block_t), H)](
+            indices, g, w1, w2, T, H, NK, knn, t0, n, BLOCK_T=block_t, KP=kp, num_warps=4)
+        q1 = qc[t0:t0 + n, :, :half].transpose(0, 1)  # [H, n, half]
+        q2 = qc[t0:t0 + n, :, half:].transpose(0, 1)
+        gq[t0:t0 + n, :, :half] = torch.bmm(w1, k1c).transpose(0, 1)
+        gq[t0:t0 + n, :, half:] = torch.bmm(w2, k2c).transpose(0, 1)
+        gk1 += _bmm_f32(w1.transpose(1, 2), q1)
+        gk2 += _bmm_f32(w2.transpose(1, 2), q2)
+    return gq, gk1.to(keys1.dtype), gk2.to(keys2.dtype)
 
 
 @torch.library.custom_op("mnemo::triton_pk_search", mutates_args=())

@@ -112,6 +112,65 @@ def run_search(name, T, bwd, args, rows, ceiling, dtype=torch.bfloat16, H=4, n_k
                      tflops=flops / (ms * 1e-3) / 1e12))
 
 
+def old_search_backward(grad_scores, indices, query, keys1, keys2):
+    """The previous search backward (before the dense-row GEMMs), kept here to time against in the same run:
+    per half a lookup forward with the sub-key table as values and the lookup's sorted value gradient."""
+    T, H, k_dim = query.shape
+    NK, half = keys1.shape[1], keys1.shape[2]
+    knn = indices.shape[-1]
+    g = grad_scores.reshape(T * H, knn)
+    head = torch.arange(H, device=indices.device).view(1, H, 1) * NK
+    rows1 = (indices // NK + head).reshape(T * H, knn)
+    rows2 = (indices % NK + head).reshape(T * H, knn)
+    q = query.reshape(T * H, k_dim)
+    k1 = keys1.reshape(H * NK, half)
+    k2 = keys2.reshape(H * NK, half)
+    gq = torch.empty((T * H, k_dim), dtype=query.dtype, device=query.device)
+    triton_lookup.lookup_forward(rows1, g, k1, out=gq[:, :half])
+    triton_lookup.lookup_forward(rows2, g, k2, out=gq[:, half:])
+    _, gk1 = triton_lookup.lookup_backward(q[:, :half], rows1, g, k1, compute_gw=False)
+    _, gk2 = triton_lookup.lookup_backward(q[:, half:], rows2, g, k2, compute_gw=False)
+    return gq.view(T, H, k_dim), gk1.view(H, NK, half), gk2.view(H, NK, half)
+
+
+def run_search_parts(T, rows, H=4, n_keys=1024, half=256, knn=32):
+    """Forward without pruning (the previous kernel) and the backward alone, new vs previous, same inputs."""
+    torch.manual_seed(0)
+    q = torch.randn(T, H, 2 * half, device="cuda", dtype=torch.bfloat16)
+    k1 = torch.randn(H, n_keys, half, device="cuda")
+    k2 = torch.randn(H, n_keys, half, device="cuda")
+    s, i = triton_search.search_forward(q, k1, k2, knn, prune=True)
+    s0, i0 = triton_search.search_forward(q, k1, k2, knn, prune=False)
+    same = bool(torch.equal(i, i0) and torch.equal(s, s0))
+    ms_p = bench(lambda: triton_search.search_forward(q, k1, k2, knn, prune=True))
+    ms_u = bench(lambda: triton_search.search_forward(q, k1, k2, knn, prune=False))
+    rows.append(dict(name="search fwd pruned vs previous (full running top-k) [ref column = previous]", ms=ms_p,
+                     ms_ref=ms_u, bytes=0, zero_bytes=0, floor_ms=None, note=f"identical outputs: {same}"))
+    g = torch.randn(T, H, knn, device="cuda")
+    ms_b = bench(lambda: triton_search.search_backward(g, i, q, k1, k2))
+    ms_o = bench(lambda: old_search_backward(g, i, q, k1, k2))
+    a = triton_search.search_backward(g, i, q, k1, k2)
+    b = old_search_backward(g, i, q, k1, k2)
+    rel = [((x.float() - y.float()).norm() / y.float().norm()).item() for x, y in zip(a, b)]
+    rows.append(dict(name="search bwd only, dense rows + GEMMs vs previous (sorted lookups) [ref column = previous]",
+                     ms=ms_b, ms_ref=ms_o, bytes=0, zero_bytes=0, floor_ms=None,
+                     note="rel. diff gq/gk1/gk2 " + "/".join(f"{r:.1e}" for r in rel)))
+
+
+def sweep_search(out_lines):
+    q = torch.randn(32768, 4, 512, device="cuda", dtype=torch.bfloat16)
+    k1 = torch.randn(4, 1024, 256, device="cuda")
+    k2 = torch.randn(4, 1024, 256, device="cuda")
+    for cfg in [(128, 64, 8, 1), (64, 64, 4, 1), (128, 128, 8, 1)]:
+        try:
+            line = f"search fwd pruned bf16 cfg={cfg}: {bench(lambda: triton_search.search_forward(q, k1, k2, 32, config=cfg, prune=True)):.3f} ms"
+        except Exception as e:  # noqa: BLE001
+            line = f"search fwd pruned bf16 cfg={cfg}: FAILED {type(e).__name__}: {str(e)[:160]}"
+        out_lines.append(line)
+        print(line)
+        torch.cuda.empty_cache()
+
+
 def run_layer(name, T, args, rows, ceiling, dim=1024, H=4, n_keys=1024, k_dim=512, knn=32):
     """Whole Memory+ layer fwd+bwd under bf16 autocast: query proj + search + softmax + lookup + swilu."""
     torch.manual_seed(0)
@@ -207,6 +266,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep-search", action="store_true", help="launch configs of the pruned search forward only")
     ap.add_argument("--no-reference", dest="reference", action="store_false")
     ap.add_argument("--only", default="")
     args = ap.parse_args()
@@ -216,6 +276,8 @@ def main():
     sweep_lines = []
     if args.sweep:
         sweep(sweep_lines)
+    if args.sweep_search:
+        sweep_search(sweep_lines)
     ceiling = copy_ceiling()
     print(f"device-to-device copy ceiling: {ceiling:.2f} TB/s")
     rows = []
@@ -231,6 +293,7 @@ def main():
         ("lookup fwd+bwd 262144x128x128", lambda: run_lookup("lookup fwd+bwd 262144x128x128", 262144, 128, 128, True, args, rows, ceiling)),
         ("search fwd 32768x4 knn32", lambda: run_search("search fwd 32768x4 knn32", 32768, False, args, rows, ceiling)),
         ("search fwd+bwd 32768x4 knn32", lambda: run_search("search fwd+bwd 32768x4 knn32", 32768, True, args, rows, ceiling)),
+        ("search parts 32768x4 knn32", lambda: run_search_parts(32768, rows)),
         ("search fwd 32768x4 knn32 fp32", lambda: run_search("search fwd 32768x4 knn32 fp32", 32768, False, args, rows, ceiling, dtype=torch.float32)),
         ("memory layer fwd+bwd dim1024 32768", lambda: run_layer("memory layer fwd+bwd dim1024 32768", 32768, args, rows, ceiling)),
     ]

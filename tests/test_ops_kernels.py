@@ -182,6 +182,63 @@ def test_search_gradients_match_reference():
     assert all(torch.equal(a.grad, b) for a, b in zip(leaves, grads[0]))
 
 
+@pytest.mark.parametrize("shape,config", [((20, 1, 200, 16, 8), (16, 32, 4, 1)), ((16, 1, 512, 16, 16), (16, 64, 4, 1)),
+                                          ((5, 2, 20, 16, 4), (16, 64, 4, 1))])
+def test_search_pruned_equals_full_top_k(shape, config):
+    # group-maximum pruning (default) vs the full running top-k: same bits. The last shape has fewer groups
+    # than knn (and more candidates than the capacity), so its tiles are redone by the second launch.
+    from ops.triton_search import search_forward
+
+    T, H, n_keys, k_dim, knn = shape
+    q, k1, k2 = _search_inputs(T, H, n_keys, k_dim, torch.float32, torch.Generator().manual_seed(T), DEV)
+    s, i = search_forward(q, k1, k2, knn, config=config, prune=True)
+    s0, i0 = search_forward(q, k1, k2, knn, config=config, prune=False)
+    assert torch.equal(i, i0) and torch.equal(s, s0)
+    assert torch.equal(i, reference.product_key_search(q, k1, k2, knn)[1])
+
+
+def _search_grads_at(g, idx, q, k1, k2):
+    """fp64 gradients of scores = q1 . K1[i1] + q2 . K2[i2] at fixed slots (what the backward computes)."""
+    T, H, k_dim = q.shape
+    n_keys, half = k1.shape[1], k_dim // 2
+    q, k1, k2, g = q.double(), k1.double(), k2.double(), g.double()
+    i1, i2 = idx // n_keys, idx % n_keys
+    hh = torch.arange(H, device=idx.device).view(1, H, 1).expand_as(i1)
+    gq = torch.cat([(g[..., None] * k1[hh, i1]).sum(2), (g[..., None] * k2[hh, i2]).sum(2)], -1)
+    gk = []
+    for i, qh, k in ((i1, q[..., :half], k1), (i2, q[..., half:], k2)):
+        z = torch.zeros_like(k)
+        z.index_put_((hh.reshape(-1), i.reshape(-1)), (g[..., None] * qh[:, :, None, :]).reshape(-1, half),
+                     accumulate=True)
+        gk.append(z)
+    return gq, gk[0], gk[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_search_backward_dense_rows(dtype, monkeypatch):
+    # duplicated sub-keys inside a row (summed before the scatter), bf16 GEMMs, and token chunks (small budget)
+    import ops.triton_search as ts
+
+    gen = torch.Generator().manual_seed(4)
+    T, H, n_keys, k_dim, knn = 9, 2, 7, 16, 8
+    q = torch.randn(T, H, k_dim, generator=gen).to(dtype).to(DEV)
+    k1 = torch.randn(H, n_keys, k_dim // 2, generator=gen).to(DEV)
+    k2 = torch.randn(H, n_keys, k_dim // 2, generator=gen).to(DEV)
+    idx = torch.randint(0, n_keys * n_keys, (T, H, knn), generator=gen)
+    idx[0, 0] = 3  # one slot (and its sub-keys) repeated in a row
+    g = torch.randn(T, H, knn, generator=gen)
+    idx, g = idx.to(DEV), g.to(DEV)
+    want = _search_grads_at(g, idx, q, k1, k2)
+    for budget in (ts._BWD_BUDGET, 2 * 2 * H * n_keys * 4):  # one chunk; chunks of 2 tokens
+        monkeypatch.setattr(ts, "_BWD_BUDGET", budget)
+        got = ts.search_backward(g, idx, q, k1, k2)
+        assert got[0].dtype == dtype and got[1].dtype == torch.float32
+        for a, b in zip(got, want):
+            assert _rel(a, b) < (1e-6 if dtype == torch.float32 else 1e-2)
+        again = ts.search_backward(g, idx, q, k1, k2)
+        assert all(torch.equal(a, b) for a, b in zip(got, again))
+
+
 def test_search_rejects_bad_input():
     q, k1, k2 = _search_inputs(2, 1, 4, 8, torch.float32, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="knn"):
@@ -259,3 +316,16 @@ def test_gpu_search_real_shapes(dtype):
     if dtype == torch.float32:
         for a, b in zip(*grads):
             assert _rel(a, b) < 1e-3
+    # the backward at the kernel's own slots against fp64 (bf16: W and grad_q rounded to bf16 once)
+    from ops.triton_search import search_backward
+
+    want = _search_grads_at(g, i, q, k1, k2)
+    got = search_backward(g, i, q, k1, k2)
+    for a, b in zip(got, want):
+        assert _rel(a, b) < (1e-5 if dtype == torch.float32 else 1e-2)
+    # pruned search == full running top-k, same bits
+    from ops.triton_search import search_forward
+
+    s1, i1 = search_forward(q, k1, k2, knn, prune=True)
+    s0, i0 = search_forward(q, k1, k2, knn, prune=False)
+    assert torch.equal(i1, i0) and torch.equal(s1, s0)

@@ -34,6 +34,7 @@ def test_overrides_apply():
         ("train.precision=fp8", "train.precision"),
         ("logging.wandb=maybe", "logging.wandb"),
         ("checkpoint.keep=0", "checkpoint.keep"),
+        ("dist.reduce_dtype=fp8", "dist.reduce_dtype"),
     ],
 )
 def test_bad_key_or_value_names_the_key(override, key):

@@ -106,9 +106,9 @@ def test_layout_matches_single_process(world, overrides):
 
 @pytest.mark.slow
 def test_bf16_layout_tracks_single_process():
-    """bf16 autocast + FSDP bf16 parameters + MP = 2 (the GPU default). This layout once failed at the first
+    """bf16 autocast + FSDP bf16 parameters and bf16 gradient reduction + MP = 2. This layout once failed at the first
     backward ("mixed torch.Tensor and DTensor") while fp32 passed; bf16 rounding allows only loose agreement."""
-    losses, params = run_distributed(2, ["dist.memory_parallel=2", "train.precision=bf16"])
+    losses, params = run_distributed(2, ["dist.memory_parallel=2", "train.precision=bf16", "dist.reduce_dtype=bf16"])
     os.environ.pop("WORLD_SIZE", None)
     ref_losses, ref_params = run_layout(2, 0, ["train.precision=bf16"])
     assert losses == pytest.approx(ref_losses, rel=2e-2)

@@ -116,6 +116,9 @@ class DistConfig:
     # FSDP2: free each block's gathered parameters after its forward (True: least memory, a second all-gather in
     # backward) or keep them until backward (False: 1/3 less parameter traffic, more memory).
     reshard_after_forward: bool = True
+    # dtype of FSDP's gradient reduce-scatter / all-reduce: fp32 (exact sums of bf16 compute) or bf16 (half the
+    # traffic). "param" = the parameters' compute dtype (bf16 under bf16 precision).
+    reduce_dtype: str = "fp32"
 
     def validate(self, prefix: str) -> None:
         if self.replicate < 1:
@@ -124,6 +127,8 @@ class DistConfig:
             raise ValueError(f"{prefix}.shard: must be >= 1 or -1 (the rest of the world), got {self.shard}")
         if self.memory_parallel < 1:
             raise ValueError(f"{prefix}.memory_parallel: must be >= 1, got {self.memory_parallel}")
+        if self.reduce_dtype not in ("fp32", "bf16", "param"):
+            raise ValueError(f"{prefix}.reduce_dtype: must be fp32, bf16 or param, got {self.reduce_dtype!r}")
         if self.backend not in ("auto", "nccl", "gloo"):
             raise ValueError(f"{prefix}.backend: must be auto, nccl or gloo, got {self.backend!r}")
 

@@ -119,8 +119,8 @@ def apply_fsdp(model: torch.nn.Module, cfg: TrainConfig, rt) -> None:
 
     shard_values(model, rt)
     values = {pool.weight for pool in _value_pools(model)}
-    # cast_forward_inputs=False: blocks receive the shared value table as a forward input, and casting that
-    # (a billion-parameter DTensor) at every block would copy it; autocast already runs the matmuls in bf16.
+    # cast_forward_inputs=False: the residual stream and the RoPE tables stay in their own dtype (fp32) between
+    # blocks, as in the single-GPU run; autocast already runs the matmuls in bf16.
     reduce_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "param": rt.dtype}[cfg.dist.reduce_dtype]
     mp_policy = MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
     for block in model.layers.children():

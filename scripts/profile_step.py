@@ -67,12 +67,21 @@ def main() -> None:
     comm_ms = rt.memory_comm.read_ms() / args.steps if rt.memory_comm is not None else 0.0
     if args.trace:
         os.makedirs(args.trace, exist_ok=True)
-        prof.export_chrome_trace(os.path.join(args.trace, f"rank{rt.rank}.json"))
+        path = os.path.join(args.trace, f"rank{rt.rank}.json")
+        prof.export_chrome_trace(path)
+        from trace_summary import load_events, summarise
+
+        # every rank: a late rank makes the others wait, so each one's view of the gaps differs
+        print(f"--- rank {rt.rank} trace summary ({args.steps} steps)\n{summarise(load_events(path))}", flush=True)
     if rt.is_main:
         sort = "self_cuda_time_total" if rt.device.type == "cuda" else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=sort, row_limit=args.rows))
         print(f"step {step_s * 1e3:.1f} ms (unprofiled) | {tokens / step_s:,.0f} tok/s per device | "
               f"memory-layer collectives {comm_ms:.1f} ms/step (profiled steps)")
+        if rt.device.type == "cuda":
+            stats = torch.cuda.memory_stats()
+            print(f"peak allocated {stats['allocated_bytes.all.peak'] / 2**30:.1f} GiB | reserved "
+                  f"{stats['reserved_bytes.all.peak'] / 2**30:.1f} GiB | allocator retries {stats['num_alloc_retries']}")
     rt.close()
 
 

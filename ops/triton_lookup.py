@@ -229,7 +229,9 @@ def lookup_backward(grad_out, indices, weights, values, grad_scale: float = 1.0,
     # Rows no pair touched (any, even when T*S >= N) get zeros: one masked write per row, so the dense
     # gradient costs one write of the table in total, not a zero fill plus the touched rows again.
     touched = torch.zeros(N, dtype=torch.uint8, device=dev)
-    touched[sorted_rows.long()] = 1  # index_put of a constant: duplicates agree, deterministic
+    # index_fill_ takes the value as a kernel argument: `touched[rows] = 1` would copy a host scalar to the
+    # device, which syncs the stream (and stalls the host once per memory layer in every backward).
+    touched.index_fill_(0, sorted_rows.long(), 1)  # duplicates write the same value: deterministic
     zr, zd = 16, min(_npow2(D), 256)
     _zero_untouched_kernel[(triton.cdiv(N, zr), triton.cdiv(D, zd))](
         touched, gv, N, D, gv.stride(0), BLOCK_R=zr, BLOCK_D=zd, num_warps=4)

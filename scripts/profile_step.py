@@ -3,7 +3,8 @@ random tokens, and print the ops that take the most device time (rank 0). Works 
 
     python scripts/profile_step.py config=configs/memory_373m.yaml train.batch_size=4 [--warmup 5 --steps 3]
     torchrun --nproc-per-node 2 scripts/profile_step.py config=... dist.memory_parallel=2
-Flags (before or after the overrides): --warmup N, --steps N, --rows N, --trace DIR (a chrome trace per rank).
+Flags (before or after the overrides): --warmup N, --steps N, --rows N, --trace DIR (a chrome trace per rank),
+--no-profile (timing only).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--rows", type=int, default=30)
     ap.add_argument("--trace", default=None)
+    ap.add_argument("--no-profile", action="store_true", help="time the steps only (no profiler pass)")
     args, overrides = ap.parse_known_args()
     cfg = parse_cli(overrides)
     rt = setup_runtime(cfg)
@@ -56,6 +58,11 @@ def main() -> None:
     tokens = cfg.train.batch_size * cfg.data.seq_len * cfg.train.grad_accum
     if rt.memory_comm is not None:
         rt.memory_comm.read_ms()
+    if args.no_profile:
+        if rt.is_main:
+            print(f"step {step_s * 1e3:.1f} ms | {tokens / step_s:,.0f} tok/s per device")
+        rt.close()
+        return
 
     activities = [torch.profiler.ProfilerActivity.CPU]
     if rt.device.type == "cuda":

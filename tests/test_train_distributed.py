@@ -95,10 +95,12 @@ def assert_same(result, ref):
     [
         (2, []),  # FSDP over 2, values replicated (MP = 1)
         (2, ["dist.memory_parallel=2"]),  # FSDP + MP = 2: no value-gradient collective
+        # two blocks per FSDP unit, gathered parameters kept until backward
+        (2, ["dist.memory_parallel=2", "dist.blocks_per_unit=2", "dist.reshard_after_forward=false"]),
         (4, ["dist.memory_parallel=4"]),
         (4, ["dist.replicate=2", "dist.memory_parallel=2"]),  # HSDP 2 x 2, MP = 2
     ],
-    ids=["fsdp2", "fsdp2-mp2", "fsdp4-mp4", "hsdp2x2-mp2"],
+    ids=["fsdp2", "fsdp2-mp2", "fsdp2-mp2-units2", "fsdp4-mp4", "hsdp2x2-mp2"],
 )
 def test_layout_matches_single_process(world, overrides):
     assert_same(run_distributed(world, overrides), reference(world))

@@ -123,9 +123,11 @@ def apply_fsdp(model: torch.nn.Module, cfg: TrainConfig, rt) -> None:
     # blocks, as in the single-GPU run; autocast already runs the matmuls in bf16.
     reduce_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "param": rt.dtype}[cfg.dist.reduce_dtype]
     mp_policy = MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
-    for block in model.layers.children():
-        own = {p for p in block.parameters() if p in values}
-        fully_shard(block, mesh=rt.mesh, mp_policy=mp_policy, ignored_params=own or None,
+    blocks = list(model.layers.children())
+    k = cfg.dist.blocks_per_unit
+    for unit in (blocks[i:i + k] for i in range(0, len(blocks), k)):
+        own = {p for block in unit for p in block.parameters() if p in values}
+        fully_shard(unit if len(unit) > 1 else unit[0], mesh=rt.mesh, mp_policy=mp_policy, ignored_params=own or None,
                     reshard_after_forward=cfg.dist.reshard_after_forward)
     # the root (embeddings, final norm, output) is needed again first thing in backward: never resharded
     fully_shard(model, mesh=rt.mesh, mp_policy=mp_policy, ignored_params=values or None, reshard_after_forward=False)

@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from train.config import parse_cli  # noqa: E402
+from train.gc_control import scheduled_gc  # noqa: E402
 from train.loop import build_model, train_step  # noqa: E402
 from train.optim import build_optimizer, build_scheduler  # noqa: E402
 from train.parallelize import parallelize  # noqa: E402
@@ -47,13 +48,16 @@ def main() -> None:
         if rt.device.type == "cuda":
             torch.cuda.synchronize()
 
-    for _ in range(args.warmup):
-        train_step(model, opt, sched, micro_batches(), cfg, rt)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        train_step(model, opt, sched, micro_batches(), cfg, rt)
-    sync()
+    with scheduled_gc(cfg.train.gc_every) as after_step:  # as the trainer does
+        for i in range(args.warmup):
+            train_step(model, opt, sched, micro_batches(), cfg, rt)
+            after_step(i + 1)
+        sync()
+        t0 = time.perf_counter()
+        for i in range(args.steps):
+            train_step(model, opt, sched, micro_batches(), cfg, rt)
+            after_step(args.warmup + i + 1)
+        sync()
     step_s = (time.perf_counter() - t0) / args.steps
     tokens = cfg.train.batch_size * cfg.data.seq_len * cfg.train.grad_accum
     if rt.memory_comm is not None:

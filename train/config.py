@@ -67,11 +67,17 @@ class LoopConfig:
     log_every: int = 10
     val_every: int = 100  # 0 disables periodic validation (a final one still runs)
     val_batches: int = 8
+    # Python's garbage collector runs every this many steps, on all ranks at once, instead of whenever its
+    # allocation counters say (0: leave it automatic). An automatic collection pauses one rank at a random moment
+    # and every other rank waits for it at the next collective.
+    gc_every: int = 50
 
     def validate(self, prefix: str) -> None:
         for key in ("steps", "batch_size", "grad_accum", "log_every", "val_batches"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{prefix}.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.gc_every < 0:
+            raise ValueError(f"{prefix}.gc_every: must be >= 0, got {self.gc_every}")
         if self.val_every < 0:
             raise ValueError(f"{prefix}.val_every: must be >= 0, got {self.val_every}")
         if self.device not in ("auto", "cpu", "cuda"):

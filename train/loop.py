@@ -19,6 +19,7 @@ from model.checkpoint import model_config_to_dict
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig, to_yaml
+from .gc_control import scheduled_gc
 from .metrics import MetricsLogger, format_duration, format_progress, truncate_after
 from .optim import build_optimizer, build_scheduler
 from .parallelize import parallelize
@@ -88,14 +89,15 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
             if tok_src and os.path.isfile(tok_src):
                 shutil.copyfile(tok_src, os.path.join(cfg.run_dir, "tokenizer.model"))
         log = MetricsLogger(cfg.run_dir, cfg.logging, asdict(cfg), enabled=rt.is_main)
-        return _train(cfg, rt, tokenizer, log, resume_from)
+        with scheduled_gc(cfg.train.gc_every) as after_step:
+            return _train(cfg, rt, tokenizer, log, resume_from, after_step)
     finally:
         if log is not None:
             log.close()
         rt.close()
 
 
-def _train(cfg: TrainConfig, rt: Runtime, tokenizer, log: MetricsLogger, resume_from) -> Dict[str, Any]:
+def _train(cfg: TrainConfig, rt: Runtime, tokenizer, log: MetricsLogger, resume_from, after_step) -> Dict[str, Any]:
     model = build_model(cfg, rt)
     n_params = model.num_parameters()
     model = parallelize(model, cfg, rt)
@@ -162,6 +164,7 @@ def _train(cfg: TrainConfig, rt: Runtime, tokenizer, log: MetricsLogger, resume_
         loss, grad_norm = train_step(model, optimizer, scheduler, micro_batches, cfg, rt)
         step += 1
         window_steps += 1
+        after_step(step)
 
         if step % cfg.train.log_every == 0 or step == cfg.train.steps or step == start_step + 1:
             loss_val = float(loss)

@@ -1,0 +1,32 @@
+"""Python garbage collection at fixed steps instead of at random moments (see LoopConfig.gc_every).
+
+Automatic collection starts whenever a rank's allocation counters cross a threshold; a full collection over the
+objects a compiled, sharded model keeps alive takes milliseconds, and in a data-parallel job every other rank
+waits for the paused one at the next collective. Collecting on the same steps everywhere turns many
+unaligned pauses into few aligned ones.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+
+
+@contextlib.contextmanager
+def scheduled_gc(every: int):
+    """Inside: automatic collection off; call the yielded function after each step. Restores the old state."""
+    if every <= 0:
+        yield lambda step: None
+        return
+    was_enabled = gc.isenabled()
+    gc.disable()
+    gc.collect()  # start clean: model construction left garbage behind
+
+    def after_step(step: int) -> None:
+        if step % every == 0:
+            gc.collect(1)  # young generations: quick; the long-lived objects were collected above
+
+    try:
+        yield after_step
+    finally:
+        if was_enabled:
+            gc.enable()

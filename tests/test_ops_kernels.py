@@ -329,3 +329,29 @@ def test_gpu_search_real_shapes(dtype):
     s1, i1 = search_forward(q, k1, k2, knn, prune=True)
     s0, i0 = search_forward(q, k1, k2, knn, prune=False)
     assert torch.equal(i1, i0) and torch.equal(s1, s0)
+
+
+@pytest.mark.gpu
+def test_gpu_kernels_never_sync_with_the_host():
+    """A host sync inside a layer's forward or backward stalls the launch queue once per layer, and on several
+    GPUs leaves the other ranks waiting (issue 5 found one in the lookup backward). Sync debug mode errors on any."""
+    T, S, N, D = 1024, 64, 1 << 14, 256
+    idx = torch.randint(0, N, (T, S), device="cuda")
+    w = torch.randn(T, S, device="cuda").softmax(-1).requires_grad_()
+    v = torch.randn(N, D, device="cuda").to(torch.bfloat16).requires_grad_()
+    q, k1, k2 = (x.requires_grad_() for x in _search_inputs(T, 4, 256, 128, torch.bfloat16,
+                                                            torch.Generator().manual_seed(1), "cuda"))
+
+    def step():
+        scores, _ = product_key_search(q, k1, k2, 16)
+        out = memory_lookup(idx, w, v)
+        (out.float().sum() + scores.float().sum()).backward()
+
+    step()  # first calls compile and autotune (those may sync)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()

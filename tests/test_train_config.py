@@ -35,6 +35,8 @@ def test_overrides_apply():
         ("logging.wandb=maybe", "logging.wandb"),
         ("checkpoint.keep=0", "checkpoint.keep"),
         ("dist.reduce_dtype=fp8", "dist.reduce_dtype"),
+        ("dist.blocks_per_unit=0", "dist.blocks_per_unit"),
+        ("train.gc_every=-1", "train.gc_every"),
     ],
 )
 def test_bad_key_or_value_names_the_key(override, key):

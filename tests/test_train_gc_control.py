@@ -1,0 +1,41 @@
+"""scheduled_gc: automatic collection off inside, collections on the scheduled steps, old state restored."""
+import gc
+
+from train.gc_control import scheduled_gc
+
+
+def _make_cycle():
+    a = []
+    a.append(a)  # only the cycle collector frees this
+
+
+def test_collects_on_schedule_only(monkeypatch):
+    calls = []
+    real_collect = gc.collect
+    monkeypatch.setattr(gc, "collect", lambda generation=2: calls.append(generation) or real_collect(generation))
+    assert gc.isenabled()
+    with scheduled_gc(3) as after_step:
+        assert not gc.isenabled()
+        assert calls == [2]  # one full collection at the start
+        for step in range(1, 8):
+            _make_cycle()
+            after_step(step)
+        assert calls == [2, 1, 1]  # steps 3 and 6
+    assert gc.isenabled()
+
+
+def test_zero_leaves_gc_automatic():
+    with scheduled_gc(0) as after_step:
+        assert gc.isenabled()
+        after_step(1)
+    assert gc.isenabled()
+
+
+def test_restores_disabled_state():
+    gc.disable()
+    try:
+        with scheduled_gc(5):
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

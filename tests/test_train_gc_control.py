@@ -20,7 +20,10 @@ def test_collects_on_schedule_only(monkeypatch):
         for step in range(1, 8):
             _make_cycle()
             after_step(step)
-        assert calls == [2, 1, 1]  # steps 3 and 6
+        assert calls == [2, 1, 1]  # steps 3 and 6: young generations
+        for step in range(8, 31):
+            after_step(step)
+        assert calls == [2, 1, 1] + [1] * 7 + [2]  # steps 9 .. 27, then a full collection at step 30
     assert gc.isenabled()
 
 

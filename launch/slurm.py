@@ -18,9 +18,14 @@ from typing import Dict, List
 from .common import join, run_dir_of, split_args
 from .torchrun import torchrun_command
 
+# Run on every node of the job (srun --overlap). It signals the trainer processes of this job only: not the
+# torchrun agents (their command line names torch.distributed.run, and so does this script's own), and not
+# another job's trainers on a shared node (their environment holds another SLURM_JOB_ID).
 _SIGNAL_WORKERS = (
     "for p in $(pgrep -f -- '-m train'); do "
-    "grep -qa torch.distributed.run /proc/$p/cmdline || kill -USR1 $p; done"
+    "grep -qa torch.distributed.run /proc/$p/cmdline && continue; "
+    "tr '\\0' '\\n' < /proc/$p/environ 2>/dev/null | grep -qx \"SLURM_JOB_ID=$SLURM_JOB_ID\" && kill -USR1 $p; "
+    "done; true"
 )
 
 DEFAULTS: Dict[str, object] = {

@@ -4,6 +4,7 @@ Each layout runs 5 optimizer steps on fixed random batches: rank r takes rows [r
 batch, the single process takes all of it. Losses and every parameter (gathered from its shards) must match
 within fp32 tolerance.
 """
+import contextlib
 import os
 import tempfile
 
@@ -31,8 +32,10 @@ def _full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def run_layout(world: int, rank: int, overrides, grad_accum: int = 1):
-    """Build, parallelize and train exactly as train.loop does; return (losses, {name: full param})."""
+def run_layout(world: int, rank: int, overrides, grad_accum: int = 1, probe=None):
+    """Build, parallelize and train exactly as train.loop does; return (losses, {name: full param}).
+
+    `probe(rt, model)`, when given, is called once before training (to wrap hooks that record what happens)."""
     from train.config import load_config
     from train.loop import build_model, train_step
     from train.optim import build_optimizer, build_scheduler
@@ -42,6 +45,8 @@ def run_layout(world: int, rank: int, overrides, grad_accum: int = 1):
     cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), SMALL + list(overrides))
     rt = setup_runtime(cfg)
     model = parallelize(build_model(cfg, rt), cfg, rt)
+    if probe is not None:
+        probe(rt, model)
     opt = build_optimizer(model, cfg.optim)
     sched = build_scheduler(opt, cfg.optim, cfg.train.steps)
     losses = []
@@ -54,12 +59,14 @@ def run_layout(world: int, rank: int, overrides, grad_accum: int = 1):
     return losses, params
 
 
-def _worker(rank, world, init_file, overrides, out):
+def _worker(rank, world, init_file, overrides, out, grad_accum=1, probe=None):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        result = run_layout(world, rank, overrides)
+        result = run_layout(world, rank, overrides, grad_accum, probe)
+        if probe is not None:
+            result = result + (probe.record,)
         if rank == 0:
             torch.save(result, out)
         dist.barrier()  # no rank tears its gloo pairs down while another still uses them (SIGABRT)
@@ -67,11 +74,11 @@ def _worker(rank, world, init_file, overrides, out):
         dist.destroy_process_group()
 
 
-def run_distributed(world, overrides):
+def run_distributed(world, overrides, grad_accum=1, probe=None):
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.pt")
-        mp.start_processes(_worker, args=(world, os.path.join(tmp, "init"), overrides, out), nprocs=world,
-                           start_method="spawn", join=True)
+        mp.start_processes(_worker, args=(world, os.path.join(tmp, "init"), overrides, out, grad_accum, probe),
+                           nprocs=world, start_method="spawn", join=True)
         return torch.load(out)
 
 
@@ -126,6 +133,45 @@ def test_bf16_layout_tracks_single_process():
 
 def test_grad_accumulation_equals_full_batch():
     assert_same(reference(2, grad_accum=2), reference(2, grad_accum=1))
+
+
+class AccumulationProbe:
+    """Records, per micro-step, whether any parameter held a gradient right after it (FSDP2 puts a gradient on its
+    sharded parameters only when it reduce-scatters), and how many value-gradient collectives ran per step."""
+
+    def __init__(self):
+        self.record = {"grads_after_micro_step": [], "memory_collectives": 0}
+
+    def __call__(self, rt, model):
+        inner = rt.no_sync
+
+        @contextlib.contextmanager
+        def no_sync(model_, last):
+            with inner(model_, last):
+                yield
+            has_grad = any(p.grad is not None for n, p in model_.named_parameters() if "values" not in n)
+            self.record["grads_after_micro_step"].append((last, has_grad))
+
+        rt.no_sync = no_sync
+        sync = rt.sync_value_grads
+
+        def sync_value_grads(model_):
+            before = rt.memory_comm.calls
+            sync(model_)
+            self.record["memory_collectives"] += rt.memory_comm.calls - before
+
+        rt.sync_value_grads = sync_value_grads
+
+
+@pytest.mark.slow
+def test_distributed_accumulation_reduces_once_per_step():
+    """FSDP 2 with replicated values (MP = 1), 2 micro-steps: equal to one process on the full batch; no FSDP
+    reduction before the last micro-step; the value table shared by both memory layers gets one gradient
+    all-reduce per optimizer step, not one per layer use or per micro-step."""
+    *result, record = run_distributed(2, [], grad_accum=2, probe=AccumulationProbe())
+    assert_same(tuple(result), reference(2))
+    assert record["grads_after_micro_step"] == [(False, False), (True, True)] * STEPS
+    assert record["memory_collectives"] == STEPS
 
 
 def test_impossible_layouts_fail_with_the_key():

@@ -55,8 +55,13 @@ def run_layout(world: int, rank: int, overrides, grad_accum: int = 1, probe=None
         micro = list(mine.chunk(grad_accum))
         loss, _ = train_step(model, opt, sched, micro, cfg, rt)
         losses.append(float(loss))
-    params = {n: _full(p.detach()).clone() for n, p in model.named_parameters()}
+    params = {_canonical(n): _full(p.detach()).clone() for n, p in model.named_parameters()}
     return losses, params
+
+
+def _canonical(name: str) -> str:
+    """A parameter's name without the wrappers of compile and activation checkpointing."""
+    return name.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", "")
 
 
 def _worker(rank, world, init_file, overrides, out, grad_accum=1, probe=None):
@@ -104,10 +109,12 @@ def assert_same(result, ref):
         (2, ["dist.memory_parallel=2"]),  # FSDP + MP = 2: no value-gradient collective
         # two blocks per FSDP unit, gathered parameters kept until backward
         (2, ["dist.memory_parallel=2", "dist.blocks_per_unit=2", "dist.reshard_after_forward=false"]),
+        # torchtitan's order, all at once: activation checkpointing, then compile, then FSDP + MP = 2
+        (2, ["dist.memory_parallel=2", "train.activation_checkpointing=true", "train.compile=true"]),
         (4, ["dist.memory_parallel=4"]),
         (4, ["dist.replicate=2", "dist.memory_parallel=2"]),  # HSDP 2 x 2, MP = 2
     ],
-    ids=["fsdp2", "fsdp2-mp2", "fsdp2-mp2-units2", "fsdp4-mp4", "hsdp2x2-mp2"],
+    ids=["fsdp2", "fsdp2-mp2", "fsdp2-mp2-units2", "fsdp2-mp2-ac-compile", "fsdp4-mp4", "hsdp2x2-mp2"],
 )
 def test_layout_matches_single_process(world, overrides):
     assert_same(run_distributed(world, overrides), reference(world))

@@ -3,25 +3,21 @@ AC wraps the eager block, compile sees the wrapped block, FSDP shards the compil
 from __future__ import annotations
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from .config import TrainConfig
 
 
-class CheckpointedBlock(torch.nn.Module):
-    """Recompute a block's activations in backward instead of storing them."""
-
-    def __init__(self, block: torch.nn.Module):
-        super().__init__()
-        self.block = block
-
-    def forward(self, *args, **kwargs):
-        return checkpoint(self.block, *args, use_reentrant=False, **kwargs)
-
-
 def apply_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each block's activations in backward instead of storing them.
+
+    torch's checkpoint_wrapper, not a wrapper of our own: its state-dict hooks (and DCP's get_state_dict) drop the
+    wrapper from parameter names, so checkpoints keep the same keys with AC on or off (resume may toggle it,
+    and eval loads them into a plain model).
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
     for key, block in model.layers.named_children():
-        model.layers.register_module(key, CheckpointedBlock(block))
+        model.layers.register_module(key, checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT))
 
 
 def apply_compile(model: torch.nn.Module) -> None:

@@ -1,0 +1,57 @@
+"""Activation checkpointing and torch.compile change how a step runs, never what it computes or what it saves."""
+import os
+
+import pytest
+import torch
+from torch.distributed.checkpoint.state_dict import get_state_dict
+
+from train.config import load_config
+from train.loop import build_model, train_step
+from train.optim import build_optimizer, build_scheduler
+from train.parallelize import parallelize
+from train.runtime import setup_runtime
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = [
+    "model.dim=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.multiple_of=16",
+    "model.vocab_size=4096", "model.memory.layers=[0,1]", "model.memory.n_keys=8", "model.memory.heads=2",
+    "model.memory.knn=4", "model.memory.k_dim=8", "optim.warmup_steps=2", "data.seq_len=16", "train.steps=4",
+]
+
+
+def build(*overrides):
+    os.environ.pop("WORLD_SIZE", None)
+    cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), SMALL + list(overrides))
+    rt = setup_runtime(cfg)
+    torch.manual_seed(0)
+    return cfg, rt, parallelize(build_model(cfg, rt), cfg, rt)
+
+
+def train_losses(*overrides):
+    cfg, rt, model = build(*overrides)
+    opt = build_optimizer(model, cfg.optim)
+    sched = build_scheduler(opt, cfg.optim, cfg.train.steps)
+    g = torch.Generator().manual_seed(7)
+    losses = []
+    for _ in range(cfg.train.steps):
+        batch = torch.randint(0, 4096, (3, 17), generator=g)
+        loss, _ = train_step(model, opt, sched, [batch], cfg, rt)
+        losses.append(float(loss))
+    return losses, model, opt
+
+
+def test_activation_checkpointing_keeps_losses_and_checkpoint_keys():
+    plain, plain_model, plain_opt = train_losses()
+    ac, ac_model, ac_opt = train_losses("train.activation_checkpointing=true")
+    assert ac == pytest.approx(plain, rel=1e-6, abs=1e-7)
+    assert list(ac_model.state_dict()) == list(plain_model.state_dict())
+    assert list(get_state_dict(ac_model, ac_opt)[0]) == list(get_state_dict(plain_model, plain_opt)[0])
+    # recomputation really happens: each block's forward runs again in backward (forward hooks are not re-run
+    # by the recomputation, so count calls of forward itself)
+    _, _, model = build("train.activation_checkpointing=true")
+    calls = []
+    for i, wrapper in enumerate(model.layers):
+        block = wrapper._checkpoint_wrapped_module
+        block.forward = (lambda f, i: lambda *a, **k: calls.append(i) or f(*a, **k))(block.forward, i)
+    model(torch.randint(0, 4096, (2, 16))).float().mean().backward()
+    assert sorted(calls) == [0, 0, 1, 1]

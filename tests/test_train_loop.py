@@ -58,6 +58,16 @@ def test_resume_continues_exactly(tmp_path):
     assert summary["step"] == 40
 
 
+def test_resume_may_turn_activation_checkpointing_on(tmp_path):
+    # AC changes module nesting, never checkpoint keys: a run saved without it resumes with it and continues
+    run(config(tmp_path / "full", "train.steps=6", "checkpoint.every=0"))
+    ref = losses(tmp_path / "full")
+    run(config(tmp_path / "ac", "train.steps=3", "checkpoint.every=3"))
+    run(config(tmp_path / "ac", "train.steps=6", "checkpoint.every=3", "train.activation_checkpointing=true"))
+    resumed = losses(tmp_path / "ac")
+    assert [resumed[s] for s in range(4, 7)] == pytest.approx([ref[s] for s in range(4, 7)], rel=1e-6)
+
+
 def test_unfinished_checkpoint_is_ignored(tmp_path):
     run(config(tmp_path, "train.steps=4", "checkpoint.every=2"))
     os.rename(tmp_path / "checkpoints" / "step_4", tmp_path / "checkpoints" / "step_6.tmp")

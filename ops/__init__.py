@@ -24,12 +24,35 @@ _TRITON_OPS = {
 }
 
 
+_TRITON_LOADED: dict = {}  # op name -> its function, or the ImportError of the failed import (tried once)
+
+
 def _triton_impl(op: str):
-    """The Triton function for `op`; raises ImportError/AttributeError when it is not available."""
-    if op not in _TRITON_OPS:
-        raise ImportError(f"ops: no Triton kernel registered for {op}")
-    module, fn = _TRITON_OPS[op]
-    return getattr(importlib.import_module(module), fn)
+    """The Triton function for `op`; raises ImportError when it is not available."""
+    if op not in _TRITON_LOADED:
+        if op not in _TRITON_OPS:
+            raise ImportError(f"ops: no Triton kernel registered for {op}")
+        module, name = _TRITON_OPS[op]
+        try:
+            _TRITON_LOADED[op] = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as e:
+            _TRITON_LOADED[op] = ImportError(f"{module}.{name}: {e}")
+    fn = _TRITON_LOADED[op]
+    if isinstance(fn, ImportError):
+        raise ImportError(str(fn))
+    return fn
+
+
+def _preload_triton() -> None:
+    """Import the kernels now, outside any compiled region. torch.compile cannot trace an import: inside a compiled
+    block it is a graph break, and a graph break inside an activation-checkpointed block makes dynamo run that
+    whole block eagerly (measured on an H200: 0.58x the throughput of the same model without checkpointing)."""
+    if torch.cuda.is_available():
+        for op in _TRITON_OPS:
+            try:
+                _triton_impl(op)
+            except (ImportError, AttributeError):
+                pass  # "auto" falls back to the reference; "triton" reports the error when it is used
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -65,5 +88,7 @@ def memory_lookup(indices, weights, values, backend: str = "auto"):
     """indices [T, S] int32/int64, weights [T, S], values [N, D] -> [T, D] in values.dtype (fp32 accumulation)."""
     return _resolve("memory_lookup", backend, values.device)(indices, weights, values)
 
+
+_preload_triton()
 
 __all__ = ["BACKENDS", "product_key_search", "memory_lookup"]

@@ -270,6 +270,29 @@ def test_compiled_memory_block_equals_eager():
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+def _dispatched_block(q, k1, k2, values, knn):
+    import ops
+
+    s, i = ops.product_key_search(q, k1, k2, knn, backend="triton")
+    w = torch.softmax(s, dim=-1)
+    T, H, _ = q.shape
+    return ops.memory_lookup(i.view(T, H * knn), w.view(T, H * knn), values, backend="triton")
+
+
+@pytest.mark.slow
+def test_backend_dispatch_traces_without_a_graph_break():
+    """The model reaches the kernels through ops' backend dispatch. An import there would be a graph break (and a
+    graph break inside an activation-checkpointed block runs the whole block eagerly): once the kernels are
+    loaded, the dispatch must trace into one graph."""
+    T, H, n_keys, k_dim, knn, D = 4, 2, 8, 16, 4, 24
+    gen = torch.Generator().manual_seed(12)
+    q, k1, k2 = _search_inputs(T, H, n_keys, k_dim, torch.float32, gen, DEV)
+    values = torch.randn(n_keys * n_keys, D, generator=gen).to(DEV)
+    want = _dispatched_block(q, k1, k2, values, knn)  # eager: loads the kernels (on a GPU, `import ops` did)
+    got = torch.compile(_dispatched_block, fullgraph=True)(q, k1, k2, values, knn)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 # ------------------------------------------------------------------------------------------- GPU, real shapes
 def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()

@@ -65,6 +65,7 @@ def main() -> None:
     if args.no_profile:
         if rt.is_main:
             print(f"step {step_s * 1e3:.1f} ms | {tokens / step_s:,.0f} tok/s per device")
+            print_peak_memory(rt)
         rt.close()
         return
 
@@ -89,11 +90,15 @@ def main() -> None:
         print(prof.key_averages().table(sort_by=sort, row_limit=args.rows))
         print(f"step {step_s * 1e3:.1f} ms (unprofiled) | {tokens / step_s:,.0f} tok/s per device | "
               f"memory-layer collectives {comm_ms:.1f} ms/step (profiled steps)")
-        if rt.device.type == "cuda":
-            stats = torch.cuda.memory_stats()
-            print(f"peak allocated {stats['allocated_bytes.all.peak'] / 2**30:.1f} GiB | reserved "
-                  f"{stats['reserved_bytes.all.peak'] / 2**30:.1f} GiB | allocator retries {stats['num_alloc_retries']}")
+        print_peak_memory(rt)
     rt.close()
+
+
+def print_peak_memory(rt) -> None:
+    if rt.device.type == "cuda":
+        stats = torch.cuda.memory_stats()
+        print(f"peak allocated {stats['allocated_bytes.all.peak'] / 2**30:.1f} GiB | reserved "
+              f"{stats['reserved_bytes.all.peak'] / 2**30:.1f} GiB | allocator retries {stats['num_alloc_retries']}")
 
 
 if __name__ == "__main__":

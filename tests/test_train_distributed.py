@@ -109,7 +109,7 @@ def assert_same(result, ref):
         (2, ["dist.memory_parallel=2"]),  # FSDP + MP = 2: no value-gradient collective
         # two blocks per FSDP unit, gathered parameters kept until backward
         (2, ["dist.memory_parallel=2", "dist.blocks_per_unit=2", "dist.reshard_after_forward=false"]),
-        # torchtitan's order, all at once: activation checkpointing, then compile, then FSDP + MP = 2
+        # all at once, in the trainer's order: compile, activation checkpointing, FSDP + MP = 2
         (2, ["dist.memory_parallel=2", "train.activation_checkpointing=true", "train.compile=true"]),
         (4, ["dist.memory_parallel=4"]),
         (4, ["dist.replicate=2", "dist.memory_parallel=2"]),  # HSDP 2 x 2, MP = 2

@@ -55,3 +55,17 @@ def test_activation_checkpointing_keeps_losses_and_checkpoint_keys():
         block.forward = (lambda f, i: lambda *a, **k: calls.append(i) or f(*a, **k))(block.forward, i)
     model(torch.randint(0, 4096, (2, 16))).float().mean().backward()
     assert sorted(calls) == [0, 0, 1, 1]
+
+
+@pytest.mark.slow
+def test_checkpointed_blocks_stay_compiled():
+    """On CPU the memory layer's reference backend has a graph break (torch.unique), like the column-parallel
+    lookup on GPUs. Checkpointing inside a compiled block would make dynamo run such a block wholly eagerly; the
+    trainer checkpoints around the compiled block, so the block's graphs are still captured."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    _, _, model = build("train.compile=true", "train.activation_checkpointing=true")
+    model(torch.randint(0, 4096, (2, 16))).float().mean().backward()
+    assert counters["stats"]["unique_graphs"] >= 2, dict(counters["stats"])

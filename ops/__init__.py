@@ -51,7 +51,7 @@ def _preload_triton() -> None:
         for op in _TRITON_OPS:
             try:
                 _triton_impl(op)
-            except (ImportError, AttributeError):
+            except ImportError:
                 pass  # "auto" falls back to the reference; "triton" reports the error when it is used
 # ---------------------------------------------------------------------------------------------------------
 

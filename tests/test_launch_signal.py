@@ -13,15 +13,11 @@ import time
 
 import pytest
 
+from _train_helpers import RUN_SMALL
 from launch.slurm import _SIGNAL_WORKERS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = [
-    "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.multiple_of=32",
-    "model.memory.layers=[0,1]", "model.memory.n_keys=16", "model.memory.heads=2", "model.memory.knn=4",
-    "model.memory.k_dim=16", "data.seq_len=32", "train.batch_size=4", "train.log_every=1",
-    "train.val_every=0", "train.val_batches=2", "optim.warmup_steps=5", "checkpoint.every=0",
-]
+SMALL = RUN_SMALL + ["checkpoint.every=0"]
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc (Linux)")
 
 

@@ -12,15 +12,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _train_helpers import STEP_SMALL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, B, L = 5, 2, 16
-SMALL = [
-    "model.dim=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.multiple_of=16",
-    "model.vocab_size=4096", "model.memory.layers=[0,1]", "model.memory.n_keys=8", "model.memory.heads=2",
-    "model.memory.knn=4", "model.memory.k_dim=8", "optim.warmup_steps=2", "optim.lr=1e-2",
-    "optim.value_lr=3e-2", "data.seq_len=16", "train.steps=5",
-]
 
 
 def global_batches(world: int):
@@ -42,7 +37,7 @@ def run_layout(world: int, rank: int, overrides, grad_accum: int = 1, probe=None
     from train.parallelize import parallelize
     from train.runtime import setup_runtime
 
-    cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), SMALL + list(overrides))
+    cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), STEP_SMALL + list(overrides))
     rt = setup_runtime(cfg)
     model = parallelize(build_model(cfg, rt), cfg, rt)
     if probe is not None:
@@ -185,9 +180,9 @@ def test_impossible_layouts_fail_with_the_key():
     from train.config import ConfigError, load_config
     from train.distributed import check_layout
 
-    cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), SMALL + ["dist.memory_parallel=3"])
+    cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), STEP_SMALL + ["dist.memory_parallel=3"])
     with pytest.raises(ConfigError, match="dist.memory_parallel"):
         check_layout(cfg, 6)  # 3 divides 6 but not the value dim 32
-    cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), SMALL + ["dist.replicate=3"])
+    cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), STEP_SMALL + ["dist.replicate=3"])
     with pytest.raises(ConfigError, match="dist.replicate"):
         check_layout(cfg, 4)

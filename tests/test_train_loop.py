@@ -8,22 +8,16 @@ import sys
 
 import pytest
 
+from _train_helpers import RUN_SMALL
 from train.config import load_config
 from train.loop import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Small enough for 2 CPU cores; the memory layer is real (product keys, shared values at two layers).
-SMALL = [
-    "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.multiple_of=32",
-    "model.memory.layers=[0,1]", "model.memory.n_keys=16", "model.memory.heads=2", "model.memory.knn=4",
-    "model.memory.k_dim=16", "data.seq_len=32", "train.batch_size=4", "train.log_every=1",
-    "train.val_every=0", "train.val_batches=2", "optim.warmup_steps=5",
-]
 
 
 def config(run_dir, *extra):
-    return load_config(os.path.join(ROOT, "configs", "tiny.yaml"), SMALL + [f"run_dir={run_dir}"] + list(extra))
+    return load_config(os.path.join(ROOT, "configs", "tiny.yaml"), RUN_SMALL + [f"run_dir={run_dir}"] + list(extra))
 
 
 def losses(run_dir):
@@ -77,7 +71,7 @@ def test_unfinished_checkpoint_is_ignored(tmp_path):
 
 
 def test_signal_saves_and_exits_then_resumes(tmp_path):
-    args = [sys.executable, "-m", "train", f"config={ROOT}/configs/tiny.yaml", *SMALL, f"run_dir={tmp_path}",
+    args = [sys.executable, "-m", "train", f"config={ROOT}/configs/tiny.yaml", *RUN_SMALL, f"run_dir={tmp_path}",
             "train.steps=500", "checkpoint.every=0"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     out = []

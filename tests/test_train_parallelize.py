@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
+from _train_helpers import STEP_SMALL
 from train.config import load_config
 from train.loop import build_model, train_step
 from train.optim import build_optimizer, build_scheduler
@@ -12,16 +13,11 @@ from train.parallelize import parallelize
 from train.runtime import setup_runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = [
-    "model.dim=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.multiple_of=16",
-    "model.vocab_size=4096", "model.memory.layers=[0,1]", "model.memory.n_keys=8", "model.memory.heads=2",
-    "model.memory.knn=4", "model.memory.k_dim=8", "optim.warmup_steps=2", "data.seq_len=16", "train.steps=4",
-]
 
 
 def build(*overrides):
     os.environ.pop("WORLD_SIZE", None)
-    cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), SMALL + list(overrides))
+    cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), STEP_SMALL + list(overrides))
     rt = setup_runtime(cfg)
     torch.manual_seed(0)
     return cfg, rt, parallelize(build_model(cfg, rt), cfg, rt)

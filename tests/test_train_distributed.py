@@ -108,8 +108,12 @@ def assert_same(result, ref):
         (2, ["dist.memory_parallel=2", "train.activation_checkpointing=true", "train.compile=true"]),
         (4, ["dist.memory_parallel=4"]),
         (4, ["dist.replicate=2", "dist.memory_parallel=2"]),  # HSDP 2 x 2, MP = 2
+        # the 8-GPU layouts of issue 7: FSDP 8 with MP = 8, HSDP 2 x 4 with MP = 4
+        (8, ["dist.memory_parallel=8"]),
+        (8, ["dist.replicate=2", "dist.memory_parallel=4"]),
     ],
-    ids=["fsdp2", "fsdp2-mp2", "fsdp2-mp2-units2", "fsdp2-mp2-ac-compile", "fsdp4-mp4", "hsdp2x2-mp2"],
+    ids=["fsdp2", "fsdp2-mp2", "fsdp2-mp2-units2", "fsdp2-mp2-ac-compile", "fsdp4-mp4", "hsdp2x2-mp2", "fsdp8-mp8",
+         "hsdp2x4-mp4"],
 )
 def test_layout_matches_single_process(world, overrides):
     assert_same(run_distributed(world, overrides), reference(world))

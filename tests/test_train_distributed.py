@@ -2,7 +2,10 @@
 
 Each layout runs 5 optimizer steps on fixed random batches: rank r takes rows [r*B, (r+1)*B) of the global
 batch, the single process takes all of it. Losses and every parameter (gathered from its shards) must match
-within fp32 tolerance.
+within fp32 tolerance. The single process runs the ranks' code path (eager or compiled, with or without activation
+checkpointing) on one thread like each rank, so only the split of the batch over ranks separates the two: compiled
+CPU kernels against eager ones would differ by the machine's instruction set (AVX2, AVX-512, scalar), and Adam
+enlarges such differences, more on some CPUs than the tolerance allows.
 """
 import contextlib
 import os

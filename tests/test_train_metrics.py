@@ -113,3 +113,53 @@ def test_wandb_offline_run_has_the_sweep_group(tmp_path, monkeypatch):
     assert b"my-sweep-group" in data
     assert b"grad_norm/values" in data and b"lr/values" in data
     assert not any("mfu" in r for r in _records(run_dir))  # CPU without train.peak_flops: no MFU
+
+
+def _grad_norms(world, rank, overrides):
+    """Per-step (total, dense, values) gradient norms of 3 steps on fixed batches, built as train.loop builds."""
+    from train.loop import train_step
+    from train.optim import build_optimizer, build_scheduler
+    from train.parallelize import parallelize
+
+    cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), STEP_SMALL + ["train.steps=3"] + overrides)
+    rt = setup_runtime(cfg)
+    model = parallelize(build_model(cfg, rt), cfg, rt)
+    opt = build_optimizer(model, cfg.optim)
+    sched = build_scheduler(opt, cfg.optim, cfg.train.steps)
+    g = torch.Generator().manual_seed(5)
+    norms = []
+    for _ in range(cfg.train.steps):
+        batch = torch.randint(0, 4096, (2 * world, 17), generator=g)
+        mine = batch[2 * rank:2 * (rank + 1)] if rt.world_size > 1 else batch
+        _, (total, parts) = train_step(model, opt, sched, [mine], cfg, rt)
+        norms.append((float(total), float(parts["dense"]), float(parts["values"])))
+    return norms
+
+
+def _grad_norm_worker(rank, world, init_file, out, overrides):
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        norms = _grad_norms(world, rank, overrides)
+        if rank == 0:
+            torch.save(norms, out)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_grad_norm_parts_sharded_equal_one_process(tmp_path):
+    # FSDP-sharded dense parameters and a column-sharded value table (two meshes, two reductions) give the norms
+    # of one process on the same global batch
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "norms.pt")
+    mp.start_processes(_grad_norm_worker, args=(2, str(tmp_path / "init"), out, ["dist.memory_parallel=2"]),
+                       nprocs=2, start_method="spawn", join=True)
+    os.environ.pop("WORLD_SIZE", None)
+    ref = _grad_norms(2, 0, [])
+    assert torch.load(out) == [pytest.approx(r, rel=1e-4) for r in ref]

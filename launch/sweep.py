@@ -13,7 +13,7 @@ A sweep file (see configs/sweeps/):
     points:                               # and/or explicit points (each one crossed with the grid)
       - {model.memory.layers: [12]}
       - {model.memory.layers: [], model.memory.every: 4}
-`sweep.<key>=[...]` arguments add grid axes; `config=`, `run_dir=` and other `key=value` arguments override the
+`sweep.<key>=[...]` arguments add grid axes (or replace the file's); `config=`, `run_dir=` and other `key=value` arguments override the
 file's for every point. A point's run directory is <run_dir>/<name>, e.g. `n_keys=512,layers=4-12-20`.
 
 Every point's trainer config is validated before anything starts or is written (`config error: <point>: ...`,
@@ -178,7 +178,9 @@ def build_sweep(axes: List[Tuple[str, list]], args: List[str], spec: Optional[Di
     """The points of a sweep file (optional) plus command-line axes, with the remaining trainer `args`."""
     spec = spec or {}
     source = spec.get("name", "sweep")
-    axes = (_as_grid(spec["grid"], source) if spec.get("grid") else []) + list(axes)
+    grid = dict(_as_grid(spec["grid"], source) if spec.get("grid") else [])
+    grid.update(axes)  # a command-line axis replaces the file's axis of the same key
+    axes = list(grid.items())
     explicit = _as_points(spec["points"], source) if spec.get("points") else [{}]
     if not axes and explicit == [{}]:
         raise SweepError("no sweep points: pass sweep=FILE or sweep.<key>=[v1,v2,...]")

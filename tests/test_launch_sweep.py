@@ -43,6 +43,11 @@ def test_file_grid_points_and_command_line_axes_combine():
     assert "train.steps=7" in first.args and "logging.group=placement" in first.args
     assert "model.memory.layers=[12]" in first.args and first.args[-1] == f"run_dir=/tmp/x/{first.name}"
     assert len({p.run_dir for p in sweep.points}) == len(sweep.points)
+    # a command-line axis replaces the file's axis of the same key
+    narrowed = build_sweep(*parse_sweep(["sweep.model.memory.n_keys=[64]"]), spec=spec)
+    assert [p.name for p in narrowed.points] == ["layers=12", "layers=4-12-20", "layers=none,every=4,start=2"]
+    assert all("model.memory.n_keys=64" in p.args for p in narrowed.points)
+    assert narrowed.run_dir == os.path.join("runs", "sweeps", "placement")
 
 
 def test_the_shipped_sweeps_validate(capsys):

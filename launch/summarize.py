@@ -329,6 +329,9 @@ def summarize(runs: List[Run], out_dir: str) -> str:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(__doc__.strip())
+        return 0
     out = [a.split("=", 1)[1] for a in argv if a.startswith("out=")]
     paths = [a for a in argv if not a.startswith("out=")]
     if not paths:

@@ -300,6 +300,9 @@ def summarize_sweep(sweep: Sweep) -> int:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(__doc__.strip())
+        return 0
     dry_run = "--dry-run" in argv
     do_summarize = "summarize" in argv
     argv = [a for a in argv if a not in ("--dry-run", "summarize")]

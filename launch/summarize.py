@@ -181,8 +181,12 @@ def find_runs(paths: List[str]) -> List[str]:
 def _text(value: Any) -> str:
     if value is None:
         return ""
+    if isinstance(value, bool):
+        return str(value).lower()
     if isinstance(value, float):
         return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
+    if isinstance(value, int) and abs(value) >= 10**7:  # parameters, FLOPs: 1.400e+09 reads better
+        return f"{value:.3e}"
     if isinstance(value, list):
         return "[" + ", ".join(_text(v) for v in value) + "]"
     return str(value)

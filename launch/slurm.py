@@ -13,7 +13,7 @@ import os
 import shlex
 import subprocess
 import sys
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from .common import join, run_dir_of, split_args
 from .torchrun import torchrun_command
@@ -43,8 +43,7 @@ DEFAULTS: Dict[str, object] = {
 }
 
 
-def sbatch_script(train_args: List[str], opts: Dict[str, object]) -> str:
-    run_dir = run_dir_of(train_args)
+def _header(opts: Dict[str, object], output: str, array: str = "") -> List[str]:
     nodes, gpus = int(opts["nodes"]), int(opts["gpus_per_node"])
     lines = [
         "#!/bin/bash",
@@ -54,27 +53,36 @@ def sbatch_script(train_args: List[str], opts: Dict[str, object]) -> str:
         f"#SBATCH --gpus-per-node={gpus}",
         f"#SBATCH --cpus-per-task={opts['cpus_per_task']}",
         f"#SBATCH --time={opts['time']}",
-        f"#SBATCH --output={run_dir}/slurm-%j.out",
+        f"#SBATCH --output={output}",
         # B: = signal the batch shell too; the trainer catches SIGUSR1, saves, exits; requeue restarts.
         f"#SBATCH --signal=B:USR1@{opts['signal_lead_s']}",
         "#SBATCH --requeue",
         "#SBATCH --open-mode=append",
     ]
+    if array:
+        lines.append(f"#SBATCH --array={array}")
     for key in ("partition", "account", "qos"):
         if opts[key]:
             lines.append(f"#SBATCH --{key}={opts[key]}")
+    return lines
+
+
+def _command_text(train_args: List[str], opts: Dict[str, object]) -> str:
+    """The per-node torchrun command, with $VARS left unquoted so the shell expands them on each node."""
     cmd = torchrun_command(
         train_args,
-        nodes=nodes,
-        gpus_per_node=gpus,
+        nodes=int(opts["nodes"]),
+        gpus_per_node=int(opts["gpus_per_node"]),
         rdzv_endpoint=f"$MASTER_ADDR:{opts['port']}",
         rdzv_id="$SLURM_JOB_ID",
         python=str(opts["python"]),
     )
-    # Keep $VARS unquoted so the shell expands them on each node.
-    cmd_text = " ".join(c if "$" in c else shlex.quote(c) for c in cmd)
-    lines += [
-        "",
+    return " ".join(c if "$" in c else shlex.quote(c) for c in cmd)
+
+
+def _body(command: str) -> List[str]:
+    """Start `command` (shell text) on every node with srun; on SIGUSR1 make the trainers save, then requeue."""
+    return [
         "set -euo pipefail",
         'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
         "export MASTER_ADDR",
@@ -89,7 +97,7 @@ def sbatch_script(train_args: List[str], opts: Dict[str, object]) -> str:
         "  srun --overlap --ntasks-per-node=1 bash -c " + shlex.quote(_SIGNAL_WORKERS),
         "}",
         "trap forward_usr1 USR1",
-        f"srun --kill-on-bad-exit=1 bash -c {shlex.quote(cmd_text)} &",
+        f"srun --kill-on-bad-exit=1 bash -c {command} &",
         "SRUN_PID=$!",
         "# wait returns early when the trap fires; wait again for the ranks to save and exit.",
         "wait $SRUN_PID || true",
@@ -98,7 +106,34 @@ def sbatch_script(train_args: List[str], opts: Dict[str, object]) -> str:
         'if [ "$REQUEUE" = 1 ]; then scontrol requeue "$SLURM_JOB_ID"; fi',
         "",
     ]
-    return "\n".join(lines)
+
+
+def sbatch_script(train_args: List[str], opts: Dict[str, object]) -> str:
+    run_dir = run_dir_of(train_args)
+    lines = _header(opts, f"{run_dir}/slurm-%j.out") + [""]
+    return "\n".join(lines + _body(shlex.quote(_command_text(train_args, opts))))
+
+
+def sbatch_array_script(points: List[Tuple[str, List[str]]], opts: Dict[str, object], sweep_dir: str) -> str:
+    """One job array for a sweep: task i runs point i (name, trainer arguments) with the same resources as
+    `sbatch_script`. Each task is its own job (own SLURM_JOB_ID): it is signalled, saves and is requeued alone,
+    and its next start resumes from its run directory."""
+    if not points:
+        raise ValueError("a job array needs at least one point")
+    array = f"0-{len(points) - 1}"
+    if int(opts.get("array_parallel", 0) or 0) > 0:
+        array += f"%{int(opts['array_parallel'])}"  # at most this many tasks at once
+    lines = _header(opts, f"{sweep_dir}/slurm-%A_%a.out", array=array) + [""]
+    lines += ["# One sweep point per array index.", 'case "$SLURM_ARRAY_TASK_ID" in']
+    for i, (name, train_args) in enumerate(points):
+        lines.append(f"  {i}) POINT={shlex.quote(name)}; POINT_CMD={shlex.quote(_command_text(train_args, opts))} ;;")
+    lines += [
+        '  *) echo "no sweep point for array index $SLURM_ARRAY_TASK_ID" >&2; exit 2 ;;',
+        "esac",
+        'echo "sweep point $SLURM_ARRAY_TASK_ID: $POINT"',
+        "",
+    ]
+    return "\n".join(lines + _body('"$POINT_CMD"'))
 
 
 def main(argv=None) -> int:

@@ -71,6 +71,8 @@ class LoopConfig:
     # allocation counters say (0: leave it automatic). An automatic collection pauses one rank at a random moment
     # and every other rank waits for it at the next collective.
     gc_every: int = 50
+    # Peak FLOP/s of one device for the logged MFU; null: looked up from the GPU's name (none on CPU).
+    peak_flops: Optional[float] = None
 
     def validate(self, prefix: str) -> None:
         for key in ("steps", "batch_size", "grad_accum", "log_every", "val_batches"):
@@ -80,6 +82,8 @@ class LoopConfig:
             raise ValueError(f"{prefix}.gc_every: must be >= 0, got {self.gc_every}")
         if self.val_every < 0:
             raise ValueError(f"{prefix}.val_every: must be >= 0, got {self.val_every}")
+        if self.peak_flops is not None and not self.peak_flops > 0:
+            raise ValueError(f"{prefix}.peak_flops: must be > 0 (or null to look it up), got {self.peak_flops}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"{prefix}.device: must be auto, cpu or cuda, got {self.device!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
@@ -105,6 +109,7 @@ class LoggingConfig:
     wandb: str = "disabled"  # disabled | online | offline
     project: str = "mnemo"
     run_name: Optional[str] = None
+    group: Optional[str] = None  # wandb group: the runs of one sweep share one (launch.sweep sets it)
 
     def validate(self, prefix: str) -> None:
         if self.wandb not in ("disabled", "online", "offline"):

@@ -3,15 +3,24 @@
 Parameters can live on different meshes (FSDP-sharded blocks, column-sharded values), which
 torch.nn.utils.clip_grad_norm_ does not combine into one norm, so each gradient's squared norm is reduced
 over the mesh dims it is sharded on, and the results summed. Replicated dims hold copies: not summed.
+
+The norm is also reported by part ("dense" and "values": the memory value tables), from the same squared sums:
+the value table is updated sparsely and at its own rate, so its gradient scale is worth watching on its own.
 """
 from __future__ import annotations
 
+from typing import Dict, Tuple
+
 import torch
+
+from .optim import is_value_param
 
 try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover - torch without DTensor
     DTensor = None
+
+PARTS = ("dense", "values")
 
 
 def _local(g: torch.Tensor) -> torch.Tensor:
@@ -26,23 +35,38 @@ def _reduce_groups(g: torch.Tensor):
 
 
 @torch.no_grad()
-def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    # One all-reduce per distinct set of groups (not one per parameter: hundreds of tiny collectives).
-    by_groups = {}
-    for g in grads:
-        by_groups.setdefault(_reduce_groups(g), []).append(_local(g))
-    total = None
-    for groups, locals_ in by_groups.items():
-        sq = torch.stack(torch._foreach_norm(locals_, 2.0, dtype=torch.float32)).pow(2).sum()
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Clip all gradients to a global norm of `max_norm` (0: no clipping).
+
+    Returns the norm before clipping and its parts {"dense": ..., "values": ...} (a part without gradients is
+    left out); the parts' squares sum to the total's.
+    """
+    named = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
+    if not named:
+        return torch.zeros(()), {}
+    grads = [g for _, g in named]
+    # One all-reduce per distinct set of groups (not one per parameter: hundreds of tiny collectives); the
+    # parts' squared sums travel together in one vector.
+    by_groups: Dict[tuple, Dict[int, list]] = {}
+    for name, g in named:
+        part = 1 if is_value_param(name) else 0
+        by_groups.setdefault(_reduce_groups(g), {}).setdefault(part, []).append(_local(g))
+    part_sq = None
+    for groups, by_part in by_groups.items():
+        sq = None
+        for part, locals_ in by_part.items():
+            s = torch.stack(torch._foreach_norm(locals_, 2.0, dtype=torch.float32)).pow(2).sum()
+            if sq is None:
+                sq = torch.zeros(len(PARTS), dtype=torch.float32, device=s.device)
+            sq[part] = s
         for group in groups:
             torch.distributed.all_reduce(sq, group=group)
-        total = sq if total is None else total + sq
-    total = total.sqrt()
+        part_sq = sq if part_sq is None else part_sq + sq
+    total = part_sq.sum().sqrt()
+    present = {1 if is_value_param(n) else 0 for n, _ in named}
+    parts = {PARTS[i]: part_sq[i].sqrt() for i in sorted(present)}
     if max_norm > 0:
         scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
         for dtype in {_local(g).dtype for g in grads}:
             torch._foreach_mul_([_local(g) for g in grads if _local(g).dtype == dtype], scale.to(dtype))
-    return total
+    return total, parts

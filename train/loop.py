@@ -16,11 +16,13 @@ from data import all_rank_states, build_loader, check_vocab, load_tokenizer, uni
 from eval import fixed_val_batches, flatten, format_table, load_eval_tasks, run_tasks, validation_metrics
 from model import Transformer
 from model.checkpoint import model_config_to_dict
+from model.flops import flops_per_token
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig, to_yaml
 from .gc_control import scheduled_gc
-from .metrics import MetricsLogger, format_duration, format_progress, truncate_after
+from .metrics import MetricsLogger, format_duration, format_progress, truncate_after, write_summary
+from .mfu import device_peak_flops, mfu
 from .optim import build_optimizer, build_scheduler
 from .parallelize import parallelize
 from .runtime import Runtime, setup_runtime
@@ -56,7 +58,9 @@ def check_tokenizer(cfg: TrainConfig, tokenizer) -> None:
 
 
 def train_step(model, optimizer, scheduler, micro_batches, cfg: TrainConfig, rt: Runtime):
-    """One optimizer step over `micro_batches` (gradient accumulation). Returns (mean loss, grad norm)."""
+    """One optimizer step over `micro_batches` (gradient accumulation).
+
+    Returns (mean loss, (grad norm, {part: grad norm})) with parts "dense" and "values"."""
     loss_sum = torch.zeros((), device=rt.device)
     n = len(micro_batches)
     for i, batch in enumerate(micro_batches):
@@ -65,11 +69,11 @@ def train_step(model, optimizer, scheduler, micro_batches, cfg: TrainConfig, rt:
             (loss / n).backward()
         loss_sum += loss.detach()
     rt.sync_value_grads(model)
-    grad_norm = rt.clip_grad_norm(model, cfg.optim.grad_clip)
+    grad_norms = rt.clip_grad_norm(model, cfg.optim.grad_clip)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return rt.all_reduce_mean(loss_sum / n), grad_norm
+    return rt.all_reduce_mean(loss_sum / n), grad_norms
 
 
 def run(cfg: TrainConfig) -> Dict[str, Any]:
@@ -100,6 +104,8 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
 def _train(cfg: TrainConfig, rt: Runtime, tokenizer, log: MetricsLogger, resume_from, after_step) -> Dict[str, Any]:
     model = build_model(cfg, rt)
     n_params = model.num_parameters()
+    step_flops = flops_per_token(cfg.model, cfg.data.seq_len).total  # training FLOPs per token
+    peak_flops = device_peak_flops(rt.device, cfg.train.peak_flops)
     model = parallelize(model, cfg, rt)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
@@ -118,6 +124,7 @@ def _train(cfg: TrainConfig, rt: Runtime, tokenizer, log: MetricsLogger, resume_
         log.print(f"resumed from {resume_from} at step {start_step}")
     else:
         log.print(f"mnemo: {n_params / 1e6:.2f}M parameters, {cfg.train.steps} steps, run dir {cfg.run_dir}")
+        log.log({"step": 0, "params": n_params, "flops_per_token": step_flops})
 
     val_batches = fixed_val_batches(
         cfg.data, tokenizer, cfg.train.val_batches, cfg.train.batch_size, rank=rt.dp_rank, world_size=rt.dp_size
@@ -161,7 +168,7 @@ def _train(cfg: TrainConfig, rt: Runtime, tokenizer, log: MetricsLogger, resume_
 
     while step < cfg.train.steps:
         micro_batches = [next(data_iter) for _ in range(cfg.train.grad_accum)]
-        loss, grad_norm = train_step(model, optimizer, scheduler, micro_batches, cfg, rt)
+        loss, (grad_norm, grad_parts) = train_step(model, optimizer, scheduler, micro_batches, cfg, rt)
         step += 1
         window_steps += 1
         after_step(step)
@@ -182,6 +189,12 @@ def _train(cfg: TrainConfig, rt: Runtime, tokenizer, log: MetricsLogger, resume_
                 "eta_s": step_time * (cfg.train.steps - step),
                 "tokens": step * tokens_per_step,
             }
+            rec.update({f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups})
+            rec.update({f"grad_norm/{part}": float(v) for part, v in grad_parts.items()})
+            if peak_flops:
+                rec["mfu"] = mfu(rec["tokens_per_s_per_device"], step_flops, peak_flops)
+            if rt.device.type == "cuda":
+                rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(rt.device) / 2**30
             if rt.memory_comm is not None:
                 # memory-layer collectives (lookups forward and backward, value-gradient sum), per step
                 comm_s = rt.memory_comm.read_ms() / 1e3 / window_steps
@@ -211,6 +224,9 @@ def _train(cfg: TrainConfig, rt: Runtime, tokenizer, log: MetricsLogger, resume_
     entropy = unigram_entropy(cfg.data, tokenizer, split="val")
     summary = {"step": step, "val_loss": final_val, "unigram_entropy": entropy}
     log.log({"step": step, "unigram_entropy": entropy})
+    if rt.is_main:
+        write_summary(cfg.run_dir, dict(summary, tokens=step * tokens_per_step, params=n_params,
+                                         flops_per_token=step_flops))
     log.print(
         f"done: {step} steps | final val loss {final_val:.4f} nats/token | unigram entropy {entropy:.4f} "
         f"(a model that learned only token frequencies) | {100 * (1 - final_val / entropy):.1f}% below it"

@@ -21,16 +21,34 @@ def format_progress(rec: Dict[str, Any], total_steps: int) -> str:
     if "lr" in rec:
         parts.append(f"lr {rec['lr']:.2e}")
     if "grad_norm" in rec:
-        parts.append(f"gnorm {rec['grad_norm']:.3f}")
+        gnorm = f"gnorm {rec['grad_norm']:.3f}"
+        if "grad_norm/values" in rec:
+            gnorm += f" (values {rec['grad_norm/values']:.3f})"
+        parts.append(gnorm)
     if "tokens_per_s" in rec:
         parts.append(f"{rec['tokens_per_s'] / 1000:.1f}k tok/s")
         if rec.get("tokens_per_s_per_device", rec["tokens_per_s"]) != rec["tokens_per_s"]:
             parts.append(f"{rec['tokens_per_s_per_device'] / 1000:.1f}k tok/s/device")
+    if "mfu" in rec:
+        parts.append(f"MFU {rec['mfu']:.1%}")
+    if "peak_mem_gib" in rec:
+        parts.append(f"peak mem {rec['peak_mem_gib']:.1f} GiB")
     if "memory_comm_ms" in rec:
         parts.append(f"memory comm {rec['memory_comm_ms']:.1f} ms/step ({rec['memory_comm_frac']:.0%})")
     if "eta_s" in rec:
         parts.append(f"eta {format_duration(rec['eta_s'])}")
     return " | ".join(parts)
+
+
+SUMMARY_FILE = "summary.json"
+
+
+def write_summary(run_dir: str, summary: Dict[str, Any]) -> None:
+    """The finished run's summary, written last: its presence (at the configured step count) marks a finished run."""
+    path = os.path.join(run_dir, SUMMARY_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump(summary, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def truncate_after(path: str, step: int) -> None:
@@ -60,6 +78,7 @@ class MetricsLogger:
             self._wandb = wandb.init(
                 project=logging_cfg.project,
                 name=logging_cfg.run_name or os.path.basename(os.path.abspath(run_dir)),
+                group=logging_cfg.group,
                 dir=run_dir,
                 mode=logging_cfg.wandb,
                 config=config_dict,

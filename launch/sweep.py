@@ -1,11 +1,12 @@
-"""Grid sweeps: one run per combination of values, each in its own run directory.
+r"""Grid sweeps: one run per combination of values, each in its own run directory.
 
     python -m launch.sweep config=configs/x.yaml \
         sweep.model.memory.n_keys=[256,512] "sweep.model.memory.layers=[[4],[4,12,20]]" \
         [launcher=local|torchrun|slurm] [nodes=.. gpus_per_node=..] [--dry-run] [key=value ...]
 
 prints (with --dry-run) or runs one command per point, one after another (slurm: one job each). Each point
-gets run_dir <base run_dir>/<short key>=<value>_..., so points never share checkpoints.
+gets run_dir <base run_dir>/<short key>=<value>_..., so points never share checkpoints. Every point's trainer
+config is checked before the first one starts.
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from typing import List, Tuple
 
 from omegaconf import OmegaConf
 
-from .common import join, run_dir_of, split_args
+from model.cli_config import ConfigError, parse_override
+
+from .common import join, launcher_main, run_dir_of, split_args, trainer_config
 from .slurm import DEFAULTS as SLURM_DEFAULTS
 from .torchrun import torchrun_command
 
@@ -29,14 +32,17 @@ def parse_sweep(args: List[str]) -> Tuple[List[Tuple[str, list]], List[str]]:
     for arg in args:
         if arg.startswith(PREFIX) and "=" in arg:
             key, value = arg[len(PREFIX):].split("=", 1)
-            values = OmegaConf.to_container(OmegaConf.create({"v": OmegaConf.from_dotlist([f"v={value}"]).v}))["v"]
+            try:
+                values = OmegaConf.to_container(parse_override(f"v={value}", f"{PREFIX}{key}=[1,2]"))["v"]
+            except ConfigError as e:
+                raise ConfigError(f"{PREFIX}{key}{str(e)[1:]}") from None
             if not isinstance(values, list) or not values:
-                raise SystemExit(f"{arg}: a sweep axis needs a non-empty list, e.g. {PREFIX}{key}=[1,2]")
+                raise ConfigError(f"{PREFIX}{key}: a sweep axis needs a non-empty list, e.g. {PREFIX}{key}=[1,2]")
             axes.append((key, values))
         else:
             rest.append(arg)
     if not axes:
-        raise SystemExit("no sweep axes: pass sweep.<key>=[v1,v2,...]")
+        raise ConfigError("sweep: no sweep axes; pass sweep.<key>=[v1,v2,...]")
     return axes, rest
 
 
@@ -56,14 +62,26 @@ def sweep_points(axes, base_args: List[str]) -> List[List[str]]:
     return points
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+LAUNCHERS = ("local", "torchrun", "slurm")
+DEFAULTS = dict(SLURM_DEFAULTS, launcher="local", nodes=1, gpus_per_node=1)
+
+
+def _main(argv) -> int:
     dry_run = "--dry-run" in argv
     argv = [a for a in argv if a != "--dry-run"]
-    opts, rest = split_args(argv, dict(SLURM_DEFAULTS, launcher="local", nodes=1, gpus_per_node=1))
+    opts, rest = split_args(argv, DEFAULTS)
+    if opts["launcher"] not in LAUNCHERS:
+        raise ConfigError(f"launcher: must be one of {', '.join(LAUNCHERS)}, got {opts['launcher']!r}")
     axes, base = parse_sweep(rest)
+    points = sweep_points(axes, base)
+    world = 1 if opts["launcher"] == "local" else int(opts["nodes"]) * int(opts["gpus_per_node"])
+    for i, args in enumerate(points, 1):  # all before the first starts: a bad one must not wait behind the others
+        try:
+            trainer_config(args, DEFAULTS, world)
+        except ConfigError as e:
+            raise ConfigError(f"{e} (sweep point {i} of {len(points)}: {join(args[-len(axes) - 1:-1])})") from None
     status = 0
-    for args in sweep_points(axes, base):
+    for args in points:
         if opts["launcher"] == "slurm":
             cmd = [sys.executable, "-m", "launch.slurm"] + [f"{k}={opts[k]}" for k in SLURM_DEFAULTS] + args
         elif opts["launcher"] == "torchrun":
@@ -74,6 +92,10 @@ def main(argv=None) -> int:
         if not dry_run:
             status = subprocess.call(cmd) or status
     return status
+
+
+def main(argv=None) -> int:
+    return launcher_main(__doc__, DEFAULTS, _main, argv)
 
 
 if __name__ == "__main__":

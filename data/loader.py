@@ -145,6 +145,18 @@ def all_rank_states(loader: Loader, group=None) -> List[dict]:
     return sorted({s["rank"]: s for s in states}.values(), key=lambda s: s["rank"])
 
 
+def skipped_totals(states: List[dict]) -> dict:
+    """Bad records skipped, summed over the rank states of `all_rank_states`: {"skipped": total,
+    "skipped_<reason>": n} (reasons with n > 0 only)."""
+    out = {"skipped": 0}
+    for reason in BAD_REASONS:
+        n = sum(int(s["stats"].get(f"skipped_{reason}", 0)) for s in states)
+        if n:
+            out[f"skipped_{reason}"] = n
+            out["skipped"] += n
+    return out
+
+
 def build_loader(cfg: DataConfig, tokenizer, split: str = "train", rank: int = 0, world_size: int = 1,
                  batch_size: int = 8) -> Loader:
     return Loader(cfg, tokenizer, split, rank, world_size, batch_size)

@@ -52,6 +52,14 @@ def model_config_to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def no_process_group() -> bool:
+    """For DCP's `no_dist`: without a process group DCP would warn on every save and load that it assumes a
+    single process; passing no_dist says so instead."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized())
+
+
 def load_model(checkpoint_dir: str, device="cpu") -> Tuple[torch.nn.Module, object]:
     """Build the checkpoint's model on `device` and load its weights. Returns (model, ModelConfig)."""
     import torch.distributed.checkpoint as dcp
@@ -69,7 +77,7 @@ def load_model(checkpoint_dir: str, device="cpu") -> Tuple[torch.nn.Module, obje
     model.to_empty(device=device)
     model.init_weights()  # buffers (e.g. RoPE tables) are not in the checkpoint
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=path)
+    dcp.load(state, checkpoint_id=path, no_dist=no_process_group())
     model.load_state_dict(state["model"])
     model.eval()
     return model, cfg

@@ -15,7 +15,7 @@ from data.config import DataConfig, resolve_path
 from data.batching import batches
 from data.prefetch import threaded
 from data.resize import merge_states, merge_stats
-from data.sources import BAD_REASONS, SourceSpec
+from data.sources import BAD_REASONS, SourceSpec, check_usable, files_text
 from data.stream import DocStream, initial_state
 
 STATE_VERSION = 1
@@ -52,6 +52,8 @@ class Loader:
         self.specs: List[SourceSpec] = [SourceSpec.from_config(s, f"data.{split}[{i}]", resolve_path)
                                         for i, s in enumerate(getattr(cfg, split))]
         _check_memmap_tokenizer(self.specs, tokenizer)
+        for spec in self.specs:
+            check_usable(spec)
         self._stream_state = initial_state(len(self.specs), world_size)
         self._stats = zero_stats()
         self._generation = 0
@@ -107,7 +109,9 @@ class Loader:
                            self.tokenizer, self.cfg.max_warnings, self.rank, state, self.cfg.chunk_docs,
                            self.cfg.epochs)
         pin = self.cfg.pin_memory and torch.cuda.is_available()
-        out = batches(self._chunks(stream), self.batch_size, self.cfg.seq_len + 1, state, stats, train, pin)
+        files = "; ".join(files_text(spec) for spec in self.specs)
+        label = f"data.{self.split} (rank {self.rank} of {self.world_size}; {files})"
+        out = batches(self._chunks(stream), self.batch_size, self.cfg.seq_len + 1, state, stats, train, pin, label)
         if self.cfg.num_workers > 0:  # workers tokenize; a thread packs and pins, off the training thread
             out = threaded(out, depth=2)
         for batch, new_state, new_stats in out:
@@ -139,6 +143,18 @@ def all_rank_states(loader: Loader, group=None) -> List[dict]:
     states: List[dict] = [None] * dist.get_world_size(group)  # type: ignore[list-item]
     dist.all_gather_object(states, loader.state_dict(), group=group)
     return sorted({s["rank"]: s for s in states}.values(), key=lambda s: s["rank"])
+
+
+def skipped_totals(states: List[dict]) -> dict:
+    """Bad records skipped, summed over the rank states of `all_rank_states`: {"skipped": total,
+    "skipped_<reason>": n} (reasons with n > 0 only)."""
+    out = {"skipped": 0}
+    for reason in BAD_REASONS:
+        n = sum(int(s["stats"].get(f"skipped_{reason}", 0)) for s in states)
+        if n:
+            out[f"skipped_{reason}"] = n
+            out["skipped"] += n
+    return out
 
 
 def build_loader(cfg: DataConfig, tokenizer, split: str = "train", rank: int = 0, world_size: int = 1,

@@ -191,6 +191,42 @@ class Warner:
             log.warning("%s: skipped (%s): %s%s", where, reason, msg, "" if self.left else " [further warnings off]")
 
 
+def files_text(spec: SourceSpec) -> str:
+    paths = list(dict.fromkeys(path for _, path, _ in spec.units))
+    more = f" and {len(paths) - 3} more" if len(paths) > 3 else ""
+    return ", ".join(paths[:3]) + more
+
+
+def check_usable(spec: SourceSpec) -> None:
+    """Raise DataError, naming the source and its files, unless one pass over it finds a usable document.
+
+    Stops at the first usable record, so a good source costs one read. Without this, an endless train
+    stream over a source whose every record is skipped (binary junk, empty texts) would loop forever.
+    """
+    reader = Reader(spec, 0, 0, shuffle=False, epochs=1, strict=False, warn=None)
+    counts: dict = {}
+    first = None
+    while True:
+        try:
+            rec = reader.next(parse=True)
+        except ValueError:  # no records at all
+            rec = None
+        if rec is None:
+            break
+        kind, payload, where = rec
+        if kind in ("doc", "tokens"):
+            return
+        counts[kind] = counts.get(kind, 0) + 1
+        if first is None:
+            first = f"{where}: {kind}: {' '.join(str(payload).split())[:200]}"
+    if not counts:
+        raise DataError(f"{spec.name}: no records in {files_text(spec)}")
+    total = sum(counts.values())
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+    raise DataError(f"{spec.name}: no usable document in {files_text(spec)}: all {total} records were skipped "
+                    f"({reasons}); the first at {first}")
+
+
 def iter_documents(spec: SourceSpec, strict: bool = False, max_warnings: int = 5) -> Iterator[str]:
     """Every good document text of one pass over a source, in file order (used by tokenizer training)."""
     warn = Warner(max_warnings, strict)

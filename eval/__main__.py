@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass
 from typing import List, Optional
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+
+from model.cli_config import ConfigError, describe_keys, load_structured, wants_help
 
 from .config import EvalConfig
 
@@ -45,21 +46,20 @@ class EvalCLIConfig(EvalConfig):
             raise ValueError(f"{p}val_batches/val_batch_size: must be >= 0 / >= 1")
         if not self.tasks and not self.val_batches:
             raise ValueError(f"{p}tasks: nothing to do; give tasks=[...] and/or val_batches=N")
-        EvalConfig.validate(self, prefix or "eval")
+        EvalConfig.validate(self, prefix)
 
 
 def parse_cli(argv: List[str]) -> EvalCLIConfig:
-    bad = [a for a in argv if "=" not in a]
-    if bad:
-        raise ValueError(f"{bad[0]}: arguments are key=value (e.g. tasks=[qa_wikidata] checkpoint=runs/x)")
+    cfg = load_structured(EvalCLIConfig, None, argv, example="tasks=[jsonl:qa.jsonl] checkpoint=runs/x")
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(EvalCLIConfig), OmegaConf.from_dotlist(argv))
-        cfg = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or "config"
-        raise ValueError(f"{key}: {str(e).splitlines()[0]}") from None
-    cfg.validate()
+        cfg.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return cfg
+
+
+def usage() -> str:
+    return __doc__ + "\nKeys and defaults:\n" + "\n".join(describe_keys(EvalCLIConfig)) + "\n"
 
 
 def run_dir_of(checkpoint_dir: str) -> str:
@@ -111,12 +111,18 @@ def main(argv=None) -> int:
     from .validation import fixed_val_batches, validation_metrics
 
     argv = sys.argv[1:] if argv is None else argv
+    if wants_help(argv):
+        print(usage())
+        return 0
     try:
         cfg = parse_cli(argv)
         ckpt = resolve_checkpoint(cfg.checkpoint)
         run_dir = run_dir_of(ckpt)
         tokenizer = resolve_tokenizer(cfg, run_dir)
         tasks = load_eval_tasks(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -23,26 +23,32 @@ class EvalConfig:
     top_p: float = 1.0
     generate: bool = True  # generative tasks: also decode and score EM/F1 (False: answer NLL only, faster)
     add_bos: bool = True  # prompts start with BOS, as training documents do
-    qa_wikidata_path: str = "../shared/data/qa_wikidata.jsonl"  # relative paths: against the repo root
+    # The qa_wikidata file is evaluation-only data that mnemo does not ship: the task needs this path (relative
+    # paths: against the repo root).
+    qa_wikidata_path: str = ""
 
     def validate(self, prefix: str) -> None:
+        def key(name: str) -> str:  # "eval.tasks" in the train config, "tasks" on the eval command line
+            return f"{prefix}.{name}" if prefix else name
+
         if not isinstance(self.tasks, (list, tuple)) or any(not isinstance(t, str) for t in self.tasks):
-            raise ValueError(f"{prefix}.tasks: must be a list of task names, got {self.tasks!r}")
+            raise ValueError(f"{key('tasks')}: must be a list of task names, got {self.tasks!r}")
         for i, t in enumerate(self.tasks):
             problem = check_task_spec(t)
             if problem:
-                raise ValueError(f"{prefix}.tasks[{i}]: {problem}")
+                raise ValueError(f"{key('tasks')}[{i}]: {problem}")
         if len(set(self.tasks)) != len(self.tasks):
-            raise ValueError(f"{prefix}.tasks: listed twice: {sorted({t for t in self.tasks if self.tasks.count(t) > 1})}")
-        for key, low in (("every", 0), ("max_examples", 0), ("batch_size", 1), ("num_fewshot", 0), ("max_new_tokens", 1)):
-            v = getattr(self, key)
+            raise ValueError(f"{key('tasks')}: listed twice: {sorted({t for t in self.tasks if self.tasks.count(t) > 1})}")
+        for name, low in (("every", 0), ("max_examples", 0), ("batch_size", 1), ("num_fewshot", 0), ("max_new_tokens", 1)):
+            v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
-                raise ValueError(f"{prefix}.{key}: must be an integer >= {low}, got {v!r}")
+                raise ValueError(f"{key(name)}: must be an integer >= {low}, got {v!r}")
         if self.temperature < 0:
-            raise ValueError(f"{prefix}.temperature: must be >= 0 (0 is greedy), got {self.temperature}")
+            raise ValueError(f"{key('temperature')}: must be >= 0 (0 is greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"{prefix}.top_p: must be in (0, 1], got {self.top_p}")
+            raise ValueError(f"{key('top_p')}: must be in (0, 1], got {self.top_p}")
         if not isinstance(self.stop, (list, tuple)) or any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"{prefix}.stop: must be a list of non-empty strings, got {self.stop!r}")
-        if not self.qa_wikidata_path:
-            raise ValueError(f"{prefix}.qa_wikidata_path: must not be empty")
+            raise ValueError(f"{key('stop')}: must be a list of non-empty strings, got {self.stop!r}")
+        if "qa_wikidata" in self.tasks and not self.qa_wikidata_path:
+            raise ValueError(f"{key('qa_wikidata_path')}: the qa_wikidata task needs the path of qa_wikidata.jsonl "
+                             f"(evaluation-only data, not part of mnemo), e.g. {key('qa_wikidata_path')}=/data/qa_wikidata.jsonl")

@@ -6,7 +6,7 @@ Two record formats (one JSON object per line):
 Extra keys (ids, entity names, ...) are kept in `meta`. A file must hold one format only.
 
 Task names (EvalConfig.tasks):
-- `qa_wikidata`      the shared BIG-bench set (evaluation only), path from EvalConfig.qa_wikidata_path
+- `qa_wikidata`      the BIG-bench QA set (evaluation only, not shipped): its path is EvalConfig.qa_wikidata_path
 - `synthetic:DIR`    a directory written by `python -m eval.synthetic_facts` (its qa.jsonl and mc.jsonl)
 - `jsonl:PATH`       any jsonl file in one of the two formats (the task is named after the file)
 """
@@ -20,8 +20,8 @@ from typing import Any, Dict, List, Optional
 GENERATIVE = "generative"
 MULTIPLE_CHOICE = "multiple_choice"
 
-# Relative paths in the eval config are taken against the repository root (the parent of this package), so
-# the default `../shared/data/qa_wikidata.jsonl` works from any working directory.
+# Relative paths in the eval config are taken against the repository root (the parent of this package), as data
+# paths are, so they work from any working directory.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -119,11 +119,12 @@ def load_tasks(spec: str, qa_wikidata_path: str, max_examples: int = 0) -> List[
     if problem:
         raise ValueError(f"eval.tasks: {problem}")
     if spec == "qa_wikidata":
+        if not qa_wikidata_path:
+            raise ValueError("qa_wikidata_path: the qa_wikidata task needs the path of qa_wikidata.jsonl "
+                             "(evaluation-only data, not part of mnemo)")
         path = resolve_path(qa_wikidata_path)
         if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"eval.qa_wikidata_path: {path} not found (set eval.qa_wikidata_path to the shared qa_wikidata.jsonl)"
-            )
+            raise FileNotFoundError(f"qa_wikidata_path: {path} not found (give the path of qa_wikidata.jsonl)")
         return [load_jsonl_task(path, "qa_wikidata", max_examples)]
     if spec.startswith("synthetic:"):
         root = resolve_path(spec[len("synthetic:"):])

@@ -1,1 +1,2 @@
-"""Launch helpers: they build torchrun / sbatch commands and scripts; they never import the trainer."""
+"""Launch helpers: they build torchrun / sbatch commands and scripts. Of the trainer they import only its config,
+to validate it (and the parallel layout) before anything is written, submitted or started."""

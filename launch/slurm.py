@@ -2,7 +2,8 @@
 
     python -m launch.slurm config=configs/x.yaml nodes=4 gpus_per_node=8 time=24:00:00 [--dry-run] [key=value ...]
 
-The script goes to <run_dir>/launch.sbatch. srun starts one torchrun per node; the first node of the
+The trainer's config (and its parallel layout for nodes x gpus_per_node ranks) is checked first; nothing is
+written or submitted when it is wrong. The script goes to <run_dir>/launch.sbatch. srun starts one torchrun per node; the first node of the
 allocation hosts the c10d rendezvous. SLURM sends SIGUSR1 `signal_lead_s` seconds before the time limit;
 the trainer saves a checkpoint on it and exits, and `--requeue` puts the job back in the queue, where the
 next start resumes from that checkpoint (the trainer resumes automatically from the run directory).
@@ -15,7 +16,7 @@ import subprocess
 import sys
 from typing import Dict, List, Tuple
 
-from .common import join, run_dir_of, split_args
+from .common import join, launcher_main, split_args, trainer_config
 from .torchrun import torchrun_command
 
 # Run on every node of the job (srun --overlap). It signals the trainer processes of this job only: not the
@@ -109,7 +110,8 @@ def _body(command: str) -> List[str]:
 
 
 def sbatch_script(train_args: List[str], opts: Dict[str, object]) -> str:
-    run_dir = run_dir_of(train_args)
+    """The sbatch script; raises ConfigError when the trainer's config or layout is wrong."""
+    run_dir = trainer_config(train_args, DEFAULTS, int(opts["nodes"]) * int(opts["gpus_per_node"])).run_dir
     lines = _header(opts, f"{run_dir}/slurm-%j.out") + [""]
     return "\n".join(lines + _body(shlex.quote(_command_text(train_args, opts))))
 
@@ -136,8 +138,7 @@ def sbatch_array_script(points: List[Tuple[str, List[str]]], opts: Dict[str, obj
     return "\n".join(lines + _body('"$POINT_CMD"'))
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _main(argv) -> int:
     dry_run = "--dry-run" in argv
     argv = [a for a in argv if a != "--dry-run"]
     opts, train_args = split_args(argv, DEFAULTS)
@@ -145,13 +146,17 @@ def main(argv=None) -> int:
     if dry_run:
         print(script)
         return 0
-    run_dir = run_dir_of(train_args)
+    run_dir = trainer_config(train_args, DEFAULTS).run_dir
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, "launch.sbatch")
     with open(path, "w") as f:
         f.write(script)
     print(f"wrote {path}")
     return subprocess.call(["sbatch", path])
+
+
+def main(argv=None) -> int:
+    return launcher_main(__doc__, DEFAULTS, _main, argv)
 
 
 if __name__ == "__main__":

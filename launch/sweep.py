@@ -39,7 +39,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import OmegaConf
 
-from .common import join, run_dir_of, split_args
+from model.cli_config import ConfigError, parse_override
+
+from .common import join, launcher_main, run_dir_of, split_args, trainer_config
 from .slurm import DEFAULTS as SLURM_DEFAULTS
 from .slurm import sbatch_array_script
 from .torchrun import torchrun_command
@@ -49,7 +51,7 @@ LAUNCHERS = ("local", "torchrun", "slurm")
 _FILE_KEYS = {"name", "config", "run_dir", "overrides", "grid", "points"}
 
 
-class SweepError(ValueError):
+class SweepError(ConfigError):
     pass
 
 
@@ -165,9 +167,12 @@ def parse_sweep(args: List[str]) -> Tuple[List[Tuple[str, list]], List[str]]:
     for arg in args:
         if arg.startswith(PREFIX) and "=" in arg:
             key, value = arg[len(PREFIX):].split("=", 1)
-            values = OmegaConf.to_container(OmegaConf.create({"v": OmegaConf.from_dotlist([f"v={value}"]).v}))["v"]
+            try:
+                values = OmegaConf.to_container(parse_override(f"v={value}", f"{PREFIX}{key}=[1,2]"))["v"]
+            except ConfigError as e:
+                raise SweepError(f"{PREFIX}{key}{str(e)[1:]}") from None
             if not isinstance(values, list) or not values:
-                raise SystemExit(f"{arg}: a sweep axis needs a non-empty list, e.g. {PREFIX}{key}=[1,2]")
+                raise SweepError(f"{PREFIX}{key}: a sweep axis needs a non-empty list, e.g. {PREFIX}{key}=[1,2]")
             axes.append((key, values))
         else:
             rest.append(arg)
@@ -222,14 +227,13 @@ def sweep_points(axes, base_args: List[str]) -> List[List[str]]:
     return [p.args for p in build_sweep(axes, base_args).points]
 
 
-def validate(sweep: Sweep) -> List[str]:
-    """Load every point's trainer config as the trainer will; returns the errors (`<point>: <key>: ...`)."""
-    from train.config import ConfigError, parse_cli  # the trainer's own parser, so nothing slips through
-
+def validate(sweep: Sweep, launcher_keys: Dict[str, Any], world_size: int = 0) -> List[str]:
+    """Load every point's trainer config as the trainer will (and its layout for `world_size` ranks); returns the
+    errors (`<point>: <key>: ...`)."""
     errors = []
     for point in sweep.points:
         try:
-            point.steps = parse_cli(point.args).train.steps
+            point.steps = trainer_config(point.args, launcher_keys, world_size).train.steps
         except ConfigError as e:
             errors.append(f"{point.name}: {e}")
     return errors
@@ -298,38 +302,30 @@ def summarize_sweep(sweep: Sweep) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
-        print(__doc__.strip())
-        return 0
+LAUNCHER_KEYS = dict(SLURM_DEFAULTS, launcher="local", nodes=1, gpus_per_node=1, array_parallel=0)
+
+
+def _main(argv: List[str]) -> int:
     dry_run = "--dry-run" in argv
     do_summarize = "summarize" in argv
     argv = [a for a in argv if a not in ("--dry-run", "summarize")]
-    launcher_keys = dict(SLURM_DEFAULTS, launcher="local", nodes=1, gpus_per_node=1, array_parallel=0)
-    opts, rest = split_args(argv, launcher_keys)
+    opts, rest = split_args(argv, LAUNCHER_KEYS)
     if opts["launcher"] not in LAUNCHERS:
-        print(f"launcher: must be one of {', '.join(LAUNCHERS)}, got {opts['launcher']!r}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"launcher: must be one of {', '.join(LAUNCHERS)}, got {opts['launcher']!r}")
     files = [a.split("=", 1)[1] for a in rest if a.startswith("sweep=")]
     rest = [a for a in rest if not a.startswith("sweep=")]
     bad = [a for a in rest if "=" not in a]
     if bad:
-        print(f"{bad[0]}: expected key=value, sweep=FILE, sweep.<key>=[...], summarize or --dry-run", file=sys.stderr)
-        return 2
-    try:
-        axes, rest = parse_sweep(rest)
-        sweep = build_sweep(axes, rest, load_sweep_file(files[-1]) if files else None)
-    except SweepError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"{bad[0]}: expected key=value, sweep=FILE, sweep.<key>=[...], summarize or --dry-run")
+    axes, rest = parse_sweep(rest)
+    sweep = build_sweep(axes, rest, load_sweep_file(files[-1]) if files else None)
     if do_summarize:
         return summarize_sweep(sweep)
-    errors = validate(sweep)
+    world = 1 if opts["launcher"] == "local" else int(opts["nodes"]) * int(opts["gpus_per_node"])
+    errors = validate(sweep, LAUNCHER_KEYS, world)  # all before the first starts: a bad one must not wait behind others
     if errors:
-        for err in errors:
-            print(f"config error: {err}", file=sys.stderr)
-        return 2
+        more = f" (and {len(errors) - 1} more bad points: {', '.join(e.split(':', 1)[0] for e in errors[1:])})"
+        raise ConfigError(errors[0] + (more if len(errors) > 1 else ""))
     # (on stderr for slurm, so that --dry-run's stdout is the script alone)
     print(f"sweep {sweep.name}: {len(sweep.points)} points under {sweep.run_dir}", flush=True,
           file=sys.stderr if opts["launcher"] == "slurm" else sys.stdout)
@@ -339,6 +335,10 @@ def main(argv=None) -> int:
     if not dry_run:
         summarize_sweep(sweep)
     return status
+
+
+def main(argv=None) -> int:
+    return launcher_main(__doc__, LAUNCHER_KEYS, _main, argv)
 
 
 if __name__ == "__main__":

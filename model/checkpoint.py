@@ -5,10 +5,12 @@ whose "model_config" is the ModelConfig the run was built with.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
+import warnings
 from typing import List, Tuple
 
 import torch
@@ -52,6 +54,17 @@ def model_config_to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+@contextlib.contextmanager
+def single_process_dcp():
+    """Around a DCP save or load: in one process without a process group, DCP warns on every call (even with
+    no_dist=True) that it assumes a single process. That is the intent here, so that one warning is ignored,
+    and only inside this block."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized",
+                                category=UserWarning)
+        yield
+
+
 def load_model(checkpoint_dir: str, device="cpu") -> Tuple[torch.nn.Module, object]:
     """Build the checkpoint's model on `device` and load its weights. Returns (model, ModelConfig)."""
     import torch.distributed.checkpoint as dcp
@@ -69,7 +82,8 @@ def load_model(checkpoint_dir: str, device="cpu") -> Tuple[torch.nn.Module, obje
     model.to_empty(device=device)
     model.init_weights()  # buffers (e.g. RoPE tables) are not in the checkpoint
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=path)
+    with single_process_dcp():
+        dcp.load(state, checkpoint_id=path)
     model.load_state_dict(state["model"])
     model.eval()
     return model, cfg

@@ -5,6 +5,8 @@ import json
 import numpy as np
 import pytest
 
+from data import DataError
+
 from data import DataConfig, SourceConfig, build_loader, load_tokenizer
 from data.pretokenize import pretokenize
 from _data_helpers import docs, write_jsonl
@@ -60,10 +62,13 @@ def test_parquet(tmp_path):
     rest.load_state_dict(first.state_dict())
     resumed = head + list(rest)
     assert len(resumed) == len(full) and all((a == b).all() for a, b in zip(resumed, full))
-    # a file without the column is an unreadable file, named
+    # a file without the column is an unreadable file, counted; alone, the source has nothing usable: an error
     pq.write_table(pa.table({"other": ["a"]}), tmp_path / "e.parquet")
-    got, stats = _decoded_docs(_cfg(SourceConfig(paths=[str(tmp_path / "e.parquet")], text_field="content")))
-    assert stats["skipped_unreadable"] == 1
+    both = [str(tmp_path / "d.parquet"), str(tmp_path / "e.parquet")]
+    got, stats = _decoded_docs(_cfg(SourceConfig(paths=both, text_field="content")))
+    assert stats["skipped_unreadable"] == 1 and got == TEXTS + ["x"]
+    with pytest.raises(DataError, match=r"no usable document in .*e\.parquet.*unreadable.*no column 'content'"):
+        _decoded_docs(_cfg(SourceConfig(paths=[str(tmp_path / "e.parquet")], text_field="content")))
 
 
 @pytest.mark.parametrize("split,expected", [

@@ -68,18 +68,30 @@ def test_load_tasks_and_errors(tmp_path):
         load_tasks("qa_wikidata", missing)
 
 
-def test_qa_wikidata_default_path_loads():
-    cfg = EvalConfig()
-    if not os.path.isdir(os.path.dirname(resolve_path(cfg.qa_wikidata_path))):
+# Where developers and CI keep the evaluation-only qa_wikidata file (beside the repository, not in it).
+SHARED_QA = "../shared/data/qa_wikidata.jsonl"
+
+
+def test_qa_wikidata_loads_from_an_explicit_path():
+    if not os.path.isfile(resolve_path(SHARED_QA)):
         pytest.skip("no shared/ data directory beside the repo (it is there for developers and CI)")
-    tasks = load_tasks("qa_wikidata", cfg.qa_wikidata_path, max_examples=5)
+    tasks = load_tasks("qa_wikidata", SHARED_QA, max_examples=5)
     if not tasks:
         pytest.fail("no task")
     assert tasks[0].name == "qa_wikidata" and len(tasks[0].examples) == 5 and tasks[0].examples[0].answers
 
 
+def test_qa_wikidata_needs_a_path():
+    # the file is not part of the repository: no default that points outside it, a clear error instead
+    assert EvalConfig().qa_wikidata_path == ""
+    with pytest.raises(ValueError, match=r"^eval\.qa_wikidata_path: the qa_wikidata task needs the path"):
+        EvalConfig(tasks=["qa_wikidata"]).validate("eval")
+    with pytest.raises(ValueError, match=r"^qa_wikidata_path: the qa_wikidata task needs the path"):
+        load_tasks("qa_wikidata", "")
+
+
 def test_eval_config_validate():
-    EvalConfig(tasks=["qa_wikidata", "synthetic:/x", "jsonl:a.jsonl"]).validate("eval")
+    EvalConfig(tasks=["qa_wikidata", "synthetic:/x", "jsonl:a.jsonl"], qa_wikidata_path="qa.jsonl").validate("eval")
     with pytest.raises(ValueError, match=r"^eval\.tasks\[1\]: unknown task 'squad'"):
         EvalConfig(tasks=["qa_wikidata", "squad"]).validate("eval")
     with pytest.raises(ValueError, match=r"^eval\.batch_size:"):

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from model.checkpoint import META_FILE, list_checkpoints
+from model.checkpoint import META_FILE, list_checkpoints, single_process_dcp
 
 
 def _rank() -> int:
@@ -62,7 +62,8 @@ def save_checkpoint(
         os.makedirs(tmp)
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    with single_process_dcp():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
     torch.save(rng_state(), os.path.join(tmp, f"rng_rank{_rank()}.pt"))
     _barrier()
     if _rank() == 0:
@@ -92,7 +93,8 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     try:
-        dcp.load(state, checkpoint_id=path)
+        with single_process_dcp():
+            dcp.load(state, checkpoint_id=path)
     except Exception as e:
         raise RuntimeError(f"checkpoint {path}: cannot load model/optimizer state: {e}") from e
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

@@ -12,15 +12,17 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from data import DataConfig
 from eval import EvalConfig
 from model import ModelConfig
+from model.cli_config import ConfigError, load_structured
 
+__all__ = ["ConfigError", "TrainConfig", "load_config", "parse_cli", "to_yaml", "DEFAULT_PRESET"]
 
-class ConfigError(ValueError):
-    """A configuration problem; the message starts with the dotted key at fault."""
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# What `python -m train` trains without config= (the same as `make train`).
+DEFAULT_PRESET = "configs/tiny.yaml"
 
 
 @dataclass
@@ -176,28 +178,19 @@ class TrainConfig:
             raise ConfigError("run_dir: must not be empty")
 
 
+def resolve_config_path(path: str) -> str:
+    """A relative preset path that is not found from the working directory is taken from the repo root,
+    as data paths are, so `config=configs/tiny.yaml` works from anywhere inside a clone."""
+    if os.path.isabs(path) or os.path.isfile(path):
+        return path
+    in_repo = os.path.join(REPO_ROOT, path)
+    return in_repo if os.path.isfile(in_repo) else path
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> TrainConfig:
     """YAML preset (optional) + dotlist overrides -> validated TrainConfig. Raises ConfigError naming the key."""
-    schema = OmegaConf.structured(TrainConfig)
-    layers = [schema]
-    if path is not None:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config: file not found: {path}")
-        try:
-            layers.append(OmegaConf.load(path))
-        except Exception as e:  # YAML syntax errors carry line numbers; keep them
-            raise ConfigError(f"config: cannot parse {path}: {e}") from None
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"{item}: overrides are key=value (e.g. train.steps=100)")
-    try:
-        layers.append(OmegaConf.from_dotlist(list(overrides or [])))
-        merged = OmegaConf.merge(*layers)
-        cfg = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or "config"
-        msg = str(e).splitlines()[0]
-        raise ConfigError(f"{key}: {msg}") from None
+    path = resolve_config_path(path) if path is not None else None
+    cfg = load_structured(TrainConfig, path, list(overrides or []), example="train.steps=100")
     cfg.validate()
     return cfg
 
@@ -206,8 +199,8 @@ def to_yaml(cfg: TrainConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def parse_cli(argv: List[str]) -> TrainConfig:
-    """`config=path.yaml key.sub=value ...` -> TrainConfig."""
+def split_cli(argv: List[str]):
+    """`config=path.yaml key.sub=value ...` -> (preset path, overrides). Without config=, the default preset."""
     path = None
     overrides = []
     for arg in argv:
@@ -215,4 +208,9 @@ def parse_cli(argv: List[str]) -> TrainConfig:
             path = arg.split("=", 1)[1]
         else:
             overrides.append(arg)
-    return load_config(path, overrides)
+    return (DEFAULT_PRESET if path is None else path), overrides
+
+
+def parse_cli(argv: List[str]) -> TrainConfig:
+    """`config=path.yaml key.sub=value ...` -> TrainConfig (configs/tiny.yaml when no config= is given)."""
+    return load_config(*split_cli(argv))

@@ -12,7 +12,7 @@ from typing import Any, Dict, List
 import torch
 import torch.nn.functional as F
 
-from data import all_rank_states, build_loader, check_vocab, load_tokenizer, unigram_entropy
+from data import all_rank_states, build_loader, check_vocab, load_tokenizer, skipped_totals, unigram_entropy
 from eval import fixed_val_batches, flatten, format_table, load_eval_tasks, run_tasks, validation_metrics
 from model import Transformer
 from model.checkpoint import model_config_to_dict
@@ -21,7 +21,7 @@ from model.flops import flops_per_token
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig, to_yaml
 from .gc_control import scheduled_gc
-from .metrics import MetricsLogger, format_duration, format_progress, truncate_after, write_summary
+from .metrics import MetricsLogger, format_duration, format_progress, format_summary, truncate_after, write_summary
 from .mfu import device_peak_flops, mfu
 from .optim import build_optimizer, build_scheduler
 from .parallelize import parallelize
@@ -90,8 +90,11 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
             with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
                 f.write(to_yaml(cfg))
             tok_src = getattr(tokenizer, "path", None)
+            tok_copy = os.path.join(cfg.run_dir, "tokenizer.model")
             if tok_src and os.path.isfile(tok_src):
-                shutil.copyfile(tok_src, os.path.join(cfg.run_dir, "tokenizer.model"))
+                shutil.copyfile(tok_src, tok_copy)
+            elif os.path.isfile(tok_copy):  # an earlier run's (this one has no file): eval would take it for ours
+                os.remove(tok_copy)
         log = MetricsLogger(cfg.run_dir, cfg.logging, asdict(cfg), enabled=rt.is_main)
         with scheduled_gc(cfg.train.gc_every) as after_step:
             return _train(cfg, rt, tokenizer, log, resume_from, after_step)
@@ -222,13 +225,11 @@ def _train(cfg: TrainConfig, rt: Runtime, tokenizer, log: MetricsLogger, resume_
 
     final_val = evaluate(step, final=True)
     entropy = unigram_entropy(cfg.data, tokenizer, split="val")
-    summary = {"step": step, "val_loss": final_val, "unigram_entropy": entropy}
-    log.log({"step": step, "unigram_entropy": entropy})
+    skipped = skipped_totals(all_rank_states(loader))
+    summary = {"step": step, "val_loss": final_val, "unigram_entropy": entropy, "skipped_records": skipped["skipped"]}
+    log.log({"step": step, "unigram_entropy": entropy, **{f"data/{k}": v for k, v in skipped.items()}})
     if rt.is_main:
         write_summary(cfg.run_dir, dict(summary, tokens=step * tokens_per_step, params=n_params,
                                          flops_per_token=step_flops))
-    log.print(
-        f"done: {step} steps | final val loss {final_val:.4f} nats/token | unigram entropy {entropy:.4f} "
-        f"(a model that learned only token frequencies) | {100 * (1 - final_val / entropy):.1f}% below it"
-    )
+    log.print(format_summary(step, final_val, entropy, skipped))
     return summary

@@ -1,6 +1,7 @@
 """Every command in README.md and eval/README.md works on a fresh clone: each ```bash line is parsed and checked
-the way its program checks it before any compute (config, input files, parallel layout), the SLURM one is built
-with --dry-run, and the README's eval example runs against a small trained checkpoint. Paths under runs/ go to
+the way its program checks it before any compute (config, input files, parallel layout), the SLURM and sweep ones
+are built with --dry-run (a sweep's summary is written for real), commands inside the Docker image are checked
+like the same commands outside it, and the README's eval example runs against a small trained checkpoint. Paths under runs/ go to
 a temporary directory."""
 import json
 import os
@@ -87,6 +88,14 @@ def test_documented_command(fixtures, doc, words, capsys):
     if line.startswith(ELSEWHERE):
         pytest.skip("checked by its own test")
     words = _localize(words, fixtures)
+    if words[:2] == ["docker", "build"]:
+        pytest.skip("the Dockerfile is checked by tests/test_dockerfile.py")
+    if words[0] == "docker":  # `docker run [options] IMAGE command...`: check the command
+        words = words[words.index("mnemo", 2) + 1:]
+        if words[:3] == ["python", "-m", "torch.distributed.run"]:
+            words = ["torchrun"] + words[4:]
+    if words[:2] == ["make", "test"]:
+        pytest.skip("checked by its own test")
     if words[0] == "make":  # the Makefile's recipe for it, checked like python -m train
         recipe = subprocess.run(["make", "-n", words[1]], cwd=ROOT, capture_output=True, text=True, check=True).stdout
         train_line = [ln for ln in recipe.splitlines() if " -m train " in ln]
@@ -110,6 +119,13 @@ def test_documented_command(fixtures, doc, words, capsys):
     elif words[:3] == ["python", "-m", "launch.slurm"]:
         assert slurm_main(words[3:] + ["--dry-run"]) == 0
         assert "#SBATCH --nodes=" in capsys.readouterr().out
+    elif words[:3] == ["python", "-m", "launch.sweep"]:
+        from launch.sweep import main as sweep_main
+
+        args = words[3:] + [f"run_dir={fixtures}/runs/sweep"]  # dry runs write nothing; a summary goes here
+        if "summarize" not in args and "--dry-run" not in args:
+            args.append("--dry-run")
+        assert sweep_main(args) == 0
     elif words[:3] == ["python", "-m", "eval.synthetic_facts"]:
         from eval.synthetic_facts import main as synth
 

@@ -121,6 +121,12 @@ def save_checkpoint(
     return final
 
 
+def _device_of_default_group() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 class Checkpointer:
     """Saves a run's checkpoints, synchronously or (async_save) in a background thread, at most one in flight.
 
@@ -169,8 +175,9 @@ class Checkpointer:
         if self._pending is None:
             return None
         done = torch.tensor(0.0 if self._pending[0].done() else 1.0)
-        if dist.is_initialized():
-            dist.all_reduce(done, op=dist.ReduceOp.MAX, group=self._group)
+        if dist.is_initialized():  # on the training's group: the writer thread may be using its own right now
+            done = done.to(_device_of_default_group())
+            dist.all_reduce(done, op=dist.ReduceOp.MAX)
         return self.wait() if done.item() == 0 else None
 
     def abandon(self) -> None:

@@ -54,7 +54,7 @@ def test_async_save_checkpoints_hold_the_state_of_their_step(tmp_path):
 
 def test_load_model_weights_from_checkpoint_and_export(trained, tmp_path):
     from train.export import main as export_main
-    from train.weights import load_exported, load_model_weights
+    from train.weights import load_model_weights
 
     source, _ = load_model(str(trained))
     expected = source.state_dict()
@@ -64,8 +64,9 @@ def test_load_model_weights_from_checkpoint_and_export(trained, tmp_path):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
 
     assert export_main([f"checkpoint={trained}", f"out={tmp_path / 'exported'}"]) == 0
-    assert sorted(os.listdir(tmp_path / "exported")) == ["config.json", "model.safetensors", "tokenizer.model"]
-    exported, _ = load_exported(str(tmp_path / "exported"))
+    assert sorted(os.listdir(tmp_path / "exported")) == ["config.json", "config.yaml", "model.safetensors",
+                                                         "tokenizer.model"]
+    exported, _ = load_model(str(tmp_path / "exported"))  # what eval loads
     assert exported.state_dict().keys() == expected.keys()
     assert all(torch.equal(exported.state_dict()[k], v) for k, v in expected.items())
 

@@ -1,6 +1,6 @@
 """`python -m train.export checkpoint=runs/x[/checkpoints/step_N] out=DIR`: the model weights as one
 model.safetensors with config.json (and the run's tokenizer.model), loadable on one device without DCP or
-torch.distributed (`train.weights.load_exported`), and usable as `checkpoint.init_from=DIR`."""
+torch.distributed (`model.checkpoint.load_model`, also what `python -m eval checkpoint=DIR` uses), and usable as `checkpoint.init_from=DIR`."""
 from __future__ import annotations
 
 import sys

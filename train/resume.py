@@ -129,7 +129,19 @@ def plan_resume(cfg: TrainConfig) -> Optional[ResumePlan]:
 
 
 def finished_summary(metrics_path: str, step: int) -> Optional[Dict[str, Any]]:
-    """The summary of a run whose final evaluation at `step` is already in metrics.jsonl (None if not)."""
+    """The summary of a run whose final evaluation at `step` is already in metrics.jsonl (None if not).
+
+    Rank 0 reads the file (only it writes metrics) and tells the others, so all ranks take the same path."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return _read_final(metrics_path, step)
+    box = [_read_final(metrics_path, step) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _read_final(metrics_path: str, step: int) -> Optional[Dict[str, Any]]:
     if not os.path.exists(metrics_path):
         return None
     final = {}

@@ -15,18 +15,13 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from model.checkpoint import META_FILE, resolve_checkpoint
+from model.checkpoint import EXPORT_CONFIG, EXPORT_WEIGHTS, META_FILE, is_export_dir, resolve_checkpoint
 
-SAFETENSORS_FILE = "model.safetensors"
-EXPORT_CONFIG = "config.json"
+SAFETENSORS_FILE = EXPORT_WEIGHTS
 
 
 class WeightsMismatchError(ValueError):
     """The source's tensors do not fit the model (the message lists the keys)."""
-
-
-def is_export_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, SAFETENSORS_FILE))
 
 
 def source_info(path: str) -> Tuple[str, Dict[str, Any]]:
@@ -129,25 +124,12 @@ def export_checkpoint(checkpoint: str, out_dir: str, tokenizer: Optional[str] = 
     info = {"model_config": model_config_to_dict(cfg), "step": meta.get("step"), "source": os.path.abspath(path)}
     with open(os.path.join(out_dir, EXPORT_CONFIG), "w") as f:
         json.dump(info, f, indent=1)
-    tok = tokenizer or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), "tokenizer.model")
+    import shutil
+
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    tok = tokenizer or os.path.join(run_dir, "tokenizer.model")
     if os.path.isfile(tok):
-        import shutil
-
         shutil.copyfile(tok, os.path.join(out_dir, "tokenizer.model"))
+    if os.path.isfile(os.path.join(run_dir, "config.yaml")):  # the run's settings, for eval (val data, ...)
+        shutil.copyfile(os.path.join(run_dir, "config.yaml"), os.path.join(out_dir, "config.yaml"))
     return out_dir
-
-
-def load_exported(export_dir: str, device="cpu") -> Tuple[torch.nn.Module, object]:
-    """Build an export's model on one device with its weights. Returns (model, ModelConfig)."""
-    from model.checkpoint import model_config_from_dict
-    from model.transformer import Transformer
-
-    _, info = source_info(export_dir)
-    cfg = model_config_from_dict(info["model_config"])
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.to_empty(device=device)
-    model.init_weights()  # buffers (RoPE tables) are not exported
-    load_model_weights(export_dir, model)
-    model.eval()
-    return model, cfg

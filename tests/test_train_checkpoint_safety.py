@@ -203,3 +203,14 @@ def test_rerunning_a_finished_run_appends_nothing(tmp_path):
     again = run(config(tmp_path, "train.steps=3", "checkpoint.every=0"))
     assert (tmp_path / "metrics.jsonl").read_text() == before
     assert again == first
+
+
+def test_rng_files_of_ranks_that_are_not_resuming_are_not_required(tmp_path):
+    from train.checkpoint import verify_checkpoint
+
+    for name in (".metadata", "__0_0.distcp", "__1_0.distcp", "rng_rank0.pt"):
+        (tmp_path / name).write_bytes(b"x" * 10)
+    meta = {"files": {n: 10 for n in (".metadata", "__0_0.distcp", "__1_0.distcp", "rng_rank0.pt", "rng_rank1.pt")}}
+    assert verify_checkpoint(str(tmp_path), meta, world_size=1) is None  # saved on 2 ranks, resumed on 1
+    assert verify_checkpoint(str(tmp_path), meta, world_size=2) == "rng_rank1.pt is missing"
+    assert verify_checkpoint(str(tmp_path), {}, world_size=2) is None  # no file list: left to DCP

@@ -243,10 +243,8 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
     problem = _agree(verify_checkpoint(path, meta, _world_size()) if _rank() == 0 else None)
     if problem:
         raise CheckpointError(problem)
+    # (a missing rng_rank<R>.pt of a rank that saved is one of the problems above: without it no exact resume)
     rng_path = os.path.join(path, f"rng_rank{_rank()}.pt")
-    saved_world = meta.get("world_size")
-    if saved_world is not None and _rank() < saved_world and not os.path.exists(rng_path):
-        raise CheckpointError(f"{os.path.basename(rng_path)} is missing")  # would not continue exactly
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     try:

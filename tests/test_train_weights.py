@@ -104,3 +104,27 @@ def test_export_usage_errors(capsys):
     assert export_main(["checkpoint=x"]) == 2
     assert "out: required" in capsys.readouterr().err
     assert export_main(["--help"]) == 0
+
+
+@pytest.mark.slow
+def test_async_save_on_two_ranks_then_fallback_and_resume_on_one(tmp_path):
+    # two gloo ranks (FSDP + memory-parallel 2) save asynchronously on their own process group; rank 1's shard of
+    # the newest checkpoint is lost; one process falls back to the previous checkpoint and continues
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "train",
+            f"config={ROOT}/configs/tiny.yaml", *RUN_SMALL, f"run_dir={tmp_path}", "train.steps=4",
+            "checkpoint.every=2", "checkpoint.async_save=true", "dist.memory_parallel=2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert saved_steps(tmp_path) == [2, 4]
+    os.remove(tmp_path / "checkpoints" / "step_4" / "__1_0.distcp")
+    run(config(tmp_path, "train.steps=5", "checkpoint.every=0"))
+    with open(tmp_path / "metrics.jsonl") as f:
+        recs = [json.loads(line) for line in f]
+    resumed = [r for r in recs if "resumed_from" in r]
+    assert len(resumed) == 1 and resumed[0]["resumed_from"].endswith("step_2") and resumed[0]["world_size"] == 1
+    tokens = {r["step"]: r["tokens"] for r in recs if "tokens" in r}
+    assert tokens[5] == tokens[2] + 3 * 4 * 32  # 2 ranks' tokens until step 2, then one rank's

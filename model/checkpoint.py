@@ -1,7 +1,8 @@
 """Read a model back from a training checkpoint, without importing `train` (eval and tools use this).
 
 A checkpoint directory (see train/checkpoint.py) holds DCP shards under the key "model" and a meta.json
-whose "model_config" is the ModelConfig the run was built with.
+whose "model_config" is the ModelConfig the run was built with. An export directory (`python -m train.export`)
+holds the same weights unsharded in model.safetensors, with config.json in place of meta.json.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from typing import List, Tuple
 import torch
 
 META_FILE = "meta.json"
+EXPORT_WEIGHTS = "model.safetensors"
+EXPORT_CONFIG = "config.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -33,13 +36,17 @@ def list_checkpoints(run_dir: str) -> List[str]:
 
 
 def resolve_checkpoint(path: str) -> str:
-    """Accept a checkpoint directory or a run directory (-> its newest checkpoint)."""
-    if os.path.exists(os.path.join(path, META_FILE)):
+    """Accept a checkpoint directory, an export directory, or a run directory (-> its newest checkpoint)."""
+    if os.path.exists(os.path.join(path, META_FILE)) or is_export_dir(path):
         return path
     found = list_checkpoints(path)
     if not found:
         raise FileNotFoundError(f"checkpoint: no checkpoint found at {path} (expected {META_FILE} or checkpoints/step_N/)")
     return found[-1]
+
+
+def is_export_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, EXPORT_WEIGHTS))
 
 
 def model_config_from_dict(d: dict):
@@ -72,6 +79,8 @@ def load_model(checkpoint_dir: str, device="cpu") -> Tuple[torch.nn.Module, obje
     from .transformer import Transformer
 
     path = resolve_checkpoint(checkpoint_dir)
+    if is_export_dir(path):
+        return load_exported(path, device)
     with open(os.path.join(path, META_FILE)) as f:
         meta = json.load(f)
     if "model_config" not in meta:
@@ -85,5 +94,25 @@ def load_model(checkpoint_dir: str, device="cpu") -> Tuple[torch.nn.Module, obje
     with single_process_dcp():
         dcp.load(state, checkpoint_id=path)
     model.load_state_dict(state["model"])
+    model.eval()
+    return model, cfg
+
+
+def load_exported(export_dir: str, device="cpu") -> Tuple[torch.nn.Module, object]:
+    """Build an export's model on `device` with its weights (no torch.distributed). Returns (model, ModelConfig)."""
+    from safetensors.torch import load_file  # optional: only exports need it
+
+    from .transformer import Transformer
+
+    with open(os.path.join(export_dir, EXPORT_CONFIG)) as f:
+        info = json.load(f)
+    if "model_config" not in info:
+        raise ValueError(f"{export_dir}: {EXPORT_CONFIG} has no model_config")
+    cfg = model_config_from_dict(info["model_config"])
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device=device)
+    model.init_weights()  # buffers (RoPE tables) are not exported
+    model.load_state_dict(load_file(os.path.join(export_dir, EXPORT_WEIGHTS), device=str(device)))
     model.eval()
     return model, cfg

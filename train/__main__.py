@@ -10,7 +10,9 @@ import sys
 
 from model.cli_config import describe_keys, wants_help
 
+from .checkpoint import CheckpointError
 from .config import ConfigError, TrainConfig, parse_cli
+from .nonfinite import NonFiniteError
 
 
 def usage() -> str:
@@ -44,6 +46,9 @@ def main(argv=None) -> int:
     except DataError as e:  # bad input met while training (data.strict, or a rank left without documents)
         print(f"data error: {e}", file=sys.stderr)
         return 2
+    except (CheckpointError, NonFiniteError) as e:  # bad checkpoints or a diverged run: what, where, what is kept
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -17,7 +17,7 @@ passed into forward; the layer then holds no table of its own. No class-level or
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,7 @@ class MemoryLayer(nn.Module):
         m = cfg.memory
         self.heads, self.k_dim, self.knn, self.n_keys = m.heads, m.k_dim, m.knn, m.n_keys
         self.qk_norm, self.backend, self.eps = m.qk_norm, m.backend, cfg.norm_eps
+        self.proj_init = m.proj_init
         half = m.k_dim // 2
         self.query_proj = nn.Linear(cfg.dim, m.heads * m.k_dim, bias=True)
         self.query_norm = RMSNorm(half, cfg.norm_eps) if m.qk_norm else None
@@ -76,6 +77,13 @@ class MemoryLayer(nn.Module):
         bound = 1.0 / math.sqrt(self.k_dim // 2)
         nn.init.uniform_(self.keys1, -bound, bound)
         nn.init.uniform_(self.keys2, -bound, bound)
+
+    def projection_init_stds(self) -> Dict[nn.Linear, float]:
+        """Init std of the output-side projections when they differ from the model's (see MemoryConfig.proj_init)."""
+        if self.proj_init != "fan_in":
+            return {}
+        projs = [p for p in (self.swilu_proj, self.value_proj) if p is not None]
+        return {p: p.in_features ** -0.5 for p in projs}
 
     def search(self, x: torch.Tensor):
         """x [T, dim] -> (scores [T, heads, knn] fp32, slots [T, heads, knn] int64)."""

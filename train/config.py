@@ -18,6 +18,10 @@ from data import DataConfig
 from eval import EvalConfig
 from model import ModelConfig
 
+from .trainable import SELECTORS
+
+TRAINABLE = tuple(SELECTORS)
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message starts with the dotted key at fault."""
@@ -26,8 +30,10 @@ class ConfigError(ValueError):
 @dataclass
 class OptimConfig:
     lr: float = 3e-3
-    # The value table is updated sparsely (a row only when it is read), so it wants its own rate (paper: 1e-3 vs 1e-4).
-    value_lr: float = 3e-3
+    # The value table is updated sparsely (a row only when it is read), so it wants its own, higher rate (paper:
+    # 1e-3 vs 1e-4). value_lr: an absolute rate; null -> value_lr_mult * lr (RESULTS.md: the facts experiment).
+    value_lr: Optional[float] = None
+    value_lr_mult: float = 10.0
     # Whether the value rate follows warmup/cosine like the rest, or stays fixed at value_lr.
     value_lr_scheduled: bool = True
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -41,10 +47,16 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
 
+    @property
+    def resolved_value_lr(self) -> float:
+        return self.value_lr if self.value_lr is not None else self.value_lr_mult * self.lr
+
     def validate(self, prefix: str) -> None:
-        for key in ("lr", "value_lr", "eps"):
+        for key in ("lr", "eps", "value_lr_mult"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{prefix}.{key}: must be > 0, got {getattr(self, key)}")
+        if self.value_lr is not None and self.value_lr <= 0:
+            raise ValueError(f"{prefix}.value_lr: must be > 0 (or null for value_lr_mult * lr), got {self.value_lr}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"{prefix}.betas: need two values in [0, 1), got {list(self.betas)}")
         for key in ("weight_decay", "norm_bias_weight_decay", "value_weight_decay", "warmup_steps", "grad_clip"):
@@ -71,8 +83,12 @@ class LoopConfig:
     # allocation counters say (0: leave it automatic). An automatic collection pauses one rank at a random moment
     # and every other rank waits for it at the next collective.
     gc_every: int = 50
+    # Parameters trained: all | memory | values | ffn (train/trainable.py); the others are frozen.
+    trainable: str = "all"
 
     def validate(self, prefix: str) -> None:
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"{prefix}.trainable: must be one of {', '.join(TRAINABLE)}, got {self.trainable!r}")
         for key in ("steps", "batch_size", "grad_accum", "log_every", "val_batches"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{prefix}.{key}: must be >= 1, got {getattr(self, key)}")

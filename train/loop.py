@@ -23,6 +23,7 @@ from .gc_control import scheduled_gc
 from .metrics import MetricsLogger, format_duration, format_progress, truncate_after
 from .optim import build_optimizer, build_scheduler
 from .parallelize import parallelize
+from .trainable import apply_trainable
 from .runtime import Runtime, setup_runtime
 
 
@@ -100,6 +101,7 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
 def _train(cfg: TrainConfig, rt: Runtime, tokenizer, log: MetricsLogger, resume_from, after_step) -> Dict[str, Any]:
     model = build_model(cfg, rt)
     n_params = model.num_parameters()
+    n_trainable = sum(model.get_parameter(n).numel() for n in apply_trainable(model, cfg.train.trainable))
     model = parallelize(model, cfg, rt)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
@@ -117,7 +119,8 @@ def _train(cfg: TrainConfig, rt: Runtime, tokenizer, log: MetricsLogger, resume_
             truncate_after(log.path, start_step)
         log.print(f"resumed from {resume_from} at step {start_step}")
     else:
-        log.print(f"mnemo: {n_params / 1e6:.2f}M parameters, {cfg.train.steps} steps, run dir {cfg.run_dir}")
+        trained = "" if n_trainable == n_params else f" ({n_trainable / 1e6:.2f}M trainable: {cfg.train.trainable})"
+        log.print(f"mnemo: {n_params / 1e6:.2f}M parameters{trained}, {cfg.train.steps} steps, run dir {cfg.run_dir}")
 
     val_batches = fixed_val_batches(
         cfg.data, tokenizer, cfg.train.val_batches, cfg.train.batch_size, rank=rt.dp_rank, world_size=rt.dp_size

@@ -41,6 +41,43 @@ class ValuePool(nn.Module):
         nn.init.normal_(self.weight, std=self.init_std)
 
 
+class SlotUsage:
+    """Reads per value row of one memory layer, accumulated on the layer's device during training.
+
+    Counting is an index_add_ into a device tensor (no host sync per step); `read()` syncs once, at log time.
+    Not module state: not in the state dict, nothing changes for checkpoints.
+    """
+
+    def __init__(self, n_slots: int):
+        self.n_slots = n_slots
+        self.counts: Optional[torch.Tensor] = None  # reads per row in the current window
+        self.ever: Optional[torch.Tensor] = None  # rows read at least once since tracking began
+
+    @torch.compiler.disable  # attribute mutation: keep it out of compiled graphs (a break only when tracking)
+    def add(self, slots: torch.Tensor) -> None:
+        flat = slots.detach().reshape(-1)
+        if self.counts is None or self.counts.device != flat.device:
+            self.counts = torch.zeros(self.n_slots, dtype=torch.int64, device=flat.device)
+            self.ever = torch.zeros(self.n_slots, dtype=torch.bool, device=flat.device)
+        self.counts.index_add_(0, flat, torch.ones_like(flat))
+
+    def read(self) -> Dict[str, float]:
+        """Window statistics, then a new window: rows_read (fraction of rows read in the window), entropy (nats,
+        of the distribution of reads over rows) and entropy_frac (entropy / log n_slots: 1 = uniform use),
+        dead (fraction of rows never read since tracking began), reads (reads in the window). {} before any read."""
+        if self.counts is None:
+            return {}
+        counts = self.counts.to(torch.float64)
+        self.ever |= self.counts > 0
+        total = counts.sum()
+        p = counts / total.clamp(min=1)
+        entropy = -torch.where(p > 0, p * p.log(), torch.zeros_like(p)).sum()
+        stats = torch.stack([(counts > 0).double().mean(), entropy, entropy / math.log(max(self.n_slots, 2)),
+                             (~self.ever).double().mean(), total]).tolist()
+        self.counts.zero_()
+        return dict(zip(("rows_read", "entropy", "entropy_frac", "dead", "reads"), stats))
+
+
 def value_init_std(cfg: ModelConfig) -> float:
     m = cfg.memory
     return m.value_init_std if m.value_init_std is not None else cfg.v_dim ** -0.5
@@ -71,6 +108,13 @@ class MemoryLayer(nn.Module):
         # Replaces ops.memory_lookup when set, with the same (indices, weights, values) -> out signature: the
         # trainer plugs in a memory-parallel lookup here (e.g. ops.column_parallel over a process group).
         self.lookup_fn: Optional[Callable[..., torch.Tensor]] = None
+        # Slot-read statistics (memory health), counted in training forwards once track_usage() is called.
+        self.usage: Optional[SlotUsage] = None
+
+    def track_usage(self) -> SlotUsage:
+        if self.usage is None:
+            self.usage = SlotUsage(self.n_keys**2)
+        return self.usage
 
     def reset_parameters(self) -> None:
         """Own parameters only (sub-keys); submodules are initialised by Transformer.init_weights."""
@@ -109,6 +153,8 @@ class MemoryLayer(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         scores, slots = self.search(x)
+        if self.usage is not None and self.training:
+            self.usage.add(slots)
         weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
         if self.lookup_fn is not None:
             y = self.lookup_fn(slots.flatten(1), weights.flatten(1), values)

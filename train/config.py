@@ -121,6 +121,8 @@ class LoggingConfig:
     wandb: str = "disabled"  # disabled | online | offline
     project: str = "mnemo"
     run_name: Optional[str] = None
+    # Per memory layer, at every log line: rows read, read entropy, dead rows (train/memory_health.py).
+    memory_health: bool = False
 
     def validate(self, prefix: str) -> None:
         if self.wandb not in ("disabled", "online", "offline"):

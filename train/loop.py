@@ -23,6 +23,7 @@ from .gc_control import scheduled_gc
 from .metrics import MetricsLogger, format_duration, format_progress, truncate_after
 from .optim import build_optimizer, build_scheduler
 from .parallelize import parallelize
+from .memory_health import memory_health_metrics, track_memory_usage
 from .trainable import apply_trainable
 from .runtime import Runtime, setup_runtime
 
@@ -102,6 +103,7 @@ def _train(cfg: TrainConfig, rt: Runtime, tokenizer, log: MetricsLogger, resume_
     model = build_model(cfg, rt)
     n_params = model.num_parameters()
     n_trainable = sum(model.get_parameter(n).numel() for n in apply_trainable(model, cfg.train.trainable))
+    usage = track_memory_usage(model) if cfg.logging.memory_health else {}
     model = parallelize(model, cfg, rt)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
@@ -190,6 +192,7 @@ def _train(cfg: TrainConfig, rt: Runtime, tokenizer, log: MetricsLogger, resume_
                 comm_s = rt.memory_comm.read_ms() / 1e3 / window_steps
                 rec["memory_comm_ms"] = comm_s * 1e3
                 rec["memory_comm_frac"] = comm_s / step_time
+            rec.update(memory_health_metrics(usage))
             log.log(rec)
             log.print(format_progress(rec, cfg.train.steps))
             window_t, window_steps = time.perf_counter(), 0

@@ -85,10 +85,18 @@ class LoopConfig:
     gc_every: int = 50
     # Parameters trained: all | memory | values | ffn (train/trainable.py); the others are frozen.
     trainable: str = "all"
+    # What a non-finite loss or gradient norm does (train/nonfinite.py): stop (before saving anything after it) or
+    # skip (drop that step's update; one device sync per step), stopping once more than max_skipped_steps were skipped.
+    nonfinite: str = "stop"
+    max_skipped_steps: int = 10
 
     def validate(self, prefix: str) -> None:
         if self.trainable not in TRAINABLE:
             raise ValueError(f"{prefix}.trainable: must be one of {', '.join(TRAINABLE)}, got {self.trainable!r}")
+        if self.nonfinite not in ("stop", "skip"):
+            raise ValueError(f"{prefix}.nonfinite: must be stop or skip, got {self.nonfinite!r}")
+        if self.max_skipped_steps < 0:
+            raise ValueError(f"{prefix}.max_skipped_steps: must be >= 0, got {self.max_skipped_steps}")
         for key in ("steps", "batch_size", "grad_accum", "log_every", "val_batches"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{prefix}.{key}: must be >= 1, got {getattr(self, key)}")
@@ -108,10 +116,20 @@ class CheckpointConfig:
     keep: int = 2  # newest checkpoints kept on disk
     resume: bool = True  # resume from the newest checkpoint in run_dir when there is one
     save_final: bool = True  # save at the last step (off for throwaway benchmark runs)
+    keep_every: int = 0  # checkpoints at multiples of this step are permanent: never deleted by `keep` (0: none)
+    # Write checkpoints in a background thread (DCP async_save) while training continues; at most one in flight.
+    async_save: bool = False
+    # Start from the model weights of another run (a checkpoint dir, a run dir, or an export dir with
+    # model.safetensors): fresh optimizer, schedule and data. Ignored when run_dir has a checkpoint to resume from.
+    init_from: Optional[str] = None
 
     def validate(self, prefix: str) -> None:
         if self.every < 0:
             raise ValueError(f"{prefix}.every: must be >= 0, got {self.every}")
+        if self.keep_every < 0:
+            raise ValueError(f"{prefix}.keep_every: must be >= 0, got {self.keep_every}")
+        if self.init_from is not None and not os.path.exists(self.init_from):
+            raise ValueError(f"{prefix}.init_from: no such checkpoint or directory: {self.init_from}")
         if self.keep < 1:
             raise ValueError(f"{prefix}.keep: must be >= 1, got {self.keep}")
 

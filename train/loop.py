@@ -2,7 +2,6 @@
 validate, checkpoint, summarise."""
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import time
@@ -17,14 +16,17 @@ from eval import fixed_val_batches, flatten, format_table, load_eval_tasks, run_
 from model import Transformer
 from model.checkpoint import model_config_to_dict
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import Checkpointer, latest_checkpoint, load_newest
 from .config import ConfigError, TrainConfig, to_yaml
 from .gc_control import scheduled_gc
 from .metrics import MetricsLogger, format_duration, format_progress, truncate_after
+from .nonfinite import NonFiniteGuard
 from .optim import build_optimizer, build_scheduler
 from .parallelize import parallelize
 from .memory_health import memory_health_metrics, track_memory_usage
+from .resume import config_dict, finished_summary, format_changes, plan_resume
 from .trainable import apply_trainable
+from .weights import init_weights_from
 from .runtime import Runtime, setup_runtime
 
 
@@ -57,8 +59,10 @@ def check_tokenizer(cfg: TrainConfig, tokenizer) -> None:
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} exceeds model.max_seq_len ({cfg.model.max_seq_len})")
 
 
-def train_step(model, optimizer, scheduler, micro_batches, cfg: TrainConfig, rt: Runtime):
-    """One optimizer step over `micro_batches` (gradient accumulation). Returns (mean loss, grad norm)."""
+def train_step(model, optimizer, scheduler, micro_batches, cfg: TrainConfig, rt: Runtime, step_ok=None):
+    """One optimizer step over `micro_batches` (gradient accumulation). Returns (mean loss, grad norm).
+
+    `step_ok(loss, grad_norm)` decides whether the update is applied (the non-finite guard)."""
     loss_sum = torch.zeros((), device=rt.device)
     n = len(micro_batches)
     for i, batch in enumerate(micro_batches):
@@ -68,22 +72,24 @@ def train_step(model, optimizer, scheduler, micro_batches, cfg: TrainConfig, rt:
         loss_sum += loss.detach()
     rt.sync_value_grads(model)
     grad_norm = rt.clip_grad_norm(model, cfg.optim.grad_clip)
-    optimizer.step()
+    loss = rt.all_reduce_mean(loss_sum / n)
+    if step_ok is None or step_ok(loss, grad_norm):
+        optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return rt.all_reduce_mean(loss_sum / n), grad_norm
+    return loss, grad_norm
 
 
 def run(cfg: TrainConfig) -> Dict[str, Any]:
     """Train per `cfg`; returns a summary dict (also printed)."""
     rt = setup_runtime(cfg)
-    log = None
+    log = checkpointer = None
     try:
         tokenizer = load_tokenizer(cfg.data.tokenizer)
         check_tokenizer(cfg, tokenizer)
         rt.check_layout(cfg)
         os.makedirs(cfg.run_dir, exist_ok=True)
-        resume_from = latest_checkpoint(cfg.run_dir) if cfg.checkpoint.resume else None
+        resume = plan_resume(cfg)  # refuses config changes a resume cannot honour, before anything is written
         if rt.is_main:
             with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
                 f.write(to_yaml(cfg))
@@ -91,38 +97,65 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
             if tok_src and os.path.isfile(tok_src):
                 shutil.copyfile(tok_src, os.path.join(cfg.run_dir, "tokenizer.model"))
         log = MetricsLogger(cfg.run_dir, cfg.logging, asdict(cfg), enabled=rt.is_main)
+        checkpointer = Checkpointer(cfg.run_dir, cfg.checkpoint.keep, cfg.checkpoint.keep_every, cfg.checkpoint.async_save)
         with scheduled_gc(cfg.train.gc_every) as after_step:
-            return _train(cfg, rt, tokenizer, log, resume_from, after_step)
+            summary = _train(cfg, rt, tokenizer, log, resume, checkpointer, after_step)
+        checkpointer.wait()
+        return summary
+    except BaseException:
+        if checkpointer is not None:
+            # an in-flight save holds a state checked before it was taken: publish it when no other rank is
+            # needed for that; distributed, the other ranks may be gone, so only let the write end
+            checkpointer.wait() if rt.world_size == 1 else checkpointer.abandon()
+        raise
     finally:
         if log is not None:
             log.close()
         rt.close()
 
 
-def _train(cfg: TrainConfig, rt: Runtime, tokenizer, log: MetricsLogger, resume_from, after_step) -> Dict[str, Any]:
+def _train(cfg: TrainConfig, rt: Runtime, tokenizer, log: MetricsLogger, resume, checkpointer: Checkpointer,
+           after_step) -> Dict[str, Any]:
     model = build_model(cfg, rt)
     n_params = model.num_parameters()
     n_trainable = sum(model.get_parameter(n).numel() for n in apply_trainable(model, cfg.train.trainable))
     usage = track_memory_usage(model) if cfg.logging.memory_health else {}
     model = parallelize(model, cfg, rt)
     optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+    # the schedule's horizon is fixed at a run's first start (train/resume.py)
+    schedule_steps = resume.schedule_steps if resume is not None else cfg.train.steps
+    scheduler = build_scheduler(optimizer, cfg.optim, schedule_steps)
     loader = build_loader(
         cfg.data, tokenizer, split="train", rank=rt.dp_rank, world_size=rt.dp_size, batch_size=cfg.train.batch_size
     )
 
-    start_step = 0
-    if resume_from is not None:
-        meta = load_checkpoint(resume_from, model, optimizer)
+    start_step, tokens_before, skipped = 0, 0, 0
+    if resume is not None:
+        resume_from, meta = load_newest(resume.candidates, model, optimizer, warn=log.print)
         scheduler.load_state_dict(meta["scheduler"])
         loader.load_state_dict(meta["data"])
         start_step = meta["step"]
+        tokens_before = meta.get("tokens_seen", 0)
+        skipped = meta.get("skipped_steps", 0)
         if rt.is_main:
             truncate_after(log.path, start_step)
-        log.print(f"resumed from {resume_from} at step {start_step}")
+        if start_step >= cfg.train.steps:
+            done = finished_summary(log.path, start_step)
+            if done is not None:
+                log.print(f"run already finished at step {start_step} ({resume_from}): final val loss "
+                          f"{done['val_loss']:.4f}; raise train.steps to train further")
+                return done
+        for line in resume.warnings:
+            log.print(line)
+        log.log(resume.record(start_step, resume_from, rt.world_size))
+        log.print(f"resumed from {resume_from} at step {start_step}"
+                  + (f"; changed: {format_changes(resume.changed)}" if resume.changed else ""))
     else:
+        if cfg.checkpoint.init_from:
+            init_weights_from(cfg, model, log)
         trained = "" if n_trainable == n_params else f" ({n_trainable / 1e6:.2f}M trainable: {cfg.train.trainable})"
         log.print(f"mnemo: {n_params / 1e6:.2f}M parameters{trained}, {cfg.train.steps} steps, run dir {cfg.run_dir}")
+    guard = NonFiniteGuard(cfg.train.nonfinite, cfg.train.max_skipped_steps, rt.device, skipped, warn=log.print)
 
     val_batches = fixed_val_batches(
         cfg.data, tokenizer, cfg.train.val_batches, cfg.train.batch_size, rank=rt.dp_rank, world_size=rt.dp_size
@@ -156,25 +189,31 @@ def _train(cfg: TrainConfig, rt: Runtime, tokenizer, log: MetricsLogger, resume_
             rt.memory_comm.read_ms()
         return time.perf_counter(), 0
 
+    def tokens_seen() -> int:  # the tokens per step may differ from the previous start's (world size)
+        return tokens_before + (step - start_step) * tokens_per_step
+
     def checkpoint_meta() -> Dict[str, Any]:
         return {
             "scheduler": scheduler.state_dict(),
             "data": all_rank_states(loader),  # every rank's position: resumable at another world size
             "model_config": model_config_to_dict(cfg.model),
-            "tokens_seen": step * tokens_per_step,
+            "train_config": config_dict(cfg),  # what a resume is checked against (train/resume.py)
+            "schedule_steps": schedule_steps,
+            "tokens_seen": tokens_seen(),
+            "skipped_steps": guard.skipped,
         }
 
     while step < cfg.train.steps:
         micro_batches = [next(data_iter) for _ in range(cfg.train.grad_accum)]
-        loss, grad_norm = train_step(model, optimizer, scheduler, micro_batches, cfg, rt)
+        loss, grad_norm = train_step(model, optimizer, scheduler, micro_batches, cfg, rt,
+                                     step_ok=lambda l, g: guard.step_ok(step + 1, l, g))
         step += 1
         window_steps += 1
         after_step(step)
 
         if step % cfg.train.log_every == 0 or step == cfg.train.steps or step == start_step + 1:
+            guard.check(f"at step {step}", latest_checkpoint(cfg.run_dir))
             loss_val = float(loss)
-            if not math.isfinite(loss_val):
-                raise FloatingPointError(f"loss is {loss_val} at step {step}; stopping before saving it")
             now = time.perf_counter()
             step_time = (now - window_t) / window_steps
             rec = {
@@ -185,8 +224,10 @@ def _train(cfg: TrainConfig, rt: Runtime, tokenizer, log: MetricsLogger, resume_
                 "tokens_per_s": tokens_per_step / step_time,
                 "tokens_per_s_per_device": tokens_per_step / step_time / rt.world_size,
                 "eta_s": step_time * (cfg.train.steps - step),
-                "tokens": step * tokens_per_step,
+                "tokens": tokens_seen(),
             }
+            if guard.policy == "skip":
+                rec["skipped_steps"] = guard.skipped
             if rt.memory_comm is not None:
                 # memory-layer collectives (lookups forward and backward, value-gradient sum), per step
                 comm_s = rt.memory_comm.read_ms() / 1e3 / window_steps
@@ -196,6 +237,9 @@ def _train(cfg: TrainConfig, rt: Runtime, tokenizer, log: MetricsLogger, resume_
             log.log(rec)
             log.print(format_progress(rec, cfg.train.steps))
             window_t, window_steps = time.perf_counter(), 0
+            published = checkpointer.poll()
+            if published:
+                log.print(f"saved checkpoint {published}")
 
         due_val = cfg.train.val_every and step % cfg.train.val_every == 0
         due_qa = bool(eval_tasks) and cfg.eval.every and step % cfg.eval.every == 0
@@ -206,13 +250,24 @@ def _train(cfg: TrainConfig, rt: Runtime, tokenizer, log: MetricsLogger, resume_
         should_save = (step == cfg.train.steps and cfg.checkpoint.save_final) or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
         stop = rt.stop_requested(step, cfg.train.log_every)
         if should_save or stop:
-            path = save_checkpoint(cfg.run_dir, step, model, optimizer, checkpoint_meta(), cfg.checkpoint.keep)
-            log.print(f"saved checkpoint {path}")
+            published = checkpointer.wait()  # the previous asynchronous save, if one is in flight
+            if published:
+                log.print(f"saved checkpoint {published}")
+            guard.check_before_save(model, step, latest_checkpoint(cfg.run_dir))
+            path = checkpointer.save(step, model, optimizer, checkpoint_meta())
+            if not checkpointer.in_flight:
+                log.print(f"saved checkpoint {path}")
             window_t, window_steps = restart_window()
             if step < cfg.train.steps and stop:
+                published = checkpointer.wait()
+                if published:
+                    log.print(f"saved checkpoint {published}")
                 log.print(f"stop requested: checkpoint saved at step {step}; rerun the same command to resume")
                 return {"stopped_at": step}
 
+    published = checkpointer.wait()
+    if published:
+        log.print(f"saved checkpoint {published}")
     final_val = evaluate(step, final=True)
     entropy = unigram_entropy(cfg.data, tokenizer, split="val")
     summary = {"step": step, "val_loss": final_val, "unigram_entropy": entropy}

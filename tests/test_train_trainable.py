@@ -89,3 +89,31 @@ def test_values_only_run_resumes_exactly(tmp_path):
     shutil.rmtree(part / "checkpoints" / "step_6")
     run(cfg(part, "checkpoint.every=3"))
     assert [losses(part)[s] for s in (4, 5, 6)] == [losses(tmp_path / "full")[s] for s in (4, 5, 6)]
+
+
+def test_trainable_rows_limit_value_updates_to_the_listed_rows(tmp_path):
+    import json
+
+    rows_file = tmp_path / "rows.json"
+    rows_file.write_text(json.dumps(list(range(0, 64, 2))))  # even rows of the 8**2-row table
+    cfg = step_config("train.trainable=values", f"train.trainable_rows={rows_file}")
+    rt = setup_runtime(cfg)
+    model = build_model(cfg, rt)
+    apply_trainable(model, cfg.train.trainable)
+    from train.trainable import restrict_value_rows
+
+    assert restrict_value_rows(model, cfg.train.trainable_rows) == 32
+    before = model.values.weight.detach().clone()
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        batch = torch.randint(0, cfg.model.vocab_size, (2, cfg.data.seq_len + 1), generator=g)
+        train_step(model, optimizer, scheduler, [batch], cfg, rt)
+    after = model.values.weight.detach()
+    assert torch.equal(after[1::2], before[1::2])  # unlisted rows: bit-identical
+    assert (after[0::2] != before[0::2]).any(dim=1).sum() > 10  # listed rows that were read moved
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 64]")
+    with pytest.raises(ValueError, match="trainable_rows: .* row indices in \\[0, 64\\)"):
+        restrict_value_rows(model, str(bad))

@@ -85,6 +85,8 @@ class LoopConfig:
     gc_every: int = 50
     # Parameters trained: all | memory | values | ffn (train/trainable.py); the others are frozen.
     trainable: str = "all"
+    # A JSON list of value-row indices: only those rows of the value table are updated (train/trainable.py).
+    trainable_rows: Optional[str] = None
     # What a non-finite loss or gradient norm does (train/nonfinite.py): stop (before saving anything after it) or
     # skip (drop that step's update; one device sync per step), stopping once more than max_skipped_steps were skipped.
     nonfinite: str = "stop"
@@ -93,6 +95,8 @@ class LoopConfig:
     def validate(self, prefix: str) -> None:
         if self.trainable not in TRAINABLE:
             raise ValueError(f"{prefix}.trainable: must be one of {', '.join(TRAINABLE)}, got {self.trainable!r}")
+        if self.trainable_rows is not None and not os.path.isfile(self.trainable_rows):
+            raise ValueError(f"{prefix}.trainable_rows: no such file: {self.trainable_rows}")
         if self.nonfinite not in ("stop", "skip"):
             raise ValueError(f"{prefix}.nonfinite: must be stop or skip, got {self.nonfinite!r}")
         if self.max_skipped_steps < 0:

@@ -25,7 +25,7 @@ from .optim import build_optimizer, build_scheduler
 from .parallelize import parallelize
 from .memory_health import memory_health_metrics, track_memory_usage
 from .resume import config_dict, finished_summary, format_changes, plan_resume
-from .trainable import apply_trainable
+from .trainable import apply_trainable, restrict_value_rows
 from .weights import init_weights_from
 from .runtime import Runtime, setup_runtime
 
@@ -119,6 +119,10 @@ def _train(cfg: TrainConfig, rt: Runtime, tokenizer, log: MetricsLogger, resume,
     model = build_model(cfg, rt)
     n_params = model.num_parameters()
     n_trainable = sum(model.get_parameter(n).numel() for n in apply_trainable(model, cfg.train.trainable))
+    if cfg.train.trainable_rows:
+        if rt.world_size > 1 or cfg.optim.value_weight_decay:
+            raise ConfigError("train.trainable_rows: single process and optim.value_weight_decay=0 only")
+        restrict_value_rows(model, cfg.train.trainable_rows)
     usage = track_memory_usage(model) if cfg.logging.memory_health else {}
     model = parallelize(model, cfg, rt)
     optimizer = build_optimizer(model, cfg.optim)

@@ -7,9 +7,16 @@ optimizer state, so finetuning only the memory costs optimizer memory for the me
           mapping from a value to its output);
 - values: the value table(s) only;
 - ffn:    the SwiGLU blocks only (the dense counterpart of `memory` in knowledge-update comparisons).
+
+`train.trainable_rows` (a file of value-row indices) further limits the value table's updates to those rows
+(sparse memory finetuning: the rows most specific to new data; scripts/knowledge_update.py ranks them). The other
+rows get zero gradient; AdamW then leaves them exactly unchanged (its moments stay zero; values have no decay by
+default, and a row-limited run refuses value weight decay).
 """
 from __future__ import annotations
 
+import json
+import os
 from typing import Callable, Dict, List
 
 import torch
@@ -54,3 +61,30 @@ def apply_trainable(model: torch.nn.Module, which: str) -> List[str]:
     if not names:
         raise ValueError(f"train.trainable: {which!r} selects no parameter of this model")
     return names
+
+
+def load_rows(path: str, n_rows: int) -> torch.Tensor:
+    """Row indices from a JSON list (or {"rows": [...]}) file, checked against the table size."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"train.trainable_rows: cannot read {path}: {e}") from None
+    rows = data["rows"] if isinstance(data, dict) else data
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, int) and 0 <= r < n_rows for r in rows):
+        raise ValueError(f"train.trainable_rows: {path} must hold a non-empty list of row indices in [0, {n_rows})")
+    return torch.tensor(sorted(set(rows)), dtype=torch.long)
+
+
+def restrict_value_rows(model: torch.nn.Module, path: str) -> int:
+    """Only the listed rows of every trainable value table get gradient. Returns the number of rows."""
+    tables = [p for n, p in model.named_parameters() if _is_values(n) and p.requires_grad]
+    if not tables:
+        raise ValueError("train.trainable_rows: no trainable value table (use train.trainable=values or memory)")
+    rows = None
+    for table in tables:
+        rows = load_rows(os.fspath(path), table.shape[0])
+        mask = torch.zeros(table.shape[0], 1, dtype=table.dtype, device=table.device)
+        mask[rows.to(table.device)] = 1
+        table.register_hook(lambda g, mask=mask: g * mask)
+    return len(rows)

@@ -27,6 +27,43 @@ from train.config import load_config  # noqa: E402
 TASKS = ("qa_trained", "qa_prose")
 
 
+def count_reads(model, usage, data_cfg, tokenizer, n_batches, batch_size):
+    """Value-row reads (summed over memory layers) of `model` on n_batches of `data_cfg`'s train split."""
+    import torch
+
+    from data import build_loader
+
+    loader = build_loader(data_cfg, tokenizer, split="train", rank=0, world_size=1, batch_size=batch_size)
+    model.train()  # counters count training forwards only; no dropout in the model
+    with torch.no_grad():
+        for i, batch in zip(range(n_batches), loader):
+            model(batch[:, :-1])
+    total = sum(u.counts for u in usage.values())
+    for u in usage.values():
+        u.counts.zero_()
+    return total.double()
+
+
+def rank_rows(base, new_train, background_overrides, config, tokenizer, k, n_batches=40):
+    """The k value rows most specific to the new documents: TF-IDF of reads on them against a background sample
+    (the pretraining mixture), as in sparse memory finetuning."""
+    import math
+
+    from model.checkpoint import load_model
+    from train.memory_health import track_memory_usage
+
+    model, _ = load_model(base)
+    usage = track_memory_usage(model)
+    cfg = load_config(config, [f"data.train=[{{paths: [{new_train}]}}]"])
+    new = count_reads(model, usage, cfg.data, tokenizer, n_batches, cfg.train.batch_size)
+    bg = count_reads(model, usage, load_config(config, background_overrides).data, tokenizer, n_batches,
+                     cfg.train.batch_size)
+    score = new / new.sum() * ((bg.sum() + len(bg)) / (bg + 1)).log()
+    score[new == 0] = -math.inf
+    top = score.topk(min(k, int((new > 0).sum()))).indices
+    return sorted(top.tolist())
+
+
 def tasks_override(sets):
     """eval.tasks for {prefix: facts dir}: task names come from the file names, so each set gets copies."""
     specs = []
@@ -57,9 +94,12 @@ def main(argv=None) -> int:
     p.add_argument("--entities", type=int, default=100, help="old people (pretraining)")
     p.add_argument("--new-entities", type=int, default=20)
     p.add_argument("--docs-per-entity", type=int, default=4)
+    p.add_argument("--facts-share", type=float, default=0.7, help="pretraining: share of tokens from facts")
     p.add_argument("--steps", type=int, default=150, help="finetuning steps")
     p.add_argument("--lr", type=float, default=3e-3, help="finetuning base rate (values: value_lr_mult x)")
-    p.add_argument("--modes", default="memory,ffn,all")
+    p.add_argument("--modes", default="memory,ffn,all", help="train.trainable values, and `rows`: the "
+                   "--rows-topk value rows most specific to the new data (train.trainable_rows)")
+    p.add_argument("--rows-topk", type=int, default=256)
     p.add_argument("--threads", type=int, default=0)
     args, overrides = p.parse_known_args(argv)
     if args.threads:
@@ -77,16 +117,26 @@ def main(argv=None) -> int:
     base = args.base
     if base is None:
         base = os.path.abspath(os.path.join(args.out, "base"))
-        pre = overrides + data_overrides(old_dir, 0.5, tokenizer)[:2] + [
+        pre = overrides + data_overrides(old_dir, args.facts_share, tokenizer)[:2] + [
             tasks, f"run_dir={base}", "checkpoint.save_final=true", "checkpoint.every=0"]
         print("== pretraining", flush=True)
         run_one(args.config, pre)
     rows = [{"run": "base (before)", **metrics(base)}]
     for mode in [m for m in args.modes.split(",") if m]:
         run_dir = os.path.abspath(os.path.join(args.out, f"ft_{mode}"))
-        ft = overrides + [
+        extra = [f"train.trainable={mode}"]
+        if mode == "rows":
+            background = data_overrides(old_dir, args.facts_share, tokenizer)[:1]
+            picked = rank_rows(base, os.path.join(new_dir, "train.jsonl"), background, args.config, tokenizer,
+                               args.rows_topk)
+            rows_file = os.path.join(args.out, "rows.json")
+            with open(rows_file, "w") as f:
+                json.dump(picked, f)
+            print(f"== rows: {len(picked)} value rows most specific to the new people", flush=True)
+            extra = ["train.trainable=values", f"train.trainable_rows={rows_file}"]
+        ft = overrides + extra + [
             f"data.train=[{{paths: [{os.path.join(new_dir, 'train.jsonl')}]}}]", f"data.val=[{{paths: [{GENERAL_VAL}]}}]",
-            tasks, f"run_dir={run_dir}", f"checkpoint.init_from={base}", f"train.trainable={mode}",
+            tasks, f"run_dir={run_dir}", f"checkpoint.init_from={base}",
             f"train.steps={args.steps}", f"optim.lr={args.lr}", "optim.warmup_steps=10", "optim.weight_decay=0.0",
             "checkpoint.save_final=false", "logging.memory_health=true",
         ]

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 MEMORY_BACKENDS = ("auto", "reference", "triton")
+PROJ_INITS = ("fan_in", "init_std")
 ATTENTION_BACKENDS = ("sdpa", "xformers")
 
 
@@ -27,6 +28,10 @@ class MemoryConfig:
     share_values: bool = True  # one value table for all memory layers
     backend: str = "auto"  # auto | reference | triton (see ops)
     value_init_std: Optional[float] = None  # None -> v_dim ** -0.5
+    # std of swilu_proj and value_proj: fan_in -> (input size) ** -0.5, as in the public code; init_std -> the
+    # model's init_std like every other linear layer. A value row reaches the output through both, so their
+    # scale sets how far one value update moves the output.
+    proj_init: str = "init_std"
 
     def resolved_layers(self, n_layers: int) -> List[int]:
         """Sorted block indices that get a memory layer."""
@@ -64,6 +69,8 @@ class MemoryConfig:
             bad("v_dim", f"must be positive (or null for the model dim), got {self.v_dim}")
         if self.backend not in MEMORY_BACKENDS:
             bad("backend", f"must be one of {', '.join(MEMORY_BACKENDS)}, got {self.backend!r}")
+        if self.proj_init not in PROJ_INITS:
+            bad("proj_init", f"must be one of {', '.join(PROJ_INITS)}, got {self.proj_init!r}")
         if self.value_init_std is not None and not self.value_init_std > 0:
             bad("value_init_std", f"must be > 0 (or null for v_dim**-0.5), got {self.value_init_std}")
 

@@ -17,7 +17,7 @@ passed into forward; the layer then holds no table of its own. No class-level or
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,43 @@ class ValuePool(nn.Module):
         nn.init.normal_(self.weight, std=self.init_std)
 
 
+class SlotUsage:
+    """Reads per value row of one memory layer, accumulated on the layer's device during training.
+
+    Counting is an index_add_ into a device tensor (no host sync per step); `read()` syncs once, at log time.
+    Not module state: not in the state dict, nothing changes for checkpoints.
+    """
+
+    def __init__(self, n_slots: int):
+        self.n_slots = n_slots
+        self.counts: Optional[torch.Tensor] = None  # reads per row in the current window
+        self.ever: Optional[torch.Tensor] = None  # rows read at least once since tracking began
+
+    @torch.compiler.disable  # attribute mutation: keep it out of compiled graphs (a break only when tracking)
+    def add(self, slots: torch.Tensor) -> None:
+        flat = slots.detach().reshape(-1)
+        if self.counts is None or self.counts.device != flat.device:
+            self.counts = torch.zeros(self.n_slots, dtype=torch.int64, device=flat.device)
+            self.ever = torch.zeros(self.n_slots, dtype=torch.bool, device=flat.device)
+        self.counts.index_add_(0, flat, torch.ones_like(flat))
+
+    def read(self) -> Dict[str, float]:
+        """Window statistics, then a new window: rows_read (fraction of rows read in the window), entropy (nats,
+        of the distribution of reads over rows) and entropy_frac (entropy / log n_slots: 1 = uniform use),
+        dead (fraction of rows never read since tracking began), reads (reads in the window). {} before any read."""
+        if self.counts is None:
+            return {}
+        counts = self.counts.to(torch.float64)
+        self.ever |= self.counts > 0
+        total = counts.sum()
+        p = counts / total.clamp(min=1)
+        entropy = -torch.where(p > 0, p * p.log(), torch.zeros_like(p)).sum()
+        stats = torch.stack([(counts > 0).double().mean(), entropy, entropy / math.log(max(self.n_slots, 2)),
+                             (~self.ever).double().mean(), total]).tolist()
+        self.counts.zero_()
+        return dict(zip(("rows_read", "entropy", "entropy_frac", "dead", "reads"), stats))
+
+
 def value_init_std(cfg: ModelConfig) -> float:
     m = cfg.memory
     return m.value_init_std if m.value_init_std is not None else cfg.v_dim ** -0.5
@@ -58,6 +95,7 @@ class MemoryLayer(nn.Module):
         m = cfg.memory
         self.heads, self.k_dim, self.knn, self.n_keys = m.heads, m.k_dim, m.knn, m.n_keys
         self.qk_norm, self.backend, self.eps = m.qk_norm, m.backend, cfg.norm_eps
+        self.proj_init = m.proj_init
         half = m.k_dim // 2
         self.query_proj = nn.Linear(cfg.dim, m.heads * m.k_dim, bias=True)
         self.query_norm = RMSNorm(half, cfg.norm_eps) if m.qk_norm else None
@@ -70,12 +108,26 @@ class MemoryLayer(nn.Module):
         # Replaces ops.memory_lookup when set, with the same (indices, weights, values) -> out signature: the
         # trainer plugs in a memory-parallel lookup here (e.g. ops.column_parallel over a process group).
         self.lookup_fn: Optional[Callable[..., torch.Tensor]] = None
+        # Slot-read statistics (memory health), counted in training forwards once track_usage() is called.
+        self.usage: Optional[SlotUsage] = None
+
+    def track_usage(self) -> SlotUsage:
+        if self.usage is None:
+            self.usage = SlotUsage(self.n_keys**2)
+        return self.usage
 
     def reset_parameters(self) -> None:
         """Own parameters only (sub-keys); submodules are initialised by Transformer.init_weights."""
         bound = 1.0 / math.sqrt(self.k_dim // 2)
         nn.init.uniform_(self.keys1, -bound, bound)
         nn.init.uniform_(self.keys2, -bound, bound)
+
+    def projection_init_stds(self) -> Dict[nn.Linear, float]:
+        """Init std of the output-side projections when they differ from the model's (see MemoryConfig.proj_init)."""
+        if self.proj_init != "fan_in":
+            return {}
+        projs = [p for p in (self.swilu_proj, self.value_proj) if p is not None]
+        return {p: p.in_features ** -0.5 for p in projs}
 
     def search(self, x: torch.Tensor):
         """x [T, dim] -> (scores [T, heads, knn] fp32, slots [T, heads, knn] int64)."""
@@ -101,6 +153,8 @@ class MemoryLayer(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         scores, slots = self.search(x)
+        if self.usage is not None and self.training:
+            self.usage.add(slots)
         weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
         if self.lookup_fn is not None:
             y = self.lookup_fn(slots.flatten(1), weights.flatten(1), values)

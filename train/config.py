@@ -18,7 +18,11 @@ from eval import EvalConfig
 from model import ModelConfig
 from model.cli_config import ConfigError, load_structured
 
+from .trainable import SELECTORS
+
 __all__ = ["ConfigError", "TrainConfig", "load_config", "parse_cli", "to_yaml", "DEFAULT_PRESET"]
+
+TRAINABLE = tuple(SELECTORS)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What `python -m train` trains without config= (the same as `make train`).
@@ -28,8 +32,10 @@ DEFAULT_PRESET = "configs/tiny.yaml"
 @dataclass
 class OptimConfig:
     lr: float = 3e-3
-    # The value table is updated sparsely (a row only when it is read), so it wants its own rate (paper: 1e-3 vs 1e-4).
-    value_lr: float = 3e-3
+    # The value table is updated sparsely (a row only when it is read), so it wants its own, higher rate (paper:
+    # 1e-3 vs 1e-4). value_lr: an absolute rate; null -> value_lr_mult * lr (RESULTS.md: the facts experiment).
+    value_lr: Optional[float] = None
+    value_lr_mult: float = 10.0
     # Whether the value rate follows warmup/cosine like the rest, or stays fixed at value_lr.
     value_lr_scheduled: bool = True
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -43,10 +49,16 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
 
+    @property
+    def resolved_value_lr(self) -> float:
+        return self.value_lr if self.value_lr is not None else self.value_lr_mult * self.lr
+
     def validate(self, prefix: str) -> None:
-        for key in ("lr", "value_lr", "eps"):
+        for key in ("lr", "eps", "value_lr_mult"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{prefix}.{key}: must be > 0, got {getattr(self, key)}")
+        if self.value_lr is not None and self.value_lr <= 0:
+            raise ValueError(f"{prefix}.value_lr: must be > 0 (or null for value_lr_mult * lr), got {self.value_lr}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"{prefix}.betas: need two values in [0, 1), got {list(self.betas)}")
         for key in ("weight_decay", "norm_bias_weight_decay", "value_weight_decay", "warmup_steps", "grad_clip"):
@@ -75,12 +87,20 @@ class LoopConfig:
     gc_every: int = 50
     # Peak FLOP/s of one device for the logged MFU; null: looked up from the GPU's name (none on CPU).
     peak_flops: Optional[float] = None
+    # Parameters trained: all | memory | values | ffn (train/trainable.py); the others are frozen.
+    trainable: str = "all"
+    # A JSON list of value-row indices: only those rows of the value table are updated (train/trainable.py).
+    trainable_rows: Optional[str] = None
     # What a non-finite loss or gradient norm does (train/nonfinite.py): stop (before saving anything after it) or
     # skip (drop that step's update; one device sync per step), stopping once more than max_skipped_steps were skipped.
     nonfinite: str = "stop"
     max_skipped_steps: int = 10
 
     def validate(self, prefix: str) -> None:
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"{prefix}.trainable: must be one of {', '.join(TRAINABLE)}, got {self.trainable!r}")
+        if self.trainable_rows is not None and not os.path.isfile(self.trainable_rows):
+            raise ValueError(f"{prefix}.trainable_rows: no such file: {self.trainable_rows}")
         if self.nonfinite not in ("stop", "skip"):
             raise ValueError(f"{prefix}.nonfinite: must be stop or skip, got {self.nonfinite!r}")
         if self.max_skipped_steps < 0:
@@ -130,6 +150,8 @@ class LoggingConfig:
     project: str = "mnemo"
     run_name: Optional[str] = None
     group: Optional[str] = None  # wandb group: the runs of one sweep share one (launch.sweep sets it)
+    # Per memory layer, at every log line: rows read, read entropy, dead rows (train/memory_health.py).
+    memory_health: bool = False
 
     def validate(self, prefix: str) -> None:
         if self.wandb not in ("disabled", "online", "offline"):

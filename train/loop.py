@@ -25,7 +25,9 @@ from .mfu import device_peak_flops, mfu
 from .nonfinite import NonFiniteGuard
 from .optim import build_optimizer, build_scheduler
 from .parallelize import parallelize
+from .memory_health import memory_health_metrics, track_memory_usage
 from .resume import config_dict, finished_summary, format_changes, plan_resume
+from .trainable import apply_trainable, restrict_value_rows
 from .weights import init_weights_from
 from .runtime import Runtime, setup_runtime
 
@@ -124,6 +126,12 @@ def _train(cfg: TrainConfig, rt: Runtime, tokenizer, log: MetricsLogger, resume,
     n_params = model.num_parameters()
     step_flops = flops_per_token(cfg.model, cfg.data.seq_len).total  # training FLOPs per token
     peak_flops = device_peak_flops(rt.device, cfg.train.peak_flops)
+    n_trainable = sum(model.get_parameter(n).numel() for n in apply_trainable(model, cfg.train.trainable))
+    if cfg.train.trainable_rows:
+        if rt.world_size > 1 or cfg.optim.value_weight_decay:
+            raise ConfigError("train.trainable_rows: single process and optim.value_weight_decay=0 only")
+        restrict_value_rows(model, cfg.train.trainable_rows)
+    usage = track_memory_usage(model) if cfg.logging.memory_health else {}
     model = parallelize(model, cfg, rt)
     optimizer = build_optimizer(model, cfg.optim)
     # the schedule's horizon is fixed at a run's first start (train/resume.py)
@@ -157,7 +165,8 @@ def _train(cfg: TrainConfig, rt: Runtime, tokenizer, log: MetricsLogger, resume,
     else:
         if cfg.checkpoint.init_from:
             init_weights_from(cfg, model, log)
-        log.print(f"mnemo: {n_params / 1e6:.2f}M parameters, {cfg.train.steps} steps, run dir {cfg.run_dir}")
+        trained = "" if n_trainable == n_params else f" ({n_trainable / 1e6:.2f}M trainable: {cfg.train.trainable})"
+        log.print(f"mnemo: {n_params / 1e6:.2f}M parameters{trained}, {cfg.train.steps} steps, run dir {cfg.run_dir}")
         log.log({"step": 0, "params": n_params, "flops_per_token": step_flops})
     guard = NonFiniteGuard(cfg.train.nonfinite, cfg.train.max_skipped_steps, rt.device, skipped, warn=log.print)
 
@@ -243,6 +252,7 @@ def _train(cfg: TrainConfig, rt: Runtime, tokenizer, log: MetricsLogger, resume,
                 comm_s = rt.memory_comm.read_ms() / 1e3 / window_steps
                 rec["memory_comm_ms"] = comm_s * 1e3
                 rec["memory_comm_frac"] = comm_s / step_time
+            rec.update(memory_health_metrics(usage))
             log.log(rec)
             log.print(format_progress(rec, cfg.train.steps))
             window_t, window_steps = time.perf_counter(), 0

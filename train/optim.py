@@ -2,7 +2,7 @@
 
 Groups are decided by parameter name, in the model's registration order (never by sorting or grouping
 unsorted iterables), so the grouping is stable across runs and checkpoints:
-- "values": the memory value table(s), at `value_lr` with `value_weight_decay`;
+- "values": the memory value table(s), at `value_lr` (default value_lr_mult * lr) with `value_weight_decay`;
 - "no_decay": norm weights and biases (1-D parameters), with `norm_bias_weight_decay`;
 - "decay": everything else, at `lr` with `weight_decay`.
 """
@@ -36,7 +36,7 @@ def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> List[Dict]:
     settings = {
         "decay": dict(lr=cfg.lr, weight_decay=cfg.weight_decay),
         "no_decay": dict(lr=cfg.lr, weight_decay=cfg.norm_bias_weight_decay),
-        "values": dict(lr=cfg.value_lr, weight_decay=cfg.value_weight_decay),
+        "values": dict(lr=cfg.resolved_value_lr, weight_decay=cfg.value_weight_decay),
     }
     return [dict(params=ps, name=g, **settings[g]) for g, ps in members.items() if ps]
 

@@ -64,7 +64,7 @@ def architecture_mismatch(saved_model: Dict[str, Any], model: Dict[str, Any]) ->
     """Model config keys that change the weights' shapes or meaning (for loading weights into another run)."""
     changed = compare({"model": saved_model}, {"model": model})
     ignored = ("model.memory.backend", "model.attention_backend", "model.max_seq_len", "model.init_std",
-               "model.memory.value_init_std")
+               "model.memory.value_init_std", "model.memory.proj_init")
     return {k: v for k, v in changed.items() if k not in ignored}
 
 

@@ -1,0 +1,161 @@
+"""Teach a pretrained model facts about new people, training only its memory, only its FFNs, or everything.
+
+1. Pretrain (or reuse --base RUN_DIR): the facts experiment's memory model on old people + general text.
+2. From its weights (checkpoint.init_from), finetune on documents about new people only, one run per
+   train.trainable in --modes, with the same data, steps and learning rates.
+3. Table: new facts learned (QA exact match on the new people: trained pairs, and prose-only people in held-out
+   wordings), forgetting (general-text validation NLL and QA on the old people, before -> after).
+
+    python scripts/knowledge_update.py --out runs/update [--base runs/facts/memory] [key=value ...]
+
+Trailing key=value arguments override the config for every run (pretraining and finetuning).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from scripts.facts_experiment import GENERAL_VAL, data_overrides, read_results, run_one  # noqa: E402
+from data import load_tokenizer  # noqa: E402
+from eval.synthetic_facts import generate  # noqa: E402
+from train.config import load_config  # noqa: E402
+
+TASKS = ("qa_trained", "qa_prose")
+
+
+def count_reads(model, usage, data_cfg, tokenizer, n_batches, batch_size):
+    """Value-row reads (summed over memory layers) of `model` on n_batches of `data_cfg`'s train split."""
+    import torch
+
+    from data import build_loader
+
+    loader = build_loader(data_cfg, tokenizer, split="train", rank=0, world_size=1, batch_size=batch_size)
+    model.train()  # counters count training forwards only; no dropout in the model
+    with torch.no_grad():
+        for i, batch in zip(range(n_batches), loader):
+            model(batch[:, :-1])
+    total = sum(u.counts for u in usage.values())
+    for u in usage.values():
+        u.counts.zero_()
+    return total.double()
+
+
+def rank_rows(base, new_train, background_overrides, config, tokenizer, k, n_batches=40):
+    """The k value rows most specific to the new documents: TF-IDF of reads on them against a background sample
+    (the pretraining mixture), as in sparse memory finetuning."""
+    import math
+
+    from model.checkpoint import load_model
+    from train.memory_health import track_memory_usage
+
+    model, _ = load_model(base)
+    usage = track_memory_usage(model)
+    cfg = load_config(config, [f"data.train=[{{paths: [{new_train}]}}]"])
+    new = count_reads(model, usage, cfg.data, tokenizer, n_batches, cfg.train.batch_size)
+    bg = count_reads(model, usage, load_config(config, background_overrides).data, tokenizer, n_batches,
+                     cfg.train.batch_size)
+    score = new / new.sum() * ((bg.sum() + len(bg)) / (bg + 1)).log()
+    score[new == 0] = -math.inf
+    top = score.topk(min(k, int((new > 0).sum()))).indices
+    return sorted(top.tolist())
+
+
+def tasks_override(sets):
+    """eval.tasks for {prefix: facts dir}: task names come from the file names, so each set gets copies."""
+    specs = []
+    for prefix, d in sets.items():
+        for t in TASKS:
+            path = os.path.join(d, f"{prefix}_{t}.jsonl")
+            with open(os.path.join(d, f"{t}.jsonl")) as src, open(path, "w") as dst:
+                dst.write(src.read())
+            specs.append(f"jsonl:{path}")
+    return f"eval.tasks=[{','.join(specs)}]"
+
+
+def metrics(run_dir):
+    out = {}
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for rec in map(json.loads, f):
+            if "val/loss" in rec:
+                out["val_loss"] = rec["val/loss"]
+            out.update({k[len("eval/"):]: v for k, v in rec.items() if k.startswith("eval/") and k.endswith("/em")})
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--config", default="configs/facts_small.yaml")
+    p.add_argument("--base", default=None, help="a pretrained run dir (default: pretrain one under --out)")
+    p.add_argument("--entities", type=int, default=100, help="old people (pretraining)")
+    p.add_argument("--new-entities", type=int, default=20)
+    p.add_argument("--docs-per-entity", type=int, default=4)
+    p.add_argument("--facts-share", type=float, default=0.7, help="pretraining: share of tokens from facts")
+    p.add_argument("--steps", type=int, default=150, help="finetuning steps")
+    p.add_argument("--lr", type=float, default=3e-3, help="finetuning base rate (values: value_lr_mult x)")
+    p.add_argument("--modes", default="memory,ffn,all", help="train.trainable values, and `rows`: the "
+                   "--rows-topk value rows most specific to the new data (train.trainable_rows)")
+    p.add_argument("--rows-topk", type=int, default=256)
+    p.add_argument("--threads", type=int, default=0)
+    args, overrides = p.parse_known_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+    old_dir = os.path.abspath(os.path.join(args.out, "old"))
+    new_dir = os.path.abspath(os.path.join(args.out, "new"))
+    generate(old_dir, args.entities, 0, args.docs_per_entity, 0.5)
+    generate(new_dir, args.new_entities, 1000, args.docs_per_entity, 0.5)  # other seed: other people
+    tokenizer = load_tokenizer(load_config(args.config, overrides).data.tokenizer)
+    tasks = tasks_override({"old": old_dir, "new": new_dir})
+
+    base = args.base
+    if base is None:
+        base = os.path.abspath(os.path.join(args.out, "base"))
+        pre = overrides + data_overrides(old_dir, args.facts_share, tokenizer)[:2] + [
+            tasks, f"run_dir={base}", "checkpoint.save_final=true", "checkpoint.every=0"]
+        print("== pretraining", flush=True)
+        run_one(args.config, pre)
+    rows = [{"run": "base (before)", **metrics(base)}]
+    for mode in [m for m in args.modes.split(",") if m]:
+        run_dir = os.path.abspath(os.path.join(args.out, f"ft_{mode}"))
+        extra = [f"train.trainable={mode}"]
+        if mode == "rows":
+            background = data_overrides(old_dir, args.facts_share, tokenizer)[:1]
+            picked = rank_rows(base, os.path.join(new_dir, "train.jsonl"), background, args.config, tokenizer,
+                               args.rows_topk)
+            rows_file = os.path.join(args.out, "rows.json")
+            with open(rows_file, "w") as f:
+                json.dump(picked, f)
+            print(f"== rows: {len(picked)} value rows most specific to the new people", flush=True)
+            extra = ["train.trainable=values", f"train.trainable_rows={rows_file}"]
+        ft = overrides + extra + [
+            f"data.train=[{{paths: [{os.path.join(new_dir, 'train.jsonl')}]}}]", f"data.val=[{{paths: [{GENERAL_VAL}]}}]",
+            tasks, f"run_dir={run_dir}", f"checkpoint.init_from={base}",
+            f"train.steps={args.steps}", f"optim.lr={args.lr}", "optim.warmup_steps=10", "optim.weight_decay=0.0",
+            "checkpoint.save_final=false", "logging.memory_health=true",
+        ]
+        print(f"== finetune {mode}", flush=True)
+        seconds = run_one(args.config, ft)
+        rows.append({"run": f"finetune {mode}", "seconds": round(seconds, 1), **metrics(run_dir)})
+        with open(os.path.join(args.out, "results.jsonl"), "a") as f:
+            f.write(json.dumps({**rows[-1], "overrides": ft}) + "\n")
+
+    b = rows[0]
+    print("\n| run | new: trained QA EM | new: prose-only EM | old: trained QA EM | old: prose-only EM | "
+          "general val NLL (rise) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        rise = 100 * (r["val_loss"] / b["val_loss"] - 1)
+        print(f"| {r['run']} | {r['new_qa_trained/em']:.3f} | {r['new_qa_prose/em']:.3f} | {r['old_qa_trained/em']:.3f} | "
+              f"{r['old_qa_prose/em']:.3f} | {r['val_loss']:.4f} ({rise:+.1f}%) |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -152,7 +152,7 @@ def _train(cfg: TrainConfig, rt: Runtime, tokenizer, log: MetricsLogger, resume,
         if rt.is_main:
             truncate_after(log.path, start_step)
         if start_step >= cfg.train.steps:
-            done = finished_summary(log.path, start_step)
+            done = finished_summary(cfg.run_dir, start_step)
             if done is not None:
                 log.print(f"run already finished at step {start_step} ({resume_from}): final val loss "
                           f"{done['val_loss']:.4f}; raise train.steps to train further")
@@ -290,10 +290,10 @@ def _train(cfg: TrainConfig, rt: Runtime, tokenizer, log: MetricsLogger, resume,
     final_val = evaluate(step, final=True)
     entropy = unigram_entropy(cfg.data, tokenizer, split="val")
     bad_records = skipped_totals(all_rank_states(loader))
-    summary = {"step": step, "val_loss": final_val, "unigram_entropy": entropy, "skipped_records": bad_records["skipped"]}
+    summary = {"step": step, "val_loss": final_val, "unigram_entropy": entropy, "skipped_records": bad_records["skipped"],
+               "tokens": tokens_seen(), "params": n_params, "flops_per_token": step_flops}
     log.log({"step": step, "unigram_entropy": entropy, **{f"data/{k}": v for k, v in bad_records.items()}})
     if rt.is_main:
-        write_summary(cfg.run_dir, dict(summary, tokens=tokens_seen(), params=n_params,
-                                         flops_per_token=step_flops))
+        write_summary(cfg.run_dir, summary)
     log.print(format_summary(step, final_val, entropy, bad_records))
     return summary

@@ -128,31 +128,25 @@ def plan_resume(cfg: TrainConfig) -> Optional[ResumePlan]:
     return plan
 
 
-def finished_summary(metrics_path: str, step: int) -> Optional[Dict[str, Any]]:
-    """The summary of a run whose final evaluation at `step` is already in metrics.jsonl (None if not).
+def finished_summary(run_dir: str, step: int) -> Optional[Dict[str, Any]]:
+    """The summary a run wrote when it finished at `step` (summary.json, written last), or None.
 
-    Rank 0 reads the file (only it writes metrics) and tells the others, so all ranks take the same path."""
+    Rank 0 reads the file and tells the others, so all ranks take the same path."""
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        return _read_final(metrics_path, step)
-    box = [_read_final(metrics_path, step) if dist.get_rank() == 0 else None]
+        return _read_summary(run_dir, step)
+    box = [_read_summary(run_dir, step) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
-def _read_final(metrics_path: str, step: int) -> Optional[Dict[str, Any]]:
-    if not os.path.exists(metrics_path):
+def _read_summary(run_dir: str, step: int) -> Optional[Dict[str, Any]]:
+    from .metrics import SUMMARY_FILE
+
+    try:
+        with open(os.path.join(run_dir, SUMMARY_FILE)) as f:
+            summary = json.load(f)
+    except (OSError, json.JSONDecodeError):
         return None
-    final = {}
-    with open(metrics_path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if rec.get("step") == step:
-                final.update(rec)
-    if "unigram_entropy" not in final or "val/loss" not in final:
-        return None
-    return {"step": step, "val_loss": final["val/loss"], "unigram_entropy": final["unigram_entropy"]}
+    return summary if summary.get("step") == step and "val_loss" in summary else None

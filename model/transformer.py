@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import ops
+
 from .attention import Attention, KVCache
 from .config import ModelConfig
 from .ffn import FeedForward
@@ -86,12 +88,15 @@ class Transformer(nn.Module):
         start_pos: int = 0,
         positions: Optional[torch.Tensor] = None,
         key_valid: Optional[torch.Tensor] = None,
+        targets: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """tokens [B, L] -> logits [B, L, vocab].
+        """tokens [B, L] -> logits [B, L, vocab]; with targets [B, L], the mean next-token cross-entropy instead.
 
         cache: KV cache from make_kv_cache; tokens are written at cache positions start_pos..start_pos+L.
         positions [B, L]: RoPE positions (default start_pos + arange(L)); left-padded batches pass their own.
         key_valid [B, S] bool (S = start_pos + L with a cache, else L): False marks padding keys.
+        targets: the loss is computed chunk by chunk with the output projection (ops.linear_cross_entropy), so the
+        full logits (tokens x vocab, in fp32 for the loss) never exist: less memory and memory traffic.
         """
         B, L = tokens.shape
         device = tokens.device
@@ -111,9 +116,11 @@ class Transformer(nn.Module):
         for layer in self.layers:
             h = layer(h, cos, sin, mask, cache, start_pos, self.values)
         h = self.norm(h)
-        if self.output is None:
-            return F.linear(h, self.tok_embeddings.weight)  # tied: the embedding table is the output matrix
-        return self.output(h)
+        # tied: the embedding table is the output matrix
+        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
+        if targets is not None:
+            return ops.linear_cross_entropy(h.reshape(B * L, -1), weight, targets.reshape(B * L))
+        return F.linear(h, weight)
 
     @staticmethod
     def _attention_mask(B, L, offset, key_valid, cached, device) -> Optional[torch.Tensor]:

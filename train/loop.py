@@ -10,7 +10,6 @@ from dataclasses import asdict
 from typing import Any, Dict, List
 
 import torch
-import torch.nn.functional as F
 
 from data import all_rank_states, build_loader, check_vocab, load_tokenizer, unigram_entropy
 from eval import fixed_val_batches, flatten, format_table, load_eval_tasks, run_tasks, validation_metrics
@@ -27,12 +26,12 @@ from .runtime import Runtime, setup_runtime
 
 
 def lm_loss(model: torch.nn.Module, batch: torch.Tensor, rt: Runtime) -> torch.Tensor:
-    """Mean next-token cross-entropy of a [B, L+1] token batch, computed in fp32."""
+    """Mean next-token cross-entropy of a [B, L+1] token batch, computed in fp32 (inside the model's forward,
+    chunk by chunk with the output projection: the full logits are never materialised)."""
     batch = batch.to(rt.device, non_blocking=True)
     inputs, targets = batch[:, :-1], batch[:, 1:]
     with rt.autocast():
-        logits = model(inputs)
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+        return model(inputs, targets=targets)
 
 
 def build_model(cfg: TrainConfig, rt: Runtime) -> torch.nn.Module:

@@ -13,7 +13,7 @@ from .attention import Attention, KVCache
 from .config import ModelConfig
 from .ffn import FeedForward
 from .init import init_module
-from .memory import MemoryLayer, ValuePool, value_init_std
+from .memory import CastTable, MemoryLayer, ValuePool, table_for_forward, value_init_std
 from .norms import RMSNorm
 from .rope import RotaryEmbedding
 
@@ -36,7 +36,7 @@ class Block(nn.Module):
         return hasattr(self, "memory")
 
     def forward(self, x, cos, sin, mask=None, cache=None, start_pos=0, pool: Optional[ValuePool] = None):
-        """`pool`: the shared value table's module (None: the memory layer uses its own table).
+        """`pool`: the shared value table's module, or a CastTable of it (None: the memory layer uses its own table).
 
         The module, not its weight, is passed in: FSDP2 hooks every tensor input of a sharded block that needs a
         gradient, and a (column-sharded DTensor) value table seen as an input of every block would get one such
@@ -113,8 +113,15 @@ class Transformer(nn.Module):
         mask = self._attention_mask(B, L, start_pos if cache is not None else 0, key_valid, cache is not None, device)
         cos, sin = self.rope(positions)
         h = self.tok_embeddings(tokens)
+        pool = self.values
+        if pool is not None:
+            m = self.cfg.memory
+            reads = B * L * m.heads * m.knn * len(m.resolved_layers(self.cfg.n_layers))
+            table = table_for_forward(pool.weight, reads)
+            if table is not pool.weight:
+                pool = CastTable(table)  # cast once per forward, shared by every memory layer
         for layer in self.layers:
-            h = layer(h, cos, sin, mask, cache, start_pos, self.values)
+            h = layer(h, cos, sin, mask, cache, start_pos, pool)
         h = self.norm(h)
         # tied: the embedding table is the output matrix
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight

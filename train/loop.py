@@ -21,7 +21,7 @@ from .config import ConfigError, TrainConfig, to_yaml
 from .gc_control import scheduled_gc
 from .metrics import MetricsLogger, format_duration, format_progress, truncate_after
 from .optim import build_optimizer, build_scheduler
-from .parallelize import parallelize
+from .parallelize import eager_for_eval, parallelize
 from .runtime import Runtime, setup_runtime
 
 
@@ -130,9 +130,12 @@ def _train(cfg: TrainConfig, rt: Runtime, tokenizer, log: MetricsLogger, resume_
         metrics = validation_metrics(model, val_batches, tokenizer, amp_dtype=rt.dtype)
         record = {"step": step, **metrics}
         if eval_tasks and (final or qa):
-            results = run_tasks(model, tokenizer, cfg.eval, step=step, tasks=eval_tasks, amp_dtype=rt.dtype,
-                                out_path=os.path.join(cfg.run_dir, "eval.jsonl"))
+            t_eval = time.perf_counter()
+            with eager_for_eval(cfg):  # generation's cache positions and layer indices would recompile blocks
+                results = run_tasks(model, tokenizer, cfg.eval, step=step, tasks=eval_tasks, amp_dtype=rt.dtype,
+                                    out_path=os.path.join(cfg.run_dir, "eval.jsonl"))
             record.update(flatten(results))
+            record["eval/seconds"] = time.perf_counter() - t_eval
             log.print(format_table(results))
         log.log(record)
         log.print(f"step {step} | val loss {metrics['val/loss']:.4f} | val bpb {metrics.get('val/bpb', float('nan')):.4f}")
@@ -144,10 +147,13 @@ def _train(cfg: TrainConfig, rt: Runtime, tokenizer, log: MetricsLogger, resume_
     step = start_step
     window_t, window_steps = time.perf_counter(), 0
 
+    data_wait = {"s": 0.0}  # host time spent waiting for batches in the current window
+
     def restart_window():
-        """Throughput and collective time are measured over training steps only (not eval or saving)."""
+        """Throughput, data wait and collective time are measured over training steps only (not eval or saving)."""
         if rt.memory_comm is not None:
             rt.memory_comm.read_ms()
+        data_wait["s"] = 0.0
         return time.perf_counter(), 0
 
     def checkpoint_meta() -> Dict[str, Any]:
@@ -159,7 +165,9 @@ def _train(cfg: TrainConfig, rt: Runtime, tokenizer, log: MetricsLogger, resume_
         }
 
     while step < cfg.train.steps:
+        t_data = time.perf_counter()
         micro_batches = [next(data_iter) for _ in range(cfg.train.grad_accum)]
+        data_wait["s"] += time.perf_counter() - t_data
         loss, grad_norm = train_step(model, optimizer, scheduler, micro_batches, cfg, rt)
         step += 1
         window_steps += 1
@@ -180,6 +188,8 @@ def _train(cfg: TrainConfig, rt: Runtime, tokenizer, log: MetricsLogger, resume_
                 "tokens_per_s_per_device": tokens_per_step / step_time / rt.world_size,
                 "eta_s": step_time * (cfg.train.steps - step),
                 "tokens": step * tokens_per_step,
+                "data_wait_ms": data_wait["s"] * 1e3 / window_steps,  # per step: the loop waiting for batches
+                "data_wait_frac": data_wait["s"] / (now - window_t),
             }
             if rt.memory_comm is not None:
                 # memory-layer collectives (lookups forward and backward, value-gradient sum), per step
@@ -188,7 +198,7 @@ def _train(cfg: TrainConfig, rt: Runtime, tokenizer, log: MetricsLogger, resume_
                 rec["memory_comm_frac"] = comm_s / step_time
             log.log(rec)
             log.print(format_progress(rec, cfg.train.steps))
-            window_t, window_steps = time.perf_counter(), 0
+            window_t, window_steps = restart_window()
 
         due_val = cfg.train.val_every and step % cfg.train.val_every == 0
         due_qa = bool(eval_tasks) and cfg.eval.every and step % cfg.eval.every == 0

@@ -70,7 +70,7 @@ def table_for_forward(weight: torch.Tensor, rows_read: int) -> torch.Tensor:
     device = weight.device.type
     if (weight.dtype == torch.float32 and torch.is_grad_enabled() and torch.is_autocast_enabled(device)
             and rows_read >= weight.shape[0] and not _is_dtensor(weight)):
-        return weight.to(torch.get_autocast_dtype(device))
+        return ops.cast_table(weight, torch.get_autocast_dtype(device))
     return weight
 
 

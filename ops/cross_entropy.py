@@ -55,22 +55,24 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return t.dtype
 
 
-_MM_OUT_DTYPE: dict = {}  # (device type, dtype) -> whether torch.mm(..., out_dtype=float32) runs there
+_ADDMM_OUT_DTYPE: dict = {}  # (device type, dtype) -> whether torch.addmm(..., out_dtype=float32) runs there
 
 
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with an fp32 result, unrounded where torch.mm's out_dtype runs (newer torch, CUDA)."""
+def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b for an fp32 accumulator: inside the product (no rounding of a @ b, no extra pass) where torch's
+    addmm takes out_dtype (newer torch, CUDA), else through an fp32 (or low-precision, upcast) product."""
     if a.dtype == torch.float32:
-        return a @ b
+        acc.addmm_(a, b)
+        return
     key = (a.device.type, a.dtype)
-    if _MM_OUT_DTYPE.get(key, True):
+    if _ADDMM_OUT_DTYPE.get(key, a.is_cuda):
         try:
-            out = torch.mm(a, b, out_dtype=torch.float32)
-            _MM_OUT_DTYPE[key] = True
-            return out
-        except (TypeError, RuntimeError):
-            _MM_OUT_DTYPE[key] = False
-    return (a @ b).float()
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            _ADDMM_OUT_DTYPE[key] = True
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            _ADDMM_OUT_DTYPE[key] = False
+    acc += (a @ b).float()
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -92,7 +94,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if need_h:
                     torch.mm(logits, wc, out=grad_h[s:e])
                 if need_w:
-                    grad_w += _mm_fp32(logits.t(), hc[s:e])
+                    _addmm_fp32_(grad_w, logits.t(), hc[s:e])
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (h.dtype, weight.dtype)
         return losses.sum() / max(T, 1)

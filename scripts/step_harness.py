@@ -48,9 +48,13 @@ def build_steps(cfg: TrainConfig, rt, total_steps: int) -> StepSetup:
     scheduler = build_scheduler(optimizer, cfg.optim, max(cfg.train.steps, total_steps))
     g = torch.Generator().manual_seed(cfg.train.seed + rt.rank)
 
+    pin = rt.device.type == "cuda"
+
     def micro_batches():
+        # pinned like the trainer's batches: a pageable copy would wait for the previous step's GPU work
         shape = (cfg.train.batch_size, cfg.data.seq_len + 1)
-        return [torch.randint(0, cfg.model.vocab_size, shape, generator=g) for _ in range(cfg.train.grad_accum)]
+        out = [torch.randint(0, cfg.model.vocab_size, shape, generator=g) for _ in range(cfg.train.grad_accum)]
+        return [b.pin_memory() for b in out] if pin else out
 
     return StepSetup(cfg, rt, model, optimizer, scheduler, micro_batches)
 

@@ -1,8 +1,8 @@
 """Differentiable dtype cast of a large table (the memory's value table), fast on CUDA.
 
-torch's own fp32 -> bf16 copy runs a non-vectorised kernel on CUDA (a dtype-converting copy takes the generic
-path), at about half the copy bandwidth; a 1M x 1024 table is cast once per training forward, so a plain Triton
-kernel pays. Backward is the cast back to the table's dtype (torch's bf16 -> fp32 copy is already vectorised).
+The value table is cast to bf16 once per training forward and its gradient back to fp32 once per backward.
+torch's bf16 -> fp32 copy takes the generic, non-vectorised elementwise path on CUDA (about half the copy
+bandwidth on an H200, BENCHMARKS.md), so both directions go through one plain Triton kernel on CUDA.
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ class _Cast(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.to(ctx.src_dtype), None
+        out = _triton_cast(grad, ctx.src_dtype) if grad.is_cuda and grad.is_contiguous() else None
+        return (grad.to(ctx.src_dtype) if out is None else out), None
 
 
 def cast_table(src: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -103,8 +103,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
-        gh = (grad_h * grad_out).to(h_dtype) if grad_h is not None else None
-        gw = (grad_w * grad_out).to(w_dtype) if grad_w is not None else None
+        # one multi-tensor kernel: an elementwise product with a 0-dim device tensor is not vectorised on CUDA
+        present = [g for g in (grad_h, grad_w) if g is not None]
+        scaled = iter(torch._foreach_mul(present, grad_out) if present else [])
+        gh = next(scaled).to(h_dtype) if grad_h is not None else None
+        gw = next(scaled).to(w_dtype) if grad_w is not None else None
         return gh, gw, None, None
 
 

@@ -23,8 +23,9 @@ CHUNK_ELEMENTS = 1 << 27
 
 
 def softmax_xent_reference_(logits: torch.Tensor, targets: torch.Tensor, scale: float) -> torch.Tensor:
-    """Rows of logits [C, V] -> per-row loss [C] fp32; logits is overwritten with (softmax - one_hot) * scale."""
-    x = logits.float()
+    """Rows of logits [C, V] -> per-row loss [C] (fp32, fp64 for fp64 logits); logits is overwritten with
+    (softmax - one_hot) * scale."""
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
     lse = torch.logsumexp(x, dim=-1)
     loss = lse - x.gather(1, targets[:, None]).squeeze(1)
     grad = torch.exp(x - lse[:, None])
@@ -61,7 +62,7 @@ _ADDMM_OUT_DTYPE: dict = {}  # (device type, dtype) -> whether torch.addmm(..., 
 def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b for an fp32 accumulator: inside the product (no rounding of a @ b, no extra pass) where torch's
     addmm takes out_dtype (newer torch, CUDA), else through an fp32 (or low-precision, upcast) product."""
-    if a.dtype == torch.float32:
+    if a.dtype == acc.dtype:
         acc.addmm_(a, b)
         return
     key = (a.device.type, a.dtype)
@@ -84,8 +85,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             hc, wc = h.to(dt), weight.to(dt)
             need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
             grad_h = torch.empty_like(hc) if need_h else None
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
-            losses = torch.empty(T, dtype=torch.float32, device=h.device)
+            acc = torch.promote_types(dt, torch.float32)  # fp32, or fp64 for fp64 inputs
+            grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_w else None
+            losses = torch.empty(T, dtype=acc, device=h.device)
             scale = 1.0 / max(T, 1)
             for s in range(0, T, chunk):
                 e = min(T, s + chunk)

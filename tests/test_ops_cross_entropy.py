@@ -31,6 +31,13 @@ def test_chunked_equals_plain_fp32(chunk):
     torch.testing.assert_close(gw1, gw0, rtol=1e-5, atol=1e-7)
 
 
+def test_gradcheck_fp64():
+    h = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 11, (7,))
+    assert torch.autograd.gradcheck(lambda h, w: ops.linear_cross_entropy(h, w, t, chunk_tokens=3), (h, w))
+
+
 def test_only_the_needed_gradients():
     h = torch.randn(5, 4, requires_grad=True)
     w = torch.randn(9, 4)  # frozen output matrix

@@ -27,6 +27,9 @@ class MemoryConfig:
     share_values: bool = True  # one value table for all memory layers
     backend: str = "auto"  # auto | reference | triton (see ops)
     value_init_std: Optional[float] = None  # None -> v_dim ** -0.5
+    # Under autocast in training, read the fp32 value table through one cast to the autocast dtype per forward
+    # (fp32 master weights and optimizer; see model.memory.table_for_forward). False: lookups read fp32 rows.
+    cast_values: bool = True
 
     def resolved_layers(self, n_layers: int) -> List[int]:
         """Sorted block indices that get a memory layer."""

@@ -58,7 +58,7 @@ def _is_dtensor(t: torch.Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
-def table_for_forward(weight: torch.Tensor, rows_read: int) -> torch.Tensor:
+def table_for_forward(weight: torch.Tensor, rows_read: int, enabled: bool = True) -> torch.Tensor:
     """The value table as this forward's lookups should read it.
 
     Under autocast with gradients, when the lookups read at least as many rows as the table holds, the fp32
@@ -66,9 +66,10 @@ def table_for_forward(weight: torch.Tensor, rows_read: int) -> torch.Tensor:
     per-layer dense value gradients are half-size (summed over layers in that dtype, as autocast does for any
     weight used by several products, then cast back once to the fp32 parameter). Small reads (decoding, evaluation)
     keep the fp32 table: a cast would cost more than it saves. Column-sharded (DTensor) tables are left alone.
+    enabled=False (model.memory.cast_values) always keeps the fp32 table.
     """
     device = weight.device.type
-    if (weight.dtype == torch.float32 and torch.is_grad_enabled() and torch.is_autocast_enabled(device)
+    if (enabled and weight.dtype == torch.float32 and torch.is_grad_enabled() and torch.is_autocast_enabled(device)
             and rows_read >= weight.shape[0] and not _is_dtensor(weight)):
         return ops.cast_table(weight, torch.get_autocast_dtype(device))
     return weight
@@ -91,6 +92,7 @@ class MemoryLayer(nn.Module):
         m = cfg.memory
         self.heads, self.k_dim, self.knn, self.n_keys = m.heads, m.k_dim, m.knn, m.n_keys
         self.qk_norm, self.backend, self.eps = m.qk_norm, m.backend, cfg.norm_eps
+        self.cast_values = m.cast_values
         half = m.k_dim // 2
         self.query_proj = nn.Linear(cfg.dim, m.heads * m.k_dim, bias=True)
         self.query_norm = RMSNorm(half, cfg.norm_eps) if m.qk_norm else None
@@ -132,7 +134,7 @@ class MemoryLayer(nn.Module):
         if values is None:
             if self.values is None:
                 raise ValueError("MemoryLayer: shared values expected but none passed to forward")
-            values = table_for_forward(self.values.weight, x.shape[0] * self.heads * self.knn)
+            values = table_for_forward(self.values.weight, x.shape[0] * self.heads * self.knn, self.cast_values)
         if torch.is_autocast_enabled(x.device.type):
             # Every consumer of x (projections) casts it to the autocast dtype anyway; cast once, so that the
             # lookup's output and its gradient stay in that dtype too instead of being promoted to fp32.

@@ -117,7 +117,7 @@ class Transformer(nn.Module):
         if pool is not None:
             m = self.cfg.memory
             reads = B * L * m.heads * m.knn * len(m.resolved_layers(self.cfg.n_layers))
-            table = table_for_forward(pool.weight, reads)
+            table = table_for_forward(pool.weight, reads, m.cast_values)
             if table is not pool.weight:
                 pool = CastTable(table)  # cast once per forward, shared by every memory layer
         for layer in self.layers:

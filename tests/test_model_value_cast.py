@@ -23,6 +23,7 @@ def test_table_for_forward_rules():
         assert memory.table_for_forward(w, 63) is w  # fewer rows read than the table holds
         with torch.no_grad():
             assert memory.table_for_forward(w, 10**6) is w
+        assert memory.table_for_forward(w, 64, enabled=False) is w  # model.memory.cast_values=false
 
 
 def test_cast_table_gradient_is_cast_back():
@@ -67,8 +68,10 @@ def test_autocast_model_casts_shared_table_once(monkeypatch):
     loss, grads = _loss_and_grads(model, tokens)
     assert calls == [(64, 16)]  # once for both layers
     assert model.values.weight.grad.dtype == torch.float32
-    monkeypatch.setattr(memory, "table_for_forward", lambda w, rows: w)  # the fp32 table, as before
+    model.cfg.memory.cast_values = False  # the fp32 table, as before
+    calls.clear()
     ref_loss, ref = _loss_and_grads(model, tokens)
+    assert calls == []
     torch.testing.assert_close(loss, ref_loss, rtol=2e-2, atol=2e-2)
     for name, g in ref.items():
         # bf16 rounding of the table, lookups and products: equal to a few bf16 ulps relative to the gradient's size

@@ -70,7 +70,8 @@ class DataConfig:
     strict: bool = False  # bad records / unreadable files raise instead of being skipped and counted
     epochs: Optional[int] = None  # train: passes over the data, None = endless (val: always one pass)
     shuffle_files: bool = True  # train: permute each source's file order every epoch (under seed)
-    num_workers: int = 0  # background tokenization processes (0: in the training process)
+    # background tokenization processes (0: in the training process; null: auto, see data.loader.auto_num_workers)
+    num_workers: Optional[int] = None
     prefetch: int = 4  # chunks of documents buffered per worker
     chunk_docs: int = 64  # documents per worker message
     pin_memory: bool = True  # pin batches when CUDA is available
@@ -89,6 +90,8 @@ class DataConfig:
             raise ValueError(f"{prefix}.tokenizer: give a sentencepiece .model path or 'byte'")
         for key, low in (("seq_len", 1), ("num_workers", 0), ("prefetch", 1), ("chunk_docs", 1), ("max_warnings", 0)):
             val = getattr(self, key)
+            if key == "num_workers" and val is None:
+                continue
             if not isinstance(val, int) or isinstance(val, bool) or val < low:
                 raise ValueError(f"{prefix}.{key}: must be an integer >= {low}, got {val!r}")
         if self.epochs is not None and (not isinstance(self.epochs, int) or isinstance(self.epochs, bool)

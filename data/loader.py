@@ -7,7 +7,8 @@ iterated. A finite pass ends with a smaller batch holding the remaining full row
 from __future__ import annotations
 
 import copy
-from typing import Iterator, List, Union
+import os
+from typing import Iterator, List, Optional, Union
 
 import torch
 
@@ -38,6 +39,19 @@ class _Chunks(torch.utils.data.IterableDataset):
         return self.stream.iter_chunks(info.id, info.num_workers) if info else self.stream.iter_chunks()
 
 
+def auto_num_workers(requested: Optional[int]) -> int:
+    """data.num_workers, with null resolved: no workers without a GPU (CPU runs stay single-process and CPU cores
+    go to the model), else up to 4 per GPU process from its share of the cores. Batches are the same for any
+    number of workers, so the choice changes speed only."""
+    if requested is not None:
+        return requested
+    if not torch.cuda.is_available():
+        return 0
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    per_rank = (os.cpu_count() or 1) // local
+    return max(0, min(4, per_rank // 2))
+
+
 class Loader:
     def __init__(self, cfg: DataConfig, tokenizer, split: str, rank: int, world_size: int, batch_size: int):
         if split not in ("train", "val"):
@@ -48,6 +62,7 @@ class Loader:
             raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
         cfg.validate("data")
         self.cfg, self.tokenizer, self.split = cfg, tokenizer, split
+        self.num_workers = auto_num_workers(cfg.num_workers)
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.specs: List[SourceSpec] = [SourceSpec.from_config(s, f"data.{split}[{i}]", resolve_path)
                                         for i, s in enumerate(getattr(cfg, split))]
@@ -92,10 +107,10 @@ class Loader:
 
     # -- iteration -----------------------------------------------------------------------------------
     def _chunks(self, stream: DocStream) -> Iterator[list]:
-        if self.cfg.num_workers == 0:
+        if self.num_workers == 0:
             return stream.iter_chunks()
         dl = torch.utils.data.DataLoader(_Chunks(stream), batch_size=None, collate_fn=_identity,
-                                         num_workers=self.cfg.num_workers, prefetch_factor=self.cfg.prefetch)
+                                         num_workers=self.num_workers, prefetch_factor=self.cfg.prefetch)
         return iter(dl)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -112,7 +127,7 @@ class Loader:
         files = "; ".join(files_text(spec) for spec in self.specs)
         label = f"data.{self.split} (rank {self.rank} of {self.world_size}; {files})"
         out = batches(self._chunks(stream), self.batch_size, self.cfg.seq_len + 1, state, stats, train, pin, label)
-        if self.cfg.num_workers > 0:  # workers tokenize; a thread packs and pins, off the training thread
+        if self.num_workers > 0:  # workers tokenize; a thread packs and pins, off the training thread
             out = threaded(out, depth=2)
         for batch, new_state, new_stats in out:
             if gen == self._generation:  # an abandoned iterator must not move the loader's position

@@ -32,6 +32,9 @@ class MemoryConfig:
     # model's init_std like every other linear layer. A value row reaches the output through both, so their
     # scale sets how far one value update moves the output.
     proj_init: str = "init_std"
+    # Under autocast in training, read the fp32 value table through one cast to the autocast dtype per forward
+    # (fp32 master weights and optimizer; see model.memory.table_for_forward). False: lookups read fp32 rows.
+    cast_values: bool = True
 
     def resolved_layers(self, n_layers: int) -> List[int]:
         """Sorted block indices that get a memory layer."""

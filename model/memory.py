@@ -78,6 +78,40 @@ class SlotUsage:
         return dict(zip(("rows_read", "entropy", "entropy_frac", "dead", "reads"), stats))
 
 
+class CastTable:
+    """Stands in for a ValuePool during one forward: `weight` is the table already cast to the compute dtype.
+
+    A plain object, not a tensor or module, so FSDP hooks see no extra block input (see Block.forward)."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without DTensor
+        return False
+    return isinstance(t, DTensor)
+
+
+def table_for_forward(weight: torch.Tensor, rows_read: int, enabled: bool = True) -> torch.Tensor:
+    """The value table as this forward's lookups should read it.
+
+    Under autocast with gradients, when the lookups read at least as many rows as the table holds, the fp32
+    table is cast to the autocast dtype once: lookups then read half the bytes forward and backward, and the
+    per-layer dense value gradients are half-size (summed over layers in that dtype, as autocast does for any
+    weight used by several products, then cast back once to the fp32 parameter). Small reads (decoding, evaluation)
+    keep the fp32 table: a cast would cost more than it saves. Column-sharded (DTensor) tables are left alone.
+    enabled=False (model.memory.cast_values) always keeps the fp32 table.
+    """
+    device = weight.device.type
+    if (enabled and weight.dtype == torch.float32 and torch.is_grad_enabled() and torch.is_autocast_enabled(device)
+            and rows_read >= weight.shape[0] and not _is_dtensor(weight)):
+        return ops.cast_table(weight, torch.get_autocast_dtype(device))
+    return weight
+
+
 def value_init_std(cfg: ModelConfig) -> float:
     m = cfg.memory
     return m.value_init_std if m.value_init_std is not None else cfg.v_dim ** -0.5
@@ -96,6 +130,7 @@ class MemoryLayer(nn.Module):
         self.heads, self.k_dim, self.knn, self.n_keys = m.heads, m.k_dim, m.knn, m.n_keys
         self.qk_norm, self.backend, self.eps = m.qk_norm, m.backend, cfg.norm_eps
         self.proj_init = m.proj_init
+        self.cast_values = m.cast_values
         half = m.k_dim // 2
         self.query_proj = nn.Linear(cfg.dim, m.heads * m.k_dim, bias=True)
         self.query_norm = RMSNorm(half, cfg.norm_eps) if m.qk_norm else None
@@ -146,12 +181,16 @@ class MemoryLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, values: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [..., dim] -> [..., dim]. `values` is the shared table; None uses this layer's own."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
         if values is None:
             if self.values is None:
                 raise ValueError("MemoryLayer: shared values expected but none passed to forward")
-            values = self.values.weight
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
+            values = table_for_forward(self.values.weight, x.shape[0] * self.heads * self.knn, self.cast_values)
+        if torch.is_autocast_enabled(x.device.type):
+            # Every consumer of x (projections) casts it to the autocast dtype anyway; cast once, so that the
+            # lookup's output and its gradient stay in that dtype too instead of being promoted to fp32.
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         scores, slots = self.search(x)
         if self.usage is not None and self.training:
             self.usage.add(slots)

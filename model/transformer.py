@@ -7,11 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import ops
+
 from .attention import Attention, KVCache
 from .config import ModelConfig
 from .ffn import FeedForward
 from .init import init_module
-from .memory import MemoryLayer, ValuePool, value_init_std
+from .memory import CastTable, MemoryLayer, ValuePool, table_for_forward, value_init_std
 from .norms import RMSNorm
 from .rope import RotaryEmbedding
 
@@ -34,7 +36,7 @@ class Block(nn.Module):
         return hasattr(self, "memory")
 
     def forward(self, x, cos, sin, mask=None, cache=None, start_pos=0, pool: Optional[ValuePool] = None):
-        """`pool`: the shared value table's module (None: the memory layer uses its own table).
+        """`pool`: the shared value table's module, or a CastTable of it (None: the memory layer uses its own table).
 
         The module, not its weight, is passed in: FSDP2 hooks every tensor input of a sharded block that needs a
         gradient, and a (column-sharded DTensor) value table seen as an input of every block would get one such
@@ -86,12 +88,15 @@ class Transformer(nn.Module):
         start_pos: int = 0,
         positions: Optional[torch.Tensor] = None,
         key_valid: Optional[torch.Tensor] = None,
+        targets: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """tokens [B, L] -> logits [B, L, vocab].
+        """tokens [B, L] -> logits [B, L, vocab]; with targets [B, L], the mean next-token cross-entropy instead.
 
         cache: KV cache from make_kv_cache; tokens are written at cache positions start_pos..start_pos+L.
         positions [B, L]: RoPE positions (default start_pos + arange(L)); left-padded batches pass their own.
         key_valid [B, S] bool (S = start_pos + L with a cache, else L): False marks padding keys.
+        targets: the loss is computed chunk by chunk with the output projection (ops.linear_cross_entropy), so the
+        full logits (tokens x vocab, in fp32 for the loss) never exist: less memory and memory traffic.
         """
         B, L = tokens.shape
         device = tokens.device
@@ -108,12 +113,21 @@ class Transformer(nn.Module):
         mask = self._attention_mask(B, L, start_pos if cache is not None else 0, key_valid, cache is not None, device)
         cos, sin = self.rope(positions)
         h = self.tok_embeddings(tokens)
+        pool = self.values
+        if pool is not None:
+            m = self.cfg.memory
+            reads = B * L * m.heads * m.knn * len(m.resolved_layers(self.cfg.n_layers))
+            table = table_for_forward(pool.weight, reads, m.cast_values)
+            if table is not pool.weight:
+                pool = CastTable(table)  # cast once per forward, shared by every memory layer
         for layer in self.layers:
-            h = layer(h, cos, sin, mask, cache, start_pos, self.values)
+            h = layer(h, cos, sin, mask, cache, start_pos, pool)
         h = self.norm(h)
-        if self.output is None:
-            return F.linear(h, self.tok_embeddings.weight)  # tied: the embedding table is the output matrix
-        return self.output(h)
+        # tied: the embedding table is the output matrix
+        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
+        if targets is not None:
+            return ops.linear_cross_entropy(h.reshape(B * L, -1), weight, targets.reshape(B * L))
+        return F.linear(h, weight)
 
     @staticmethod
     def _attention_mask(B, L, offset, key_valid, cached, device) -> Optional[torch.Tensor]:

@@ -11,6 +11,8 @@ import importlib
 import torch
 
 from . import reference
+from .cast import cast_table
+from .cross_entropy import linear_cross_entropy
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -91,4 +93,4 @@ def memory_lookup(indices, weights, values, backend: str = "auto"):
 
 _preload_triton()
 
-__all__ = ["BACKENDS", "product_key_search", "memory_lookup"]
+__all__ = ["BACKENDS", "product_key_search", "memory_lookup", "linear_cross_entropy", "cast_table"]

@@ -13,7 +13,8 @@ Backward (one kernel, deterministic, no float atomics):
      grad_V[r] = grad_scale * sum w[pair] * grad_out[t] in fp32, in a fixed order.
   Cost O(tokens * slots) plus one read of each touched row: the value table is read once per touched row
   (not once per pair as a token-ordered grad_w would), and nothing table-sized is sorted.
-  Untouched rows of the dense gradient are zeroed by a separate kernel (one write per row in total).
+  Untouched rows of the dense gradient are zeroed by the same launch: programs past the last segment each
+  take one untouched row (listed in order by a cumsum over a touched-row mask), so every row is written once.
 
 Value-gradient form. Autograd returns a dense gradient shaped like the table (zeros + touched rows), which
 plain (dense) AdamW applies unchanged. `memory_lookup_backward(..., sparse=True)` also exposes the compact form
@@ -60,10 +61,10 @@ def _lookup_fwd_kernel(
 @triton.jit
 def _segment_bwd_kernel(
     sorted_rows_ptr, perm_ptr, seg_start_ptr, nseg_ptr,
-    w_ptr, g_ptr, v_ptr, gw_ptr, gv_ptr, rows_out_ptr,
+    w_ptr, g_ptr, v_ptr, gw_ptr, gv_ptr, rows_out_ptr, untouched_ptr,
     P, S, D, stride_g, stride_v, stride_gv, grad_scale,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
-    COMPUTE_GW: tl.constexpr, SPARSE: tl.constexpr,
+    COMPUTE_GW: tl.constexpr, SPARSE: tl.constexpr, ZERO_UNTOUCHED: tl.constexpr,
 ):
     seg = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -104,16 +105,9 @@ def _segment_bwd_kernel(
             tl.store(gv_ptr + seg.to(tl.int64) * stride_gv + d, tl.zeros([BLOCK_D], gv_ptr.dtype.element_ty), mask=dmask)
             if pid_d == 0:
                 tl.store(rows_out_ptr + seg, -1)
-
-
-@triton.jit
-def _zero_untouched_kernel(touched_ptr, gv_ptr, N, D, stride_gv, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    rmask = r < N
-    touched = tl.load(touched_ptr + r, mask=rmask, other=1)
-    zmask = (rmask & (touched == 0))[:, None] & (d < D)[None, :]
-    tl.store(gv_ptr + r[:, None] * stride_gv + d[None, :], tl.zeros([BLOCK_R, BLOCK_D], gv_ptr.dtype.element_ty), mask=zmask)
+        if ZERO_UNTOUCHED:  # dense form: program nseg + j zeroes the j-th row that no pair touched
+            r = tl.load(untouched_ptr + (seg - nseg)).to(tl.int64)
+            tl.store(gv_ptr + r * stride_gv + d, tl.zeros([BLOCK_D], gv_ptr.dtype.element_ty), mask=dmask)
 
 
 # ------------------------------------------------------------------------------------------------ launchers
@@ -173,6 +167,23 @@ def _segments(indices: torch.Tensor, n_rows: int):
     return sorted_rows, perm, seg_start, nseg, M
 
 
+def _untouched_rows(sorted_rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Rows of [0, n_rows) that no pair touched, in increasing order, in the first n_rows - nseg entries of an
+    [n_rows + 1] int32/int64 tensor (the rest is unspecified). On the device, without a host sync."""
+    dev = sorted_rows.device
+    touched = torch.zeros(n_rows, dtype=torch.int32, device=dev)
+    # index_fill_ takes the value as a kernel argument: `touched[rows] = 1` would copy a host scalar to the
+    # device, which syncs the stream (and stalls the host once per memory layer in every backward).
+    touched.index_fill_(0, sorted_rows.long(), 1)  # duplicates write the same value: deterministic
+    rows = torch.arange(n_rows, device=dev, dtype=sorted_rows.dtype)
+    # an untouched row's place among the untouched = its index minus the touched rows before it; touched rows
+    # all go to the spare last entry (never read)
+    place = rows - (torch.cumsum(touched, 0, dtype=sorted_rows.dtype) - touched)
+    place = torch.where(touched.bool(), torch.full_like(place, n_rows), place)
+    out = torch.empty(n_rows + 1, dtype=sorted_rows.dtype, device=dev)
+    return out.scatter_(0, place.long(), rows)
+
+
 def bwd_config(P: int, M: int, D: int, elem_bytes: int = 2):
     """(BLOCK_P, BLOCK_D, num_warps). The kernel is latency-bound (a chain of dependent loads per segment),
     so occupancy matters most: 1 KiB column chunks (16 B per thread), few warps, <= 32 tile elements per
@@ -212,29 +223,25 @@ def lookup_backward(grad_out, indices, weights, values, grad_scale: float = 1.0,
     if sparse:
         gv = torch.empty((M, D), dtype=gv_dtype, device=dev)
         rows_out = torch.empty(M, dtype=torch.int64, device=dev)
+        untouched, grid = nseg, M  # untouched: unused
     else:
         gv = torch.empty((N, D), dtype=gv_dtype, device=dev)
         rows_out = nseg  # unused
-    _segment_bwd_kernel[(M, n_d)](
+        # One program per row of the table: the nseg touched rows' segments, then the N - nseg untouched rows,
+        # which get their zeros in the same launch (every row written exactly once).
+        untouched, grid = _untouched_rows(sorted_rows, N), N
+    _segment_bwd_kernel[(grid, n_d)](
         sorted_rows, perm, seg_start, nseg,
-        weights, grad_out, values, gw_part if compute_gw else gv, gv, rows_out,
+        weights, grad_out, values, gw_part if compute_gw else gv, gv, rows_out, untouched,
         P, S, D, grad_out.stride(0), values.stride(0), gv.stride(0), float(grad_scale),
-        BLOCK_P=block_p, BLOCK_D=block_d, COMPUTE_GW=compute_gw, SPARSE=sparse, num_warps=warps,
+        BLOCK_P=block_p, BLOCK_D=block_d, COMPUTE_GW=compute_gw, SPARSE=sparse, ZERO_UNTOUCHED=not sparse,
+        num_warps=warps,
     )
     gw = None
     if compute_gw:
         gw = (gw_part[0] if n_d == 1 else gw_part.sum(0)).view(T, S)  # fixed-order sum: deterministic
     if sparse:
         return gw, (rows_out, gv, nseg)
-    # Rows no pair touched (any, even when T*S >= N) get zeros: one masked write per row, so the dense
-    # gradient costs one write of the table in total, not a zero fill plus the touched rows again.
-    touched = torch.zeros(N, dtype=torch.uint8, device=dev)
-    # index_fill_ takes the value as a kernel argument: `touched[rows] = 1` would copy a host scalar to the
-    # device, which syncs the stream (and stalls the host once per memory layer in every backward).
-    touched.index_fill_(0, sorted_rows.long(), 1)  # duplicates write the same value: deterministic
-    zr, zd = 16, min(_npow2(D), 256)
-    _zero_untouched_kernel[(triton.cdiv(N, zr), triton.cdiv(D, zd))](
-        touched, gv, N, D, gv.stride(0), BLOCK_R=zr, BLOCK_D=zd, num_warps=4)
     return gw, gv
 
 

@@ -11,17 +11,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from step_harness import build_steps, time_steps  # noqa: E402
 from train.config import parse_cli  # noqa: E402
-from train.gc_control import scheduled_gc  # noqa: E402
-from train.loop import build_model, train_step  # noqa: E402
-from train.optim import build_optimizer, build_scheduler  # noqa: E402
-from train.parallelize import parallelize  # noqa: E402
 from train.runtime import setup_runtime  # noqa: E402
 
 
@@ -35,31 +31,9 @@ def main() -> None:
     args, overrides = ap.parse_known_args()
     cfg = parse_cli(overrides)
     rt = setup_runtime(cfg)
-    model = parallelize(build_model(cfg, rt), cfg, rt)
-    opt = build_optimizer(model, cfg.optim)
-    sched = build_scheduler(opt, cfg.optim, max(cfg.train.steps, args.warmup + args.steps))
-    g = torch.Generator().manual_seed(cfg.train.seed + rt.rank)
-
-    def micro_batches():
-        shape = (cfg.train.batch_size, cfg.data.seq_len + 1)
-        return [torch.randint(0, cfg.model.vocab_size, shape, generator=g) for _ in range(cfg.train.grad_accum)]
-
-    def sync():
-        if rt.device.type == "cuda":
-            torch.cuda.synchronize()
-
-    with scheduled_gc(cfg.train.gc_every) as after_step:  # as the trainer does
-        for i in range(args.warmup):
-            train_step(model, opt, sched, micro_batches(), cfg, rt)
-            after_step(i + 1)
-        sync()
-        t0 = time.perf_counter()
-        for i in range(args.steps):
-            train_step(model, opt, sched, micro_batches(), cfg, rt)
-            after_step(args.warmup + i + 1)
-        sync()
-    step_s = (time.perf_counter() - t0) / args.steps
-    tokens = cfg.train.batch_size * cfg.data.seq_len * cfg.train.grad_accum
+    setup = build_steps(cfg, rt, args.warmup + args.steps)
+    step_s = time_steps(setup, args.warmup, args.steps)
+    tokens = setup.tokens_per_step
     if rt.memory_comm is not None:
         rt.memory_comm.read_ms()
     if args.no_profile:
@@ -74,8 +48,8 @@ def main() -> None:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(args.steps):
-            train_step(model, opt, sched, micro_batches(), cfg, rt)
-        sync()
+            setup.step()
+        setup.sync()
     comm_ms = rt.memory_comm.read_ms() / args.steps if rt.memory_comm is not None else 0.0
     if args.trace:
         os.makedirs(args.trace, exist_ok=True)

@@ -63,6 +63,38 @@ def test_lookup_matches_reference(dtype, kind):
     assert (gv[untouched] == 0).all()
 
 
+def test_dense_value_gradient_writes_every_row(monkeypatch):
+    """The dense gradient's buffer starts as garbage (poisoned here): touched rows get their sums and every
+    untouched row its zeros, in the one backward launch."""
+    from ops import triton_lookup
+
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    gen = torch.Generator().manual_seed(5)
+    T, S, N, D = 4, 3, 29, 16  # 12 pairs over 29 rows: most rows untouched
+    idx = torch.randint(0, N, (T, S), generator=gen).to(DEV)
+    w, v = torch.randn(T, S, generator=gen).to(DEV), torch.randn(N, D, generator=gen).to(DEV)
+    g = torch.randn(T, D, generator=gen).to(DEV)
+    monkeypatch.setattr(triton_lookup.torch, "empty", poisoned_empty)
+    _, gv = memory_lookup_backward(g, idx, w, v)
+    monkeypatch.undo()
+    vv = v.clone().requires_grad_()
+    reference.memory_lookup(idx, w, vv).backward(g)
+    torch.testing.assert_close(gv, vv.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_untouched_rows_in_order():
+    from ops.triton_lookup import _untouched_rows
+
+    rows = torch.tensor([1, 1, 3, 6, 6, 6], dtype=torch.int32, device=DEV)
+    assert _untouched_rows(rows, 8)[:5].tolist() == [0, 2, 4, 5, 7]
+    assert _untouched_rows(torch.arange(5, device=DEV), 5).numel() == 6  # none untouched: only the spare entry
+
+
 def test_lookup_multi_column_chunks_and_grad_scale():
     # D > one column block of the forward (256 fp32) and several slot blocks; grad_scale hits values only
     gen = torch.Generator().manual_seed(1)

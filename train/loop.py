@@ -9,7 +9,6 @@ from dataclasses import asdict
 from typing import Any, Dict, List
 
 import torch
-import torch.nn.functional as F
 
 from data import all_rank_states, build_loader, check_vocab, load_tokenizer, skipped_totals, unigram_entropy
 from eval import fixed_val_batches, flatten, format_table, load_eval_tasks, run_tasks, validation_metrics
@@ -24,7 +23,7 @@ from .metrics import MetricsLogger, format_duration, format_progress, format_sum
 from .mfu import device_peak_flops, mfu
 from .nonfinite import NonFiniteGuard
 from .optim import build_optimizer, build_scheduler
-from .parallelize import parallelize
+from .parallelize import eager_for_eval, parallelize
 from .memory_health import memory_health_metrics, track_memory_usage
 from .resume import config_dict, finished_summary, format_changes, plan_resume
 from .trainable import apply_trainable, restrict_value_rows
@@ -33,12 +32,12 @@ from .runtime import Runtime, setup_runtime
 
 
 def lm_loss(model: torch.nn.Module, batch: torch.Tensor, rt: Runtime) -> torch.Tensor:
-    """Mean next-token cross-entropy of a [B, L+1] token batch, computed in fp32."""
+    """Mean next-token cross-entropy of a [B, L+1] token batch, computed in fp32 (inside the model's forward,
+    chunk by chunk with the output projection: the full logits are never materialised)."""
     batch = batch.to(rt.device, non_blocking=True)
     inputs, targets = batch[:, :-1], batch[:, 1:]
     with rt.autocast():
-        logits = model(inputs)
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+        return model(inputs, targets=targets)
 
 
 def build_model(cfg: TrainConfig, rt: Runtime) -> torch.nn.Module:
@@ -182,9 +181,12 @@ def _train(cfg: TrainConfig, rt: Runtime, tokenizer, log: MetricsLogger, resume,
         metrics = validation_metrics(model, val_batches, tokenizer, amp_dtype=rt.dtype)
         record = {"step": step, **metrics}
         if eval_tasks and (final or qa):
-            results = run_tasks(model, tokenizer, cfg.eval, step=step, tasks=eval_tasks, amp_dtype=rt.dtype,
-                                out_path=os.path.join(cfg.run_dir, "eval.jsonl"))
+            t_eval = time.perf_counter()
+            with eager_for_eval(cfg):  # generation's cache positions and layer indices would recompile blocks
+                results = run_tasks(model, tokenizer, cfg.eval, step=step, tasks=eval_tasks, amp_dtype=rt.dtype,
+                                    out_path=os.path.join(cfg.run_dir, "eval.jsonl"))
             record.update(flatten(results))
+            record["eval/seconds"] = time.perf_counter() - t_eval
             log.print(format_table(results))
         log.log(record)
         log.print(f"step {step} | val loss {metrics['val/loss']:.4f} | val bpb {metrics.get('val/bpb', float('nan')):.4f}")
@@ -196,10 +198,13 @@ def _train(cfg: TrainConfig, rt: Runtime, tokenizer, log: MetricsLogger, resume,
     step = start_step
     window_t, window_steps = time.perf_counter(), 0
 
+    data_wait = {"s": 0.0}  # host time spent waiting for batches in the current window
+
     def restart_window():
-        """Throughput and collective time are measured over training steps only (not eval or saving)."""
+        """Throughput, data wait and collective time are measured over training steps only (not eval or saving)."""
         if rt.memory_comm is not None:
             rt.memory_comm.read_ms()
+        data_wait["s"] = 0.0
         return time.perf_counter(), 0
 
     def tokens_seen() -> int:  # the tokens per step may differ from the previous start's (world size)
@@ -217,7 +222,9 @@ def _train(cfg: TrainConfig, rt: Runtime, tokenizer, log: MetricsLogger, resume,
         }
 
     while step < cfg.train.steps:
+        t_data = time.perf_counter()
         micro_batches = [next(data_iter) for _ in range(cfg.train.grad_accum)]
+        data_wait["s"] += time.perf_counter() - t_data
         loss, (grad_norm, grad_parts) = train_step(model, optimizer, scheduler, micro_batches, cfg, rt,
                                                    step_ok=lambda l, g: guard.step_ok(step + 1, l, g))
         step += 1
@@ -238,6 +245,8 @@ def _train(cfg: TrainConfig, rt: Runtime, tokenizer, log: MetricsLogger, resume,
                 "tokens_per_s_per_device": tokens_per_step / step_time / rt.world_size,
                 "eta_s": step_time * (cfg.train.steps - step),
                 "tokens": tokens_seen(),
+                "data_wait_ms": data_wait["s"] * 1e3 / window_steps,  # per step: the loop waiting for batches
+                "data_wait_frac": data_wait["s"] / (now - window_t),
             }
             rec.update({f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups})
             rec.update({f"grad_norm/{part}": float(v) for part, v in grad_parts.items()})
@@ -255,7 +264,7 @@ def _train(cfg: TrainConfig, rt: Runtime, tokenizer, log: MetricsLogger, resume,
             rec.update(memory_health_metrics(usage))
             log.log(rec)
             log.print(format_progress(rec, cfg.train.steps))
-            window_t, window_steps = time.perf_counter(), 0
+            window_t, window_steps = restart_window()
             published = checkpointer.poll()
             if published:
                 log.print(f"saved checkpoint {published}")

@@ -8,6 +8,8 @@ GPU (no graph break) both orders ran at 0.83x (BENCHMARKS.md).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .config import TrainConfig
@@ -30,6 +32,19 @@ def apply_compile(model: torch.nn.Module) -> None:
     # Per block: small graphs compile fast, and identical blocks share compiled code.
     for key, block in model.layers.named_children():
         model.layers.register_module(key, torch.compile(block, fullgraph=False))
+
+
+def eager_for_eval(cfg: TrainConfig):
+    """Run compiled blocks eagerly inside this context (evaluation with a KV cache: generation).
+
+    The blocks are compiled for training shapes; decoding passes the layer index and cache positions as Python
+    ints, so each block would be recompiled per layer and step until torch.compile's recompile limit, after which
+    it falls back to eager anyway, slowly. Evaluation is a small share of training: eager on purpose is the
+    predictable choice.
+    """
+    if not cfg.train.compile:
+        return contextlib.nullcontext()
+    return torch.compiler.set_stance("force_eager")
 
 
 def parallelize(model: torch.nn.Module, cfg: TrainConfig, rt) -> torch.nn.Module:

@@ -1,0 +1,74 @@
+"""Training steps on random tokens, built exactly as `python -m train` builds them (build_model, parallelize,
+optimizer, scheduler, train_step): the one setup behind scripts/profile_step.py and scripts/bench_train.py."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, List
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from train.config import TrainConfig  # noqa: E402
+from train.gc_control import scheduled_gc  # noqa: E402
+from train.loop import build_model, train_step  # noqa: E402
+from train.optim import build_optimizer, build_scheduler  # noqa: E402
+from train.parallelize import parallelize  # noqa: E402
+
+
+@dataclass
+class StepSetup:
+    cfg: TrainConfig
+    rt: object
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    micro_batches: Callable[[], List[torch.Tensor]]
+
+    @property
+    def tokens_per_step(self) -> int:
+        c = self.cfg
+        return c.train.batch_size * c.data.seq_len * c.train.grad_accum
+
+    def step(self):
+        return train_step(self.model, self.optimizer, self.scheduler, self.micro_batches(), self.cfg, self.rt)
+
+    def sync(self) -> None:
+        if self.rt.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def build_steps(cfg: TrainConfig, rt, total_steps: int) -> StepSetup:
+    """Model, optimizer and scheduler as the trainer builds them, and a source of random micro-batches."""
+    model = parallelize(build_model(cfg, rt), cfg, rt)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, max(cfg.train.steps, total_steps))
+    g = torch.Generator().manual_seed(cfg.train.seed + rt.rank)
+
+    pin = rt.device.type == "cuda"
+
+    def micro_batches():
+        # pinned like the trainer's batches: a pageable copy would wait for the previous step's GPU work
+        shape = (cfg.train.batch_size, cfg.data.seq_len + 1)
+        out = [torch.randint(0, cfg.model.vocab_size, shape, generator=g) for _ in range(cfg.train.grad_accum)]
+        return [b.pin_memory() for b in out] if pin else out
+
+    return StepSetup(cfg, rt, model, optimizer, scheduler, micro_batches)
+
+
+def time_steps(setup: StepSetup, warmup: int, steps: int) -> float:
+    """Seconds per step over `steps` steps after `warmup` untimed ones, with the trainer's scheduled GC."""
+    with scheduled_gc(setup.cfg.train.gc_every) as after_step:
+        for i in range(warmup):
+            setup.step()
+            after_step(i + 1)
+        setup.sync()
+        t0 = time.perf_counter()
+        for i in range(steps):
+            setup.step()
+            after_step(warmup + i + 1)
+        setup.sync()
+    return (time.perf_counter() - t0) / max(steps, 1)

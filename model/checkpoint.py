@@ -76,20 +76,10 @@ def load_model(checkpoint_dir: str, device="cpu") -> Tuple[torch.nn.Module, obje
     """Build the checkpoint's model on `device` and load its weights. Returns (model, ModelConfig)."""
     import torch.distributed.checkpoint as dcp
 
-    from .transformer import Transformer
-
     path = resolve_checkpoint(checkpoint_dir)
     if is_export_dir(path):
         return load_exported(path, device)
-    with open(os.path.join(path, META_FILE)) as f:
-        meta = json.load(f)
-    if "model_config" not in meta:
-        raise ValueError(f"checkpoint {path}: {META_FILE} has no model_config")
-    cfg = model_config_from_dict(meta["model_config"])
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.to_empty(device=device)
-    model.init_weights()  # buffers (e.g. RoPE tables) are not in the checkpoint
+    model, cfg = _initialised_model(os.path.join(path, META_FILE), device)
     state = {"model": model.state_dict()}
     with single_process_dcp():
         dcp.load(state, checkpoint_id=path)
@@ -102,17 +92,24 @@ def load_exported(export_dir: str, device="cpu") -> Tuple[torch.nn.Module, objec
     """Build an export's model on `device` with its weights (no torch.distributed). Returns (model, ModelConfig)."""
     from safetensors.torch import load_file  # optional: only exports need it
 
+    model, cfg = _initialised_model(os.path.join(export_dir, EXPORT_CONFIG), device)
+    model.load_state_dict(load_file(os.path.join(export_dir, EXPORT_WEIGHTS), device=str(device)))
+    model.eval()
+    return model, cfg
+
+
+def _initialised_model(config_file: str, device) -> Tuple[torch.nn.Module, object]:
+    """The model of the `model_config` in a checkpoint's meta.json or an export's config.json, on `device`, freshly
+    initialised: buffers (RoPE tables) are in neither, and the weights are loaded over it."""
     from .transformer import Transformer
 
-    with open(os.path.join(export_dir, EXPORT_CONFIG)) as f:
+    with open(config_file) as f:
         info = json.load(f)
     if "model_config" not in info:
-        raise ValueError(f"{export_dir}: {EXPORT_CONFIG} has no model_config")
+        raise ValueError(f"{os.path.dirname(config_file)}: {os.path.basename(config_file)} has no model_config")
     cfg = model_config_from_dict(info["model_config"])
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device=device)
-    model.init_weights()  # buffers (RoPE tables) are not exported
-    model.load_state_dict(load_file(os.path.join(export_dir, EXPORT_WEIGHTS), device=str(device)))
-    model.eval()
+    model.init_weights()
     return model, cfg

@@ -246,8 +246,7 @@ def search_config(T: int, half: int, ieee: bool, knn_p: int):
 # Group-maximum pruning (see _half_topk_pruned): group size and candidate capacity per row (x KP).
 PRUNE_GROUP = 8
 PRUNE_CAP_FACTOR = 2
-# Off by default: on an H200 (2026-11-26) the pruned kernel (first version, fallback inlined) took 3.69 ms
-# against ~2.65 for the full running top-k at 32768 x 4 heads, bf16; see BENCHMARKS.md.
+# Off by default: measured slower than the full running top-k on an H200 (BENCHMARKS.md).
 PRUNE_DEFAULT = False
 
 

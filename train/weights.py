@@ -15,7 +15,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from model.checkpoint import EXPORT_CONFIG, EXPORT_WEIGHTS, META_FILE, is_export_dir, resolve_checkpoint
+from model.checkpoint import (EXPORT_CONFIG, EXPORT_WEIGHTS, META_FILE, is_export_dir, resolve_checkpoint,
+                              single_process_dcp)
 
 SAFETENSORS_FILE = EXPORT_WEIGHTS
 
@@ -82,7 +83,8 @@ def load_model_weights(path: str, model: torch.nn.Module, strict: bool = True) -
         import torch.distributed.checkpoint as dcp
 
         state = {"model": {k: target[k] for k in keys}}
-        dcp.load(state, checkpoint_id=path)
+        with single_process_dcp():
+            dcp.load(state, checkpoint_id=path)
         set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
     return [k for k in target if k not in keys]
 

@@ -26,7 +26,7 @@ train: setup
 	$(PY) -m train config=configs/tiny.yaml $(ARGS)
 
 test: setup
-	$(PY) -m pytest -q -ra $(ARGS)
+	$(PY) -m pytest -q -ra --durations=15 $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -14,6 +14,7 @@ from typing import Dict, List
 import torch
 
 from .config import OptimConfig
+from .value_optim import RowSparseValueAdamW
 
 
 def is_value_param(name: str) -> bool:
@@ -44,9 +45,10 @@ def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> List[Dict]:
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     # foreach=False keeps the CPU path deterministic and simple; fused kernels are a GPU speed-up.
     fused = all(p.is_cuda for p in model.parameters())
-    return torch.optim.AdamW(
-        param_groups(model, cfg), betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None
-    )
+    kwargs = dict(betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
+    if cfg.value_optimizer != "adamw":  # the value table's row-sparse rule (train/value_optim.py)
+        return RowSparseValueAdamW(param_groups(model, cfg), cfg.value_optimizer, **kwargs)
+    return torch.optim.AdamW(param_groups(model, cfg), **kwargs)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:

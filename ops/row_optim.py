@@ -28,13 +28,14 @@ RULES = ("lazy_adam", "rowwise_adagrad")
 
 
 def touched_stat(rule: str, grad: torch.Tensor) -> torch.Tensor:
-    """[N] fp32 per-row statistic of a [N, D] gradient: max |g| (lazy Adam) or sum g^2 (row-wise Adagrad)."""
+    """[N] fp32 per-row statistic of a [N, D] gradient: max |g| (lazy Adam) or sum g^2 (row-wise Adagrad).
+    Norm reductions: no [N, D] temporary."""
     g = grad.float()
     if rule == "lazy_adam":
-        return g.abs().amax(dim=1)
+        return torch.linalg.vector_norm(g, float("inf"), dim=1)
     # A row whose squares all underflow in fp32 (every |g| < ~1e-22) counts as untouched: its Adagrad step
     # would be far below the table's rounding.
-    return g.square().sum(dim=1)
+    return torch.linalg.vector_norm(g, 2, dim=1).square()
 
 
 def _rows(stat: torch.Tensor) -> torch.Tensor:

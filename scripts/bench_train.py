@@ -16,6 +16,7 @@ ratio of each model's throughput to the first model's).
 "model [optimizer]", each with its optimizer state (GiB, all of it and the value table's part). --loss-steps N then
 also trains each of them N steps on the config's own data (as `python -m train` does, warmup N/10, no checkpoints)
 into --loss-dir and prints scripts/compare_runs.py over those runs: loss parity against the first optimizer.
+--steps 0 skips the throughput rows (only the loss runs).
 """
 from __future__ import annotations
 
@@ -220,7 +221,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per model (0: no throughput rows)")
     ap.add_argument("--profile-steps", type=int, default=0, help="profiled steps for the split (0: none)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s (default: from the GPU name)")
     ap.add_argument("--append", default=None, help="markdown file to append the table to (e.g. BENCHMARKS.md)")
@@ -237,7 +238,7 @@ def main() -> None:
     holder: dict = {}
     rows = []
     variants = args.value_optimizers.split(",") if args.value_optimizers else [None]
-    for name, vopt in ((n, v) for n in args.models.split(",") for v in variants):
+    for name, vopt in ((n, v) for n in args.models.split(",") for v in variants if args.steps > 0):
         extra_vopt = [f"optim.value_optimizer={vopt}"] if vopt else []
         row = bench_model(name, overrides + extra_vopt, args, holder, label=f"{name} [{vopt}]" if vopt else name)
         rows.append(row)
@@ -245,12 +246,12 @@ def main() -> None:
         for part, ks in row.get("top_kernels", {}).items():
             if part.startswith(("other", "memory", "fused", "attention (")):
                 print(f"  {name} | {part}: " + "; ".join(f"{k} {ms:.2f}" for k, ms in ks), flush=True)
-    out = table(rows)
+    out = table(rows) if rows else ""
     print(out)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
-    if args.append:
+    if args.append and rows:
         card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
         import triton
 
@@ -283,6 +284,7 @@ def loss_comparison(args, overrides: List[str], variants: List[str]) -> None:
             if os.path.exists(run_dir):  # never mix with (or delete) an earlier run's metrics
                 sys.exit(f"--loss-dir: {run_dir} already exists; pass a new --loss-dir")
             dirs.append(run_dir)
+            torch._dynamo.reset()  # a fresh model per run: no compiled graphs or recompile counts carried over
             run(load_config(config_path(name), overrides + [
                 f"optim.value_optimizer={vopt}", f"run_dir={run_dir}", f"train.steps={steps}",
                 f"optim.warmup_steps={max(1, steps // 10)}", "train.log_every=10", "train.val_every=0",

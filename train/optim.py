@@ -5,6 +5,8 @@ unsorted iterables), so the grouping is stable across runs and checkpoints:
 - "values": the memory value table(s), at `value_lr` (default value_lr_mult * lr) with `value_weight_decay`;
 - "no_decay": norm weights and biases (1-D parameters), with `norm_bias_weight_decay`;
 - "decay": everything else, at `lr` with `weight_decay`.
+`optim.value_optimizer` other than adamw steps the "values" group with a row-sparse rule (train/value_optim.py)
+inside the same optimizer object.
 """
 from __future__ import annotations
 

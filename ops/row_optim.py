@@ -48,17 +48,18 @@ def lazy_adam_reference(param, grad, exp_avg, exp_avg_sq, row_stat=None, *, lr, 
     rows = _rows(touched_stat("lazy_adam", grad) if row_stat is None else row_stat)
     if rows.numel() == 0:
         return
+    # rows gathered in fp32 and written back in each tensor's own dtype
     g = grad.index_select(0, rows).float()
-    m = exp_avg.index_select(0, rows).lerp_(g, 1 - beta1)
-    v = exp_avg_sq.index_select(0, rows).mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    exp_avg.index_copy_(0, rows, m)
-    exp_avg_sq.index_copy_(0, rows, v)
+    m = exp_avg.index_select(0, rows).float().lerp_(g, 1 - beta1)
+    v = exp_avg_sq.index_select(0, rows).float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    exp_avg.index_copy_(0, rows, m.to(exp_avg.dtype))
+    exp_avg_sq.index_copy_(0, rows, v.to(exp_avg_sq.dtype))
     # torch.optim.AdamW's single-tensor formula, op for op: with every row touched the two agree exactly
     bias1, bias2_sqrt = 1 - beta1 ** step, (1 - beta2 ** step) ** 0.5
-    p = param.index_select(0, rows)
+    p = param.index_select(0, rows).float()
     p.mul_(1 - lr * weight_decay)
     p.addcdiv_(m, (v.sqrt() / bias2_sqrt).add_(eps), value=-lr / bias1)
-    param.index_copy_(0, rows, p)
+    param.index_copy_(0, rows, p.to(param.dtype))
 
 
 @torch.no_grad()
@@ -68,12 +69,12 @@ def rowwise_adagrad_reference(param, grad, row_acc, row_stat=None, *, lr, eps, w
     rows = _rows(stat)
     if rows.numel() == 0:
         return
-    acc = row_acc.index_select(0, rows).add_(stat.index_select(0, rows) / (n_cols or param.shape[1]))
-    row_acc.index_copy_(0, rows, acc)
-    p = param.index_select(0, rows)
+    acc = row_acc.index_select(0, rows).float().add_(stat.index_select(0, rows).float() / (n_cols or param.shape[1]))
+    row_acc.index_copy_(0, rows, acc.to(row_acc.dtype))
+    p = param.index_select(0, rows).float()
     p.mul_(1 - lr * weight_decay)
     p.sub_(grad.index_select(0, rows).float() * (lr / (acc.sqrt() + eps)).unsqueeze(1))
-    param.index_copy_(0, rows, p)
+    param.index_copy_(0, rows, p.to(param.dtype))
 
 
 def _triton_kernel(op: str, backend: str, *tensors: torch.Tensor):

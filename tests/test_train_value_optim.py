@@ -141,12 +141,15 @@ def test_sparse_adam_is_adamw_when_every_row_is_read():
     assert runs[0][2] == runs[1][2]
 
 
+# fused: the GPU trainer's setting (torch's fused AdamW also runs on CPU)
+@pytest.mark.parametrize("fused", [None, True])
 @pytest.mark.parametrize("choice", ["sparse_adam", "rowwise_adagrad"])
-def test_optimizer_steps_dense_groups_with_adamw_and_values_sparsely(choice):
+def test_optimizer_steps_dense_groups_with_adamw_and_values_sparsely(choice, fused):
     dense, values = two_group_params()
     ref_dense, _ = two_group_params()
-    opt = RowSparseValueAdamW(groups(dense, values), choice, betas=BETAS, eps=EPS)
-    ref = torch.optim.AdamW(groups(ref_dense, torch.nn.Parameter(torch.zeros(N, D))), betas=BETAS, eps=EPS)
+    opt = RowSparseValueAdamW(groups(dense, values), choice, betas=BETAS, eps=EPS, fused=fused)
+    ref = torch.optim.AdamW(groups(ref_dense, torch.nn.Parameter(torch.zeros(N, D))), betas=BETAS, eps=EPS,
+                            fused=fused)
     table = values.detach().clone()
     for grad in sparse_grads(3):
         dense.grad = ref_dense.grad = torch.ones(5, 4)
@@ -181,10 +184,11 @@ def test_value_state_size(choice, value_floats):
     assert all(set(opt.state[p]) == {"step", "exp_avg", "exp_avg_sq"} for p in dense)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("choice", ["sparse_adam", "rowwise_adagrad"])
 def test_short_training_run_learns(choice):
     """A repeated batch: the loss falls, the scheduler drives the value group's rate, only read rows move."""
-    cfg, rt, model = tiny(f"optim.value_optimizer={choice}", "train.steps=12", "model.memory.n_keys=16",
+    cfg, rt, model = tiny(f"optim.value_optimizer={choice}", "train.steps=8", "model.memory.n_keys=16",
                           "optim.value_weight_decay=0.1")
     opt = build_optimizer(model, cfg.optim)
     sched = build_scheduler(opt, cfg.optim, cfg.train.steps)

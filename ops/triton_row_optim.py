@@ -5,7 +5,6 @@ decide whether the row was touched (one pass over the gradient, which is dense a
 stops, writing nothing. A touched row is read and written once more (its gradient mostly from L2). No host sync:
 the set of touched rows never leaves the device.
 """
-import torch
 import triton
 import triton.language as tl
 

@@ -23,6 +23,8 @@ BACKENDS = ("auto", "reference", "triton")
 _TRITON_OPS = {
     "product_key_search": ("ops.triton_search", "product_key_search"),
     "memory_lookup": ("ops.triton_lookup", "memory_lookup"),
+    "lazy_adam_rows": ("ops.triton_row_optim", "lazy_adam_rows"),
+    "rowwise_adagrad_rows": ("ops.triton_row_optim", "rowwise_adagrad_rows"),
 }
 
 

@@ -2,6 +2,7 @@
 
     python scripts/bench_train.py [--models dense_373m,memory_373m] [--batch 4 --seq 4096] [--warmup 10 --steps 20]
         [--profile-steps 3] [--peak-tflops 989] [--append BENCHMARKS.md] [--json FILE] [--note TEXT] [key=value ...]
+        [--value-optimizers adamw,sparse_adam,rowwise_adagrad [--loss-steps 300 --loss-dir DIR]]
 
 Each model is a config (a name under configs/ or a path), built and stepped exactly as the trainer does
 (scripts/step_harness.py) on random tokens, with torch.compile and bf16 autocast unless overrides say otherwise;
@@ -10,6 +11,12 @@ overrides apply to every model. MFU = tokens/s x model.flops.flops_per_token(cfg
 (attention, FFN matmuls, memory search, lookup, optimizer, loss, ...); matrix products are told apart by the
 shapes of the op that launched them. --append adds the table to a markdown file (card, date, command, and the
 ratio of each model's throughput to the first model's).
+
+--value-optimizers runs every model once per value-table optimizer (optim.value_optimizer), rows named
+"model [optimizer]", each with its optimizer state (GiB, all of it and the value table's part). --loss-steps N then
+also trains each of them N steps on the config's own data (as `python -m train` does, warmup N/10, no checkpoints)
+into --loss-dir and prints scripts/compare_runs.py over those runs: loss parity against the first optimizer.
+--steps 0 skips the throughput rows (only the loss runs).
 """
 from __future__ import annotations
 
@@ -33,6 +40,7 @@ from trace_summary import load_events  # noqa: E402
 from model.flops import flops_per_token  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.runtime import setup_runtime  # noqa: E402
+from train.value_optim import optimizer_state_bytes  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -143,7 +151,7 @@ def profile_split(setup, steps: int) -> Dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------- main
-def bench_model(name: str, overrides: List[str], args, rt_holder: dict) -> dict:
+def bench_model(name: str, overrides: List[str], args, rt_holder: dict, label: str = "") -> dict:
     cfg = load_config(config_path(name), overrides)
     if "rt" not in rt_holder:
         rt_holder["rt"] = setup_runtime(cfg)
@@ -160,14 +168,17 @@ def bench_model(name: str, overrides: List[str], args, rt_holder: dict) -> dict:
     step_s = time_steps(setup, args.warmup, args.steps)
     tokens = setup.tokens_per_step
     flops = flops_per_token(cfg.model, cfg.data.seq_len).total
+    state = optimizer_state_bytes(setup.optimizer)
     row = {
-        "model": name,
+        "model": label or name,
         "params_M": sum(p.numel() for p in setup.model.parameters()) / 1e6,
         "tokens_per_step": tokens,
         "step_ms": step_s * 1e3,
         "tokens_per_s": tokens / step_s,
         "flops_per_token": flops,
         "graphs_compiled": int(counters["stats"].get("unique_graphs", 0)),
+        "optim_state_gib": sum(state.values()) / 2**30,
+        "value_state_gib": state.get("values", 0) / 2**30,
     }
     if cuda:
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -185,13 +196,14 @@ def bench_model(name: str, overrides: List[str], args, rt_holder: dict) -> dict:
 
 def table(rows: List[dict]) -> str:
     base = rows[0]["tokens_per_s"]
-    lines = ["| model | tokens/step | step ms | tok/s | vs first | MFU | peak GiB | graphs |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | tokens/step | step ms | tok/s | vs first | MFU | peak GiB | optim state GiB (values) | graphs |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "–"
         peak = f"{r['peak_gib']:.1f}" if "peak_gib" in r else "–"
         lines.append(f"| {r['model']} | {r['tokens_per_step']} | {r['step_ms']:.1f} | {r['tokens_per_s'] / 1e3:.1f}k | "
-                     f"{r['tokens_per_s'] / base:.3f} | {mfu} | {peak} | {r['graphs_compiled']} |")
+                     f"{r['tokens_per_s'] / base:.3f} | {mfu} | {peak} | {r['optim_state_gib']:.2f} ({r['value_state_gib']:.2f}) | "
+                     f"{r['graphs_compiled']} |")
     split_rows = [r for r in rows if "split_ms" in r]
     if split_rows:
         keys = sorted({k for r in split_rows for k in r["split_ms"]}, key=lambda k: -max(r["split_ms"].get(k, 0) for r in split_rows))
@@ -209,30 +221,37 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per model (0: no throughput rows)")
     ap.add_argument("--profile-steps", type=int, default=0, help="profiled steps for the split (0: none)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s (default: from the GPU name)")
     ap.add_argument("--append", default=None, help="markdown file to append the table to (e.g. BENCHMARKS.md)")
     ap.add_argument("--json", default=None, help="write the rows as JSON here")
     ap.add_argument("--note", default="", help="a line of context for --append")
+    ap.add_argument("--value-optimizers", default=None,
+                    help="comma list of optim.value_optimizer values: each model runs once with each")
+    ap.add_argument("--loss-steps", type=int, default=0,
+                    help="with --value-optimizers: also train each this many steps on real data and compare losses")
+    ap.add_argument("--loss-dir", default="runs/bench_value_optimizers", help="run dirs of the --loss-steps runs")
     args, extra = ap.parse_known_args()
     overrides = [f"train.batch_size={args.batch}", f"data.seq_len={args.seq}", "train.compile=true",
                  "train.precision=bf16", "train.grad_accum=1", "dist.memory_parallel=1"] + extra
     holder: dict = {}
     rows = []
-    for name in args.models.split(","):
-        row = bench_model(name, overrides, args, holder)
+    variants = args.value_optimizers.split(",") if args.value_optimizers else [None]
+    for name, vopt in ((n, v) for n in args.models.split(",") for v in variants if args.steps > 0):
+        extra_vopt = [f"optim.value_optimizer={vopt}"] if vopt else []
+        row = bench_model(name, overrides + extra_vopt, args, holder, label=f"{name} [{vopt}]" if vopt else name)
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "top_kernels"}), flush=True)
         for part, ks in row.get("top_kernels", {}).items():
             if part.startswith(("other", "memory", "fused", "attention (")):
                 print(f"  {name} | {part}: " + "; ".join(f"{k} {ms:.2f}" for k, ms in ks), flush=True)
-    out = table(rows)
+    out = table(rows) if rows else ""
     print(out)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
-    if args.append:
+    if args.append and rows:
         card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
         import triton
 
@@ -245,8 +264,37 @@ def main() -> None:
             f.write(f"Command: `{cmd}` (random tokens, compile, bf16 autocast, one GPU; {args.steps} timed steps "
                     f"after {args.warmup}). \"vs first\" is the throughput ratio to the first model of the same run.\n\n")
             f.write(out + "\n")
+    if args.loss_steps and args.value_optimizers:
+        loss_comparison(args, overrides, variants)
     if "rt" in holder:
         holder["rt"].close()
+
+
+def loss_comparison(args, overrides: List[str], variants: List[str]) -> None:
+    """Each model x value optimizer trains --loss-steps steps on its config's data; compare_runs prints the parity."""
+    import subprocess
+
+    from train.loop import run
+
+    steps = args.loss_steps
+    for name in args.models.split(","):
+        dirs = []
+        for vopt in variants:
+            run_dir = os.path.join(args.loss_dir, f"{os.path.basename(name).removesuffix('.yaml')}_{vopt}")
+            if os.path.exists(run_dir):  # never mix with (or delete) an earlier run's metrics
+                sys.exit(f"--loss-dir: {run_dir} already exists; pass a new --loss-dir")
+            dirs.append(run_dir)
+            torch._dynamo.reset()  # a fresh model per run: no compiled graphs or recompile counts carried over
+            run(load_config(config_path(name), overrides + [
+                f"optim.value_optimizer={vopt}", f"run_dir={run_dir}", f"train.steps={steps}",
+                f"optim.warmup_steps={max(1, steps // 10)}", "train.log_every=10", "train.val_every=0",
+                "checkpoint.every=0", "checkpoint.save_final=false", "checkpoint.resume=false"]))
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        print(f"\nloss parity, {name}, {steps} steps on its data (first: {variants[0]}):", flush=True)
+        subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "compare_runs.py"), *dirs,
+                        "--skip", str(min(20, steps // 4)), "--tail", str(max(1, min(50, steps // 5)))], check=True)
 
 
 if __name__ == "__main__":

@@ -149,6 +149,14 @@ def test_layout_matches_single_process(world, overrides):
 
 
 @pytest.mark.slow
+def test_row_sparse_value_optimizer_on_column_shards():
+    """Row-wise Adagrad on a value table split by columns (MP = 2): each shard must step with the FULL row's mean
+    square (all-reduced), so the shards together equal the single process."""
+    opt = ["optim.value_optimizer=rowwise_adagrad"]
+    assert_same(run_distributed(2, ["dist.memory_parallel=2"] + opt), reference(2, overrides=opt))
+
+
+@pytest.mark.slow
 def test_bf16_layout_tracks_single_process():
     """bf16 autocast + FSDP bf16 parameters and bf16 gradient reduction + MP = 2. This layout once failed at the first
     backward ("mixed torch.Tensor and DTensor") while fp32 passed; bf16 rounding allows only loose agreement."""

@@ -26,9 +26,10 @@ def step_config(*extra):
     return load_config(os.path.join(ROOT, "configs", "tiny.yaml"), STEP_SMALL + list(extra))
 
 
+@pytest.mark.parametrize("value_optimizer", ["adamw", "rowwise_adagrad"])
 @pytest.mark.parametrize("which", ["values", "memory"])
-def test_frozen_parameters_bit_identical_and_without_optimizer_state(which):
-    cfg = step_config(f"train.trainable={which}")
+def test_frozen_parameters_bit_identical_and_without_optimizer_state(which, value_optimizer):
+    cfg = step_config(f"train.trainable={which}", f"optim.value_optimizer={value_optimizer}")
     rt = setup_runtime(cfg)
     try:
         model = build_model(cfg, rt)
@@ -91,12 +92,14 @@ def test_values_only_run_resumes_exactly(tmp_path):
     assert [losses(part)[s] for s in (4, 5, 6)] == [losses(tmp_path / "full")[s] for s in (4, 5, 6)]
 
 
-def test_trainable_rows_limit_value_updates_to_the_listed_rows(tmp_path):
+@pytest.mark.parametrize("value_optimizer", ["adamw", "sparse_adam", "rowwise_adagrad"])
+def test_trainable_rows_limit_value_updates_to_the_listed_rows(tmp_path, value_optimizer):
     import json
 
     rows_file = tmp_path / "rows.json"
     rows_file.write_text(json.dumps(list(range(0, 64, 2))))  # even rows of the 8**2-row table
-    cfg = step_config("train.trainable=values", f"train.trainable_rows={rows_file}")
+    cfg = step_config("train.trainable=values", f"train.trainable_rows={rows_file}",
+                      f"optim.value_optimizer={value_optimizer}")
     rt = setup_runtime(cfg)
     model = build_model(cfg, rt)
     apply_trainable(model, cfg.train.trainable)

@@ -19,6 +19,7 @@ from model import ModelConfig
 from model.cli_config import ConfigError, load_structured
 
 from .trainable import SELECTORS
+from .value_optim import VALUE_OPTIMIZERS
 
 __all__ = ["ConfigError", "TrainConfig", "load_config", "parse_cli", "to_yaml", "DEFAULT_PRESET"]
 
@@ -44,6 +45,10 @@ class OptimConfig:
     # Decay on norm weights, biases and values is off by default; each is configurable.
     norm_bias_weight_decay: float = 0.0
     value_weight_decay: float = 0.0
+    # The value table's update rule (train/value_optim.py): adamw (the paper's: dense AdamW like the rest),
+    # sparse_adam (lazy Adam: only rows read this step move) or rowwise_adagrad (one accumulator per row:
+    # N floats of state instead of 2 * N * v_dim). The other parameters always use AdamW.
+    value_optimizer: str = "adamw"
     warmup_steps: int = 100
     # Cosine decays to lr * min_lr_ratio at the last step.
     min_lr_ratio: float = 0.1
@@ -64,6 +69,9 @@ class OptimConfig:
         for key in ("weight_decay", "norm_bias_weight_decay", "value_weight_decay", "warmup_steps", "grad_clip"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{prefix}.{key}: must be >= 0, got {getattr(self, key)}")
+        if self.value_optimizer not in VALUE_OPTIMIZERS:
+            raise ValueError(f"{prefix}.value_optimizer: must be one of {', '.join(VALUE_OPTIMIZERS)}, "
+                             f"got {self.value_optimizer!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"{prefix}.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
 

@@ -5,6 +5,8 @@ unsorted iterables), so the grouping is stable across runs and checkpoints:
 - "values": the memory value table(s), at `value_lr` (default value_lr_mult * lr) with `value_weight_decay`;
 - "no_decay": norm weights and biases (1-D parameters), with `norm_bias_weight_decay`;
 - "decay": everything else, at `lr` with `weight_decay`.
+`optim.value_optimizer` other than adamw steps the "values" group with a row-sparse rule (train/value_optim.py)
+inside the same optimizer object.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Dict, List
 import torch
 
 from .config import OptimConfig
+from .value_optim import RowSparseValueAdamW
 
 
 def is_value_param(name: str) -> bool:
@@ -44,9 +47,10 @@ def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> List[Dict]:
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     # foreach=False keeps the CPU path deterministic and simple; fused kernels are a GPU speed-up.
     fused = all(p.is_cuda for p in model.parameters())
-    return torch.optim.AdamW(
-        param_groups(model, cfg), betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None
-    )
+    kwargs = dict(betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
+    if cfg.value_optimizer != "adamw":  # the value table's row-sparse rule (train/value_optim.py)
+        return RowSparseValueAdamW(param_groups(model, cfg), cfg.value_optimizer, **kwargs)
+    return torch.optim.AdamW(param_groups(model, cfg), **kwargs)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:

@@ -1,0 +1,105 @@
+"""Triton row-sparse optimizer updates (see ops/row_optim.py for the rules).
+
+One program per table row. Without a precomputed row statistic the program first reads its gradient row to
+decide whether the row was touched (one pass over the gradient, which is dense anyway); an untouched row then
+stops, writing nothing. A touched row is read and written once more (its gradient mostly from L2). No host sync:
+the set of touched rows never leaves the device.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _row_stat(g_ptr, base, n_cols, SUM_SQ: tl.constexpr, BLOCK: tl.constexpr):
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        g = tl.load(g_ptr + base + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+        if SUM_SQ:
+            acc += g * g
+        else:
+            acc = tl.maximum(acc, tl.abs(g))
+    if SUM_SQ:
+        return tl.sum(acc, axis=0)
+    return tl.max(acc, axis=0)
+
+
+@triton.jit
+def _lazy_adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, stat_ptr, n_cols, decay, beta1, beta2, eps, step_size, bias2_sqrt,
+                      HAS_STAT: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = row * n_cols
+    if HAS_STAT:
+        stat = tl.load(stat_ptr + row)
+    else:
+        stat = _row_stat(g_ptr, base, n_cols, False, BLOCK)
+    if stat > 0:
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            g = tl.load(g_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
+            p = tl.load(p_ptr + base + cols, mask=mask, other=0.0)
+            m = tl.load(m_ptr + base + cols, mask=mask, other=0.0)
+            v = tl.load(v_ptr + base + cols, mask=mask, other=0.0)
+            m = m + (1 - beta1) * (g - m)
+            v = v * beta2 + (1 - beta2) * (g * g)
+            p = p * decay - step_size * (m / (tl.sqrt(v) / bias2_sqrt + eps))
+            tl.store(m_ptr + base + cols, m, mask=mask)
+            tl.store(v_ptr + base + cols, v, mask=mask)
+            tl.store(p_ptr + base + cols, p, mask=mask)
+
+
+@triton.jit
+def _rowwise_adagrad_kernel(p_ptr, g_ptr, acc_ptr, stat_ptr, n_cols, inv_full_cols, decay, lr, eps,
+                            HAS_STAT: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = row * n_cols
+    if HAS_STAT:
+        stat = tl.load(stat_ptr + row)
+    else:
+        stat = _row_stat(g_ptr, base, n_cols, True, BLOCK)
+    if stat > 0:
+        acc = tl.load(acc_ptr + row) + stat * inv_full_cols
+        tl.store(acc_ptr + row, acc)
+        scale = lr / (tl.sqrt(acc) + eps)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            g = tl.load(g_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
+            p = tl.load(p_ptr + base + cols, mask=mask, other=0.0)
+            tl.store(p_ptr + base + cols, p * decay - scale * g, mask=mask)
+
+
+def _block(n_cols: int) -> int:
+    return min(1024, triton.next_power_of_2(max(n_cols, 16)))
+
+
+def _check(param, *same):
+    assert param.ndim == 2 and all(t.shape == param.shape for t in same), "row_optim: table and state shapes differ"
+
+
+def lazy_adam_rows(param, grad, exp_avg, exp_avg_sq, row_stat=None, *, lr, beta1, beta2, eps, weight_decay,
+                   step: int) -> None:
+    _check(param, grad, exp_avg, exp_avg_sq)
+    n_rows, n_cols = param.shape
+    if n_rows == 0 or n_cols == 0:
+        return
+    bias1, bias2_sqrt = 1 - beta1 ** step, (1 - beta2 ** step) ** 0.5
+    block = _block(n_cols)
+    stat = row_stat.float().contiguous() if row_stat is not None else param  # unused pointer when no statistic
+    _lazy_adam_kernel[(n_rows,)](param, grad, exp_avg, exp_avg_sq, stat, n_cols, 1 - lr * weight_decay, beta1, beta2,
+                                 eps, lr / bias1, bias2_sqrt, HAS_STAT=row_stat is not None, BLOCK=block,
+                                 num_warps=max(1, min(8, block // 128)))
+
+
+def rowwise_adagrad_rows(param, grad, row_acc, row_stat=None, *, lr, eps, weight_decay, n_cols=None) -> None:
+    _check(param, grad)
+    assert row_acc.shape == param.shape[:1], "row_optim: the row accumulator needs one value per row"
+    n_rows, local_cols = param.shape
+    if n_rows == 0 or local_cols == 0:
+        return
+    block = _block(local_cols)
+    stat = row_stat.float().contiguous() if row_stat is not None else param
+    _rowwise_adagrad_kernel[(n_rows,)](param, grad, row_acc, stat, local_cols, 1.0 / (n_cols or local_cols),
+                                       1 - lr * weight_decay, lr, eps, HAS_STAT=row_stat is not None, BLOCK=block,
+                                       num_warps=max(1, min(8, block // 128)))

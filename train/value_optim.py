@@ -1,0 +1,131 @@
+"""AdamW for every group but the value table's, which takes a row-sparse rule (`optim.value_optimizer`).
+
+One optimizer object, so the LR scheduler, gradient clipping, the non-finite guard and DCP checkpoints see the same
+param_groups (and the same "values" group, at its own rate) as with plain AdamW:
+- the "decay" / "no_decay" groups step through torch's AdamW (fused on GPU), untouched;
+- the "values" group steps row by row (ops/row_optim.py), only on the rows with a non-zero gradient this step:
+  - sparse_adam ("lazy Adam"): state "exp_avg" / "exp_avg_sq" as large as the table (AdamW's names and shapes:
+    a checkpoint's tensors mean the same thing), moved only on touched rows;
+  - rowwise_adagrad: state "row_acc", one fp32 per row (N floats instead of AdamW's 2 * N * D).
+  Value weight decay (optim.value_weight_decay, off by default) is decoupled and applied to touched rows only: a
+  row no token reads is not shrunk either, as a lazy optimizer leaves it alone entirely. The group's learning
+  rate follows the scheduler like AdamW's (optim.value_lr_scheduled).
+
+Column-sharded value tables (DTensor, Replicate over replicas and Shard(1) over the memory-parallel ranks): each
+rank updates its column slice; the per-row statistic that decides "touched" (and Adagrad's row mean square) is
+all-reduced over the sharded mesh dims first (N floats), so every rank agrees on the touched rows and on the full
+row's statistic. The row accumulator is a DTensor replicated on the table's mesh, so DCP saves it once.
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+
+from ops import row_optim
+
+VALUE_OPTIMIZERS = ("adamw", "sparse_adam", "rowwise_adagrad")
+_RULE = {"sparse_adam": "lazy_adam", "rowwise_adagrad": "rowwise_adagrad"}
+
+
+def _sharded_dims(p: torch.Tensor) -> List[int]:
+    """Mesh dims over which a DTensor's columns are split (empty for a plain tensor)."""
+    from torch.distributed.tensor import Shard
+
+    if not hasattr(p, "device_mesh"):
+        return []
+    return [i for i, pl in enumerate(p.placements) if isinstance(pl, Shard) and pl.dim == 1]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class RowSparseValueAdamW(torch.optim.AdamW):
+    """torch.optim.AdamW whose "values" group steps with a row-sparse rule (see the module docstring)."""
+
+    def __init__(self, params, value_optimizer: str, **adamw_kwargs):
+        if value_optimizer not in _RULE:
+            raise ValueError(f"optim.value_optimizer: must be one of {', '.join(VALUE_OPTIMIZERS)}, "
+                             f"got {value_optimizer!r}")
+        self.rule = _RULE[value_optimizer]
+        super().__init__(params, **adamw_kwargs)
+
+    def _value_groups(self) -> List[Dict]:
+        return [g for g in self.param_groups if g.get("name") == "values"]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # AdamW steps every parameter with a gradient: hide the value tables' gradients from it for this call.
+        hidden = [(p, p.grad) for g in self._value_groups() for p in g["params"] if p.grad is not None]
+        for p, _ in hidden:
+            p.grad = None
+        try:
+            super().step()
+        finally:
+            for p, grad in hidden:
+                p.grad = grad
+        for group in self._value_groups():
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._step_rows(p, group)
+        return loss
+
+    def _init_state(self, p: torch.Tensor) -> Dict:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            if self.rule == "lazy_adam":
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            else:
+                acc = torch.zeros(p.shape[0], dtype=torch.float32, device=_local(p).device)
+                if hasattr(p, "device_mesh"):
+                    from torch.distributed.tensor import DTensor, Replicate
+
+                    acc = DTensor.from_local(acc, p.device_mesh, [Replicate()] * p.device_mesh.ndim, run_check=False)
+                state["row_acc"] = acc
+        return state
+
+    def _step_rows(self, p: torch.Tensor, group: Dict) -> None:
+        state = self._init_state(p)
+        if state["step"].device.type != "cpu":  # a checkpoint load may put it beside the parameter: read it sync-free
+            state["step"] = state["step"].cpu()
+        state["step"] += 1
+        param, grad = _local(p), _local(p.grad)
+        row_stat = None
+        dims = _sharded_dims(p)
+        if dims:
+            # the full row's statistic: every column shard must see the same touched rows (and row mean square)
+            row_stat = row_optim.touched_stat(self.rule, grad)
+            op = dist.ReduceOp.MAX if self.rule == "lazy_adam" else dist.ReduceOp.SUM
+            for d in dims:
+                dist.all_reduce(row_stat, op=op, group=p.device_mesh.get_group(d))
+        lr = float(group["lr"])
+        if self.rule == "lazy_adam":
+            beta1, beta2 = group["betas"]
+            row_optim.lazy_adam_rows(param, grad, _local(state["exp_avg"]), _local(state["exp_avg_sq"]), row_stat,
+                                     lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
+                                     weight_decay=group["weight_decay"], step=int(state["step"].item()))
+        else:
+            row_optim.rowwise_adagrad_rows(param, grad, _local(state["row_acc"]), row_stat, lr=lr, eps=group["eps"],
+                                           weight_decay=group["weight_decay"], n_cols=p.shape[1])
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> Dict[str, int]:
+    """Bytes of optimizer state held by this rank, by group name (local shards of DTensors)."""
+    out: Dict[str, int] = {}
+    for group in optimizer.param_groups:
+        total = 0
+        for p in group["params"]:
+            for t in optimizer.state.get(p, {}).values():
+                if isinstance(t, torch.Tensor):
+                    local = _local(t)
+                    total += local.numel() * local.element_size()
+        out[group.get("name", "?")] = out.get(group.get("name", "?"), 0) + total
+    return out

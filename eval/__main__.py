@@ -15,7 +15,8 @@ from typing import List, Optional
 
 from omegaconf import OmegaConf
 
-from model.cli_config import ConfigError, describe_keys, load_structured, wants_help
+from model.cli_config import (ConfigError, Device, Precision, WandbMode, check_choices, describe_keys,
+                              load_structured, wants_help)
 
 from .config import EvalConfig
 
@@ -24,24 +25,19 @@ from .config import EvalConfig
 class EvalCLIConfig(EvalConfig):
     checkpoint: str = ""
     tokenizer: Optional[str] = None  # default: <run dir>/tokenizer.model, else data.tokenizer of <run dir>/config.yaml
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 on GPU) | bf16 | fp32
+    device: Device = "auto"
+    precision: Precision = "auto"
     out: Optional[str] = None  # results jsonl; default <run dir>/eval.jsonl
     val_batches: int = 0  # > 0: also validation NLL/bpb over this many batches per val source
     val_batch_size: int = 8
-    wandb: str = "disabled"  # disabled | online | offline
+    wandb: WandbMode = "disabled"
     project: str = "mnemo"
 
     def validate(self, prefix: str = "") -> None:
         p = f"{prefix}." if prefix else ""
         if not self.checkpoint:
             raise ValueError(f"{p}checkpoint: required (a checkpoint or run directory)")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"{p}device: must be auto, cpu or cuda, got {self.device!r}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"{p}precision: must be auto, bf16 or fp32, got {self.precision!r}")
-        if self.wandb not in ("disabled", "online", "offline"):
-            raise ValueError(f"{p}wandb: must be disabled, online or offline, got {self.wandb!r}")
+        check_choices(self, prefix)
         if self.val_batches < 0 or self.val_batch_size < 1:
             raise ValueError(f"{p}val_batches/val_batch_size: must be >= 0 / >= 1")
         if not self.tasks and not self.val_batches:

@@ -102,7 +102,8 @@ def main(argv=None) -> int:
 
     from model.checkpoint import load_model, resolve_checkpoint
 
-    from .results import WandbSink, flatten, format_table, write_jsonl
+    from .results import flatten, format_table
+    from .sinks import WandbSink, write_jsonl
     from .runner import load_eval_tasks, run_tasks
     from .validation import fixed_val_batches, validation_metrics
 
@@ -153,7 +154,7 @@ def main(argv=None) -> int:
             if val:
                 write_jsonl(out, [{"step": step, "task": "val", **val}])
             print(f"results appended to {out}")
-            sink = WandbSink(cfg.wandb, cfg.project, name=os.path.basename(run_dir), config=asdict(cfg))
+            sink = WandbSink(cfg.wandb, cfg.project, name=os.path.basename(run_dir), config=asdict(cfg), job_type="eval")
             sink.log({**flatten(results), **val}, step=step)
             sink.close()
     finally:

@@ -15,6 +15,7 @@ from typing import List, Optional
 
 from omegaconf import OmegaConf
 
+from model.checkpoint import run_dir_of
 from model.cli_config import (ConfigError, Device, Precision, WandbMode, check_choices, describe_keys,
                               load_structured, wants_help)
 
@@ -56,15 +57,6 @@ def parse_cli(argv: List[str]) -> EvalCLIConfig:
 
 def usage() -> str:
     return __doc__ + "\nKeys and defaults:\n" + "\n".join(describe_keys(EvalCLIConfig)) + "\n"
-
-
-def run_dir_of(checkpoint_dir: str) -> str:
-    """runs/X/checkpoints/step_N -> runs/X; a run directory is its own run dir."""
-    path = os.path.abspath(checkpoint_dir)
-    parent = os.path.dirname(path)
-    if os.path.basename(parent) == "checkpoints":
-        return os.path.dirname(parent)
-    return path
 
 
 def _run_config(run_dir: str):

@@ -14,6 +14,7 @@ from typing import List, Literal, Optional
 from omegaconf import OmegaConf
 
 from data import DataConfig
+from data.config import REPO_ROOT
 from eval import EvalConfig
 from model import ModelConfig
 from model.cli_config import ConfigError, Device, Precision, WandbMode, check_choices, load_structured
@@ -26,7 +27,6 @@ NonFinite = Literal["stop", "skip"]
 ReduceDtype = Literal["fp32", "bf16", "param"]
 DistBackend = Literal["auto", "nccl", "gloo"]
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What `python -m train` trains without config= (the same as `make train`).
 DEFAULT_PRESET = "configs/tiny.yaml"
 

@@ -167,8 +167,8 @@ class DistConfig:
     # traffic). "param" = the parameters' compute dtype (bf16 under bf16 precision).
     reduce_dtype: ReduceDtype = "fp32"
     # FSDP2 unit size: consecutive blocks sharded (gathered, reduced) together. Each unit costs a fixed host time
-    # per step (copy-in, all-gather, split, chunk-cat, reduce-scatter: ~0.5 ms measured); small models on few GPUs
-    # are host-bound, and fewer, larger units cut that. Larger units hold more gathered parameters at once.
+    # per step (copy-in, all-gather, split, chunk-cat, reduce-scatter); small models on few GPUs are host-bound,
+    # and fewer, larger units cut that. Larger units hold more gathered parameters at once.
     blocks_per_unit: int = 1
 
     def validate(self, prefix: str) -> None:

@@ -146,7 +146,8 @@ def main(argv=None) -> int:
             if val:
                 write_jsonl(out, [{"step": step, "task": "val", **val}])
             print(f"results appended to {out}")
-            sink = WandbSink(cfg.wandb, cfg.project, name=os.path.basename(run_dir), config=asdict(cfg), job_type="eval")
+            sink = WandbSink(cfg.wandb, cfg.project, name=os.path.basename(run_dir), config=asdict(cfg),
+                             job_type="eval")
             sink.log({**flatten(results), **val}, step=step)
             sink.close()
     finally:

@@ -32,7 +32,7 @@ def _first_line(e: BaseException) -> str:
     return "; ".join(lines[:2]) if lines else type(e).__name__
 
 
-def choices_of(annotation) -> Tuple[str, ...]:
+def choices_of(annotation) -> Tuple[Optional[str], ...]:
     """The allowed values of a `Literal[...]` (or `Optional[Literal[...]]`) field type; () for any other type."""
     if typing.get_origin(annotation) is Literal:
         return typing.get_args(annotation)

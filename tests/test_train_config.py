@@ -92,3 +92,13 @@ def test_saved_config_yaml_loads_back_with_its_choices_as_strings(tmp_path):
     again = load_config(str(tmp_path / "config.yaml"))
     assert again == cfg
     assert type(again.train.precision) is str and again.dist.reduce_dtype == "param"
+
+
+def test_choices_of_a_field_type():
+    from typing import List, Literal, Optional
+
+    from model.cli_config import choices_of
+
+    assert choices_of(Literal["a", "b"]) == ("a", "b")
+    assert choices_of(Optional[Literal["a", "b"]]) == ("a", "b", None)
+    assert choices_of(str) == () and choices_of(Optional[int]) == () and choices_of(List[str]) == ()

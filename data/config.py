@@ -8,13 +8,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional, get_args
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CORPUS_DIR = "data/corpus"
 
-SOURCE_TYPES = ("auto", "jsonl", "text", "parquet", "hf", "memmap")
-TEXT_SPLITS = ("file", "paragraph", "line")
+# Choices are Literal types, so OmegaConf rejects other values by key; validate() covers configs built in code.
+SourceType = Literal["auto", "jsonl", "text", "parquet", "hf", "memmap"]
+TextSplit = Literal["file", "paragraph", "line"]
+SOURCE_TYPES = get_args(SourceType)
+TEXT_SPLITS = get_args(TextSplit)
 
 
 def resolve_path(path: str) -> str:
@@ -29,10 +32,10 @@ class SourceConfig:
     paths: List[str] = field(default_factory=list)
     # auto: from the file extension (.jsonl/.json[.gz|.zst] -> jsonl, .parquet, .txt[.gz|.zst] -> text,
     # a directory holding index.json -> memmap). hf: `datasets.load_dataset(..., streaming=True)`.
-    type: str = "auto"
+    type: SourceType = "auto"
     text_field: str = "text"
     weight: float = 1.0  # relative sampling weight in the train mixture (per document)
-    text_split: str = "paragraph"  # plain text only: one document per file, per blank-line paragraph, or per line
+    text_split: TextSplit = "paragraph"  # plain text only: one document per file, per blank-line paragraph, or per line
     hf_name: Optional[str] = None  # hf only: builder or hub name; None -> inferred from the file extension
     hf_config: Optional[str] = None
     hf_split: str = "train"

@@ -20,7 +20,8 @@ Standalone: `python -m eval checkpoint=RUN_OR_CKPT_DIR tasks=[qa_wikidata,synthe
 from .config import EvalConfig
 from .generate import generate_text, generate_tokens
 from .metrics import exact_match, normalize_answer, token_f1
-from .results import flatten, format_table, write_jsonl
+from .results import flatten, format_table
+from .sinks import write_jsonl
 from .runner import load_eval_tasks, run_tasks
 from .scoring import continuation_logprobs
 from .validation import fixed_val_batches, validation_metrics, validation_nll

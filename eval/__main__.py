@@ -15,7 +15,9 @@ from typing import List, Optional
 
 from omegaconf import OmegaConf
 
-from model.cli_config import ConfigError, describe_keys, load_structured, wants_help
+from model.checkpoint import run_dir_of
+from model.cli_config import (ConfigError, Device, Precision, WandbMode, check_choices, describe_keys,
+                              load_structured, wants_help)
 
 from .config import EvalConfig
 
@@ -24,24 +26,19 @@ from .config import EvalConfig
 class EvalCLIConfig(EvalConfig):
     checkpoint: str = ""
     tokenizer: Optional[str] = None  # default: <run dir>/tokenizer.model, else data.tokenizer of <run dir>/config.yaml
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 on GPU) | bf16 | fp32
+    device: Device = "auto"
+    precision: Precision = "auto"
     out: Optional[str] = None  # results jsonl; default <run dir>/eval.jsonl
     val_batches: int = 0  # > 0: also validation NLL/bpb over this many batches per val source
     val_batch_size: int = 8
-    wandb: str = "disabled"  # disabled | online | offline
+    wandb: WandbMode = "disabled"
     project: str = "mnemo"
 
     def validate(self, prefix: str = "") -> None:
         p = f"{prefix}." if prefix else ""
         if not self.checkpoint:
             raise ValueError(f"{p}checkpoint: required (a checkpoint or run directory)")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"{p}device: must be auto, cpu or cuda, got {self.device!r}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"{p}precision: must be auto, bf16 or fp32, got {self.precision!r}")
-        if self.wandb not in ("disabled", "online", "offline"):
-            raise ValueError(f"{p}wandb: must be disabled, online or offline, got {self.wandb!r}")
+        check_choices(self, prefix)
         if self.val_batches < 0 or self.val_batch_size < 1:
             raise ValueError(f"{p}val_batches/val_batch_size: must be >= 0 / >= 1")
         if not self.tasks and not self.val_batches:
@@ -60,15 +57,6 @@ def parse_cli(argv: List[str]) -> EvalCLIConfig:
 
 def usage() -> str:
     return __doc__ + "\nKeys and defaults:\n" + "\n".join(describe_keys(EvalCLIConfig)) + "\n"
-
-
-def run_dir_of(checkpoint_dir: str) -> str:
-    """runs/X/checkpoints/step_N -> runs/X; a run directory is its own run dir."""
-    path = os.path.abspath(checkpoint_dir)
-    parent = os.path.dirname(path)
-    if os.path.basename(parent) == "checkpoints":
-        return os.path.dirname(parent)
-    return path
 
 
 def _run_config(run_dir: str):
@@ -106,7 +94,8 @@ def main(argv=None) -> int:
 
     from model.checkpoint import load_model, resolve_checkpoint
 
-    from .results import WandbSink, flatten, format_table, write_jsonl
+    from .results import flatten, format_table
+    from .sinks import WandbSink, write_jsonl
     from .runner import load_eval_tasks, run_tasks
     from .validation import fixed_val_batches, validation_metrics
 
@@ -157,7 +146,8 @@ def main(argv=None) -> int:
             if val:
                 write_jsonl(out, [{"step": step, "task": "val", **val}])
             print(f"results appended to {out}")
-            sink = WandbSink(cfg.wandb, cfg.project, name=os.path.basename(run_dir), config=asdict(cfg))
+            sink = WandbSink(cfg.wandb, cfg.project, name=os.path.basename(run_dir), config=asdict(cfg),
+                             job_type="eval")
             sink.log({**flatten(results), **val}, step=step)
             sink.close()
     finally:

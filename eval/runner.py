@@ -21,7 +21,7 @@ from .device import all_reduce_sum, model_device, rank_and_world
 from .fewshot import TARGET_DELIMITER, build_prompt
 from .generate import generate_text
 from .metrics import choice_correct, choice_correct_norm, exact_match, token_f1
-from .results import write_jsonl
+from .sinks import write_jsonl
 from .scoring import continuation_logprobs
 from .tasks import GENERATIVE, Task, load_tasks
 from .text import encode_request

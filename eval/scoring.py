@@ -3,7 +3,7 @@
 A request is (context_tokens, continuation_tokens). Its score is the sum over continuation tokens of
 log p(token | everything before it), from one causal forward over context + continuation[:-1]. The first
 continuation token is predicted by the logits at the last context position; a context of only BOS is fine and
-its first continuation token is still scored (the paper's code dropped it: see MEMORY_LAYERS.md).
+its first continuation token is still scored (a scorer that shifts by one and drops the BOS position loses it).
 
 Batches are right-padded: under causal attention the padding after a sequence cannot change its logits, and
 memory layers act per token, so no mask is needed.

@@ -17,12 +17,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from data.config import resolve_path  # relative paths: against the repo root, as data paths are
+
 GENERATIVE = "generative"
 MULTIPLE_CHOICE = "multiple_choice"
-
-# Relative paths in the eval config are taken against the repository root (the parent of this package), as data
-# paths are, so they work from any working directory.
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclass
@@ -40,11 +38,6 @@ class Task:
     kind: str  # GENERATIVE | MULTIPLE_CHOICE
     examples: List[Example]
     path: str = ""
-
-
-def resolve_path(path: str) -> str:
-    path = os.path.expanduser(path)
-    return path if os.path.isabs(path) else os.path.join(REPO_ROOT, path)
 
 
 def _fail(path: str, lineno: int, what: str) -> ValueError:

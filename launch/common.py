@@ -57,14 +57,6 @@ def trainer_config(train_args: List[str], launcher_keys: Dict[str, object], worl
     return cfg
 
 
-def run_dir_of(train_args: List[str]) -> str:
-    """The run directory the trainer will use: the preset's `run_dir` (configs/tiny.yaml without config=) with
-    overrides applied."""
-    from train.config import parse_cli
-
-    return str(parse_cli(train_args).run_dir)
-
-
 def launcher_main(doc: str, defaults: Dict[str, object], body: Callable[[List[str]], int], argv=None) -> int:
     """--help prints `doc` and the options; a ConfigError is one `config error:` line and exit status 2."""
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -41,7 +41,7 @@ from omegaconf import OmegaConf
 
 from model.cli_config import ConfigError, parse_override
 
-from .common import join, launcher_main, run_dir_of, split_args, trainer_config
+from .common import join, launcher_main, split_args, trainer_config
 from .slurm import DEFAULTS as SLURM_DEFAULTS
 from .slurm import sbatch_array_script
 from .torchrun import torchrun_command
@@ -202,8 +202,10 @@ def build_sweep(axes: List[Tuple[str, list]], args: List[str], spec: Optional[Di
         root = str(spec["run_dir"])
     elif spec:
         root = os.path.join("runs", "sweeps", str(spec["name"]))
-    else:
-        root = run_dir_of(base)
+    else:  # the run_dir of the preset (configs/tiny.yaml without config=)
+        from train.config import parse_cli
+
+        root = str(parse_cli(base).run_dir)
     name = str(spec.get("name") or os.path.basename(os.path.normpath(root)))
     fixed = [f"{k}={override_text(v)}" for k, v in (spec.get("overrides") or {}).items()] + rest
     if not any(a.startswith("logging.group=") for a in fixed):

@@ -22,9 +22,12 @@ EXPORT_CONFIG = "config.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
+CHECKPOINTS_DIR = "checkpoints"  # <run dir>/checkpoints/step_N
+
+
 def list_checkpoints(run_dir: str) -> List[str]:
     """Complete checkpoints of a run directory, oldest first (unfinished `.tmp` saves are ignored)."""
-    root = os.path.join(run_dir, "checkpoints")
+    root = os.path.join(run_dir, CHECKPOINTS_DIR)
     if not os.path.isdir(root):
         return []
     steps = []
@@ -43,6 +46,15 @@ def resolve_checkpoint(path: str) -> str:
     if not found:
         raise FileNotFoundError(f"checkpoint: no checkpoint found at {path} (expected {META_FILE} or checkpoints/step_N/)")
     return found[-1]
+
+
+def run_dir_of(checkpoint_dir: str) -> str:
+    """runs/X/checkpoints/step_N -> runs/X; any other directory (a run or an export) is its own run dir."""
+    path = os.path.abspath(checkpoint_dir)
+    parent = os.path.dirname(path)
+    if os.path.basename(parent) == CHECKPOINTS_DIR:
+        return os.path.dirname(parent)
+    return path
 
 
 def is_export_dir(path: str) -> bool:

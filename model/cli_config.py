@@ -7,10 +7,16 @@ prints one `config error: <key>: ...` line instead of a traceback.
 from __future__ import annotations
 
 import os
+import typing
 from dataclasses import fields, is_dataclass
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Literal, Optional, Sequence, Tuple
 
 HELP_FLAGS = ("-h", "--help")
+
+# Choices that the train and eval command lines share (as field types, so OmegaConf validates them).
+Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["auto", "bf16", "fp32"]  # auto: bf16 autocast on GPU, fp32 on CPU
+WandbMode = Literal["disabled", "online", "offline"]
 
 
 class ConfigError(ValueError):
@@ -24,6 +30,32 @@ def wants_help(argv: Sequence[str]) -> bool:
 def _first_line(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return "; ".join(lines[:2]) if lines else type(e).__name__
+
+
+def choices_of(annotation) -> Tuple[Optional[str], ...]:
+    """The allowed values of a `Literal[...]` (or `Optional[Literal[...]]`) field type; () for any other type."""
+    if typing.get_origin(annotation) is Literal:
+        return typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Union:
+        args = typing.get_args(annotation)
+        allowed = tuple(c for arg in args for c in choices_of(arg))
+        return allowed + (None,) if allowed and type(None) in args else allowed
+    return ()
+
+
+def check_choices(section, prefix: str) -> None:
+    """ValueError `<prefix>.<key>: must be one of ...` for a Literal field holding another value.
+
+    OmegaConf already rejects such values on the command line and in YAML; this covers configs built in code
+    (tests, checkpoints' model_config dicts), so the choices are written once, in the field's type.
+    """
+    hints = typing.get_type_hints(type(section))
+    for f in fields(section):
+        allowed = choices_of(hints[f.name])
+        value = getattr(section, f.name)
+        if allowed and value not in allowed:
+            key = f"{prefix}.{f.name}" if prefix else f.name
+            raise ValueError(f"{key}: must be one of {', '.join(map(str, allowed))}, got {value!r}")
 
 
 def parse_override(item: str, example: str):
@@ -72,8 +104,53 @@ def load_structured(schema, path: Optional[str] = None, overrides: Iterable[str]
     try:
         return OmegaConf.to_object(OmegaConf.merge(*layers))
     except OmegaConfBaseException as e:
+        for layer in layers[1:]:
+            located = _error_in_list_item(schema, OmegaConf.to_container(layer), "")
+            if located:
+                raise ConfigError(located) from None
         key = getattr(e, "full_key", None) or "config"
         raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from None
+
+
+def _list_item_type(annotation):
+    """The dataclass T of a `List[T]` / `Optional[List[T]]` field type, else None."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Union and len(args) == 1:
+        return _list_item_type(args[0])
+    if typing.get_origin(annotation) is list and args and is_dataclass(args[0]):
+        return args[0]
+    return None
+
+
+def _error_in_list_item(schema, values, path: str) -> Optional[str]:
+    """`<path>.<list>[i].<key>: <problem>` for the first list item of `values` (one config layer as plain
+    containers) that its dataclass rejects. OmegaConf checks a list's items before attaching them to the list,
+    so its own error names only the item's key (`type`), not where the item is (`data.train[0].type`)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not isinstance(values, dict):
+        return None
+    hints = typing.get_type_hints(schema)
+    for name, value in values.items():
+        hint = hints.get(name)
+        if hint is None:
+            continue
+        if is_dataclass(hint):
+            located = _error_in_list_item(hint, value, f"{path}{name}.")
+            if located:
+                return located
+        item_type = _list_item_type(hint)
+        if item_type is None or not isinstance(value, list):
+            continue
+        for i, item in enumerate(value):
+            if not isinstance(item, dict):
+                continue
+            try:
+                OmegaConf.merge(OmegaConf.structured(item_type), item)
+            except OmegaConfBaseException as e:
+                return f"{path}{name}[{i}].{e.full_key}: {str(e).splitlines()[0]}"
+    return None
 
 
 def describe_keys(schema, prefix: str = "") -> List[str]:

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Literal, Optional
 
-MEMORY_BACKENDS = ("auto", "reference", "triton")
-PROJ_INITS = ("fan_in", "init_std")
-ATTENTION_BACKENDS = ("sdpa", "xformers")
+from .cli_config import check_choices
+
+# Choices are Literal types: OmegaConf rejects other values by key, check_choices covers configs built in code.
+MemoryBackend = Literal["auto", "reference", "triton"]
+ProjInit = Literal["fan_in", "init_std"]
+AttentionBackend = Literal["sdpa", "xformers"]
 
 
 @dataclass
@@ -26,12 +29,12 @@ class MemoryConfig:
     swilu: bool = True  # Memory+: out = W2 (y * silu(W1 x)); off: out = W2 y
     gate: bool = False  # out <- sigmoid(w_g . x) * out
     share_values: bool = True  # one value table for all memory layers
-    backend: str = "auto"  # auto | reference | triton (see ops)
+    backend: MemoryBackend = "auto"  # see ops
     value_init_std: Optional[float] = None  # None -> v_dim ** -0.5
     # std of swilu_proj and value_proj: fan_in -> (input size) ** -0.5, as in the public code; init_std -> the
     # model's init_std like every other linear layer. A value row reaches the output through both, so their
     # scale sets how far one value update moves the output.
-    proj_init: str = "init_std"
+    proj_init: ProjInit = "init_std"
     # Under autocast in training, read the fp32 value table through one cast to the autocast dtype per forward
     # (fp32 master weights and optimizer; see model.memory.table_for_forward). False: lookups read fp32 rows.
     cast_values: bool = True
@@ -46,6 +49,7 @@ class MemoryConfig:
         def bad(key: str, msg: str):
             raise ValueError(f"{prefix}.{key}: {msg}")
 
+        check_choices(self, prefix)
         if self.every is not None and len(self.layers) > 0:
             bad("every", f"set either layers ({list(self.layers)}) or every ({self.every}), not both")
         if self.every is not None and self.every < 1:
@@ -70,10 +74,6 @@ class MemoryConfig:
             bad("knn", f"must be in [1, n_keys={self.n_keys}], got {self.knn}")
         if self.v_dim is not None and self.v_dim < 1:
             bad("v_dim", f"must be positive (or null for the model dim), got {self.v_dim}")
-        if self.backend not in MEMORY_BACKENDS:
-            bad("backend", f"must be one of {', '.join(MEMORY_BACKENDS)}, got {self.backend!r}")
-        if self.proj_init not in PROJ_INITS:
-            bad("proj_init", f"must be one of {', '.join(PROJ_INITS)}, got {self.proj_init!r}")
         if self.value_init_std is not None and not self.value_init_std > 0:
             bad("value_init_std", f"must be > 0 (or null for v_dim**-0.5), got {self.value_init_std}")
 
@@ -92,7 +92,7 @@ class ModelConfig:
     max_seq_len: int = 2048
     tie_embeddings: bool = False
     init_std: float = 0.02
-    attention_backend: str = "sdpa"  # sdpa | xformers (optional, imported lazily)
+    attention_backend: AttentionBackend = "sdpa"  # xformers: optional, imported lazily
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     @property
@@ -117,6 +117,7 @@ class ModelConfig:
         def bad(key: str, msg: str):
             raise ValueError(f"{prefix}.{key}: {msg}")
 
+        check_choices(self, prefix)
         for key in ("vocab_size", "dim", "n_layers", "n_heads", "multiple_of", "max_seq_len"):
             if getattr(self, key) < 1:
                 bad(key, f"must be >= 1, got {getattr(self, key)}")
@@ -131,6 +132,4 @@ class ModelConfig:
         for key in ("norm_eps", "rope_theta", "init_std"):
             if not getattr(self, key) > 0:
                 bad(key, f"must be > 0, got {getattr(self, key)}")
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            bad("attention_backend", f"must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}")
         self.memory.validate(f"{prefix}.memory", n_layers=self.n_layers)

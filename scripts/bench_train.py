@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from step_harness import build_steps, time_steps  # noqa: E402
-from trace_summary import load_events  # noqa: E402
+from train.trace_summary import load_events  # noqa: E402
 from model.flops import flops_per_token  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.runtime import setup_runtime  # noqa: E402

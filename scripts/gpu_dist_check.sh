@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Issue 5 on a 2-GPU machine: a Memory+ preset on 1 GPU, on 2 GPUs (FSDP + MP=2) and as two one-GPU "nodes"
-# (torchrun --nnodes 2, c10d rendezvous on localhost). Every run takes the same global batch size per optimizer
-# step (1 GPU: 2 micro-batches of accumulation; 2 GPUs: one each), so losses are comparable and tokens/s per
-# GPU measures scaling at the same per-GPU micro-batch. Ranks own every world-size-th document, so the 2-GPU
-# batches hold other rows than the single process's: compare mean losses, not single steps.
+# Does training scale to 2 GPUs and across nodes? On a 2-GPU machine: a Memory+ preset on 1 GPU, on 2 GPUs
+# (FSDP + MP=2) and as two one-GPU "nodes" (torchrun --nnodes 2, c10d rendezvous on localhost). Every run takes
+# the same global batch size per optimizer step (1 GPU: 2 micro-batches of accumulation; 2 GPUs: one each), so
+# losses are comparable and tokens/s per GPU measures scaling at the same per-GPU micro-batch. Ranks own every
+# world-size-th document, so the 2-GPU batches hold other rows than the single process's: compare mean losses,
+# not single steps.
 #   bash scripts/gpu_dist_check.sh OUTDIR
 #   env: CONFIG, STEPS (50), BATCH (4), SEQ (2048), COMPILE, EXTRA, MP (memory-parallel degree, 2),
 #        NODES (1: also the two-"node" run; 0: skip it)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Where does 2-GPU scaling go? (issue 5; BENCHMARKS.md: FSDP 2 + MP 2 ran at 55-75% per GPU of 1 GPU, with the
-# memory layers' own collectives at 1-7% of the step.) One call on a 2-GPU machine, ~8 min:
+# Where does 2-GPU scaling go: the memory layers' own collectives or the rest of the step? (BENCHMARKS.md:
+# "the 2-GPU step was host-bound".) One call on a 2-GPU machine, a few minutes:
 #   1. dense_373m on 1 GPU and on 2 GPUs (FSDP alone, no memory layers): does plain FSDP scale here?
 #   2. memory_373m on 2 GPUs (MP 2) against 1 GPU;
 #   3. a compiled memory step under the profiler on 1 GPU and on 2 GPUs: per-rank chrome traces (gzipped, in

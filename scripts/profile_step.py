@@ -55,7 +55,7 @@ def main() -> None:
         os.makedirs(args.trace, exist_ok=True)
         path = os.path.join(args.trace, f"rank{rt.rank}.json")
         prof.export_chrome_trace(path)
-        from trace_summary import load_events, summarise
+        from train.trace_summary import load_events, summarise
 
         # every rank: a late rank makes the others wait, so each one's view of the gaps differs
         print(f"--- rank {rt.rank} trace summary ({args.steps} steps)\n{summarise(load_events(path))}", flush=True)

@@ -5,9 +5,11 @@ import pytest
 
 from eval.fewshot import build_prompt, shot_indices
 from eval.metrics import choice_correct, choice_correct_norm, exact_match, normalize_answer, token_f1
-from eval.tasks import Example, load_jsonl_task, load_tasks, resolve_path
+from data.config import resolve_path
+from eval.tasks import Example, load_jsonl_task, load_tasks
 from eval.config import EvalConfig
-from eval.results import flatten, format_table, write_jsonl
+from eval.results import flatten, format_table
+from eval.sinks import write_jsonl
 from eval.text import encode_request, trim_at_stop
 
 

@@ -120,7 +120,7 @@ def test_cli_on_saved_checkpoint(tmp_path, capsys):
 def test_wandb_sink_is_lazy():
     import sys
 
-    from eval.results import WandbSink
+    from eval.sinks import WandbSink
 
     had = "wandb" in sys.modules
     WandbSink("disabled").log({"x": 1.0}, step=1)

@@ -2,9 +2,9 @@
 import subprocess
 import sys
 
-from launch.common import run_dir_of, split_args
+from launch.common import split_args
 from launch.slurm import DEFAULTS, sbatch_script
-from launch.sweep import parse_sweep, sweep_points
+from launch.sweep import build_sweep, parse_sweep, sweep_points
 from launch.torchrun import torchrun_command
 
 
@@ -46,11 +46,20 @@ def test_slurm_dry_run_prints_script(tmp_path):
     assert "#SBATCH --nodes=3" in out and not (tmp_path / "r").exists()
 
 
-def test_run_dir_from_config_and_override(tmp_path):
+def test_sweep_without_a_run_dir_roots_at_the_presets(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("run_dir: runs/a\n")
-    assert run_dir_of([f"config={cfg}"]) == "runs/a"
-    assert run_dir_of([f"config={cfg}", "run_dir=runs/b"]) == "runs/b"
+    axes, rest = parse_sweep(["sweep.optim.lr=[0.1,0.2]", f"config={cfg}"])
+    assert build_sweep(axes, rest).run_dir == "runs/a"
+    axes, rest = parse_sweep(["sweep.optim.lr=[0.1,0.2]", f"config={cfg}", "run_dir=runs/b"])
+    assert build_sweep(axes, rest).run_dir == "runs/b"
+
+
+def test_run_dir_of_a_checkpoint_is_its_run(tmp_path):
+    from model.checkpoint import run_dir_of
+
+    assert run_dir_of(str(tmp_path / "r" / "checkpoints" / "step_4")) == str(tmp_path / "r")
+    assert run_dir_of(str(tmp_path / "r")) == str(tmp_path / "r")
 
 
 def test_sweep_grid_gives_distinct_run_dirs():

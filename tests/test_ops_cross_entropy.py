@@ -48,20 +48,27 @@ def test_only_the_needed_gradients():
     torch.testing.assert_close(loss, F.cross_entropy(h @ w.t(), torch.zeros(5, dtype=torch.long)))
 
 
+def plain_and_chunked_bf16(h, w, t, chunk_tokens):
+    """Under bf16 autocast on h's device: the plain loss of F.linear's logits and its gradients (h, w), then the
+    chunked loss, whose gradients are left in h.grad and w.grad."""
+    with torch.autocast(h.device.type, dtype=torch.bfloat16):
+        plain = F.cross_entropy(F.linear(h, w).float(), t)
+    plain.backward()
+    ref = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    with torch.autocast(h.device.type, dtype=torch.bfloat16):
+        loss = ops.linear_cross_entropy(h, w, t, chunk_tokens=chunk_tokens)
+    loss.backward()
+    return plain, ref, loss
+
+
 def test_bf16_autocast_close_to_plain_autocast():
     """Under autocast the logits are rounded to bf16 as the autocast linear rounds them; loss in fp32."""
     torch.manual_seed(1)
     h = torch.randn(64, 32, requires_grad=True)
     w = torch.randn(300, 32, requires_grad=True)
     t = torch.randint(0, 300, (64,))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        plain = F.cross_entropy(F.linear(h, w).float(), t)
-    plain.backward()
-    ref = h.grad.clone(), w.grad.clone()
-    h.grad = w.grad = None
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = ops.linear_cross_entropy(h, w, t, chunk_tokens=24)
-    loss.backward()
+    plain, ref, loss = plain_and_chunked_bf16(h, w, t, chunk_tokens=24)
     assert loss.dtype == torch.float32 and h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
     torch.testing.assert_close(loss, plain, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(h.grad, ref[0], rtol=2e-2, atol=2e-4)
@@ -112,14 +119,7 @@ def test_cuda_bf16_chunked_close_to_plain():
     h = torch.randn(3000, 128, device="cuda", requires_grad=True)
     w = (0.1 * torch.randn(5000, 128, device="cuda")).requires_grad_()
     t = torch.randint(0, 5000, (3000,), device="cuda")
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        plain = F.cross_entropy(F.linear(h, w).float(), t)
-    plain.backward()
-    ref = h.grad.clone(), w.grad.clone()
-    h.grad = w.grad = None
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = ops.linear_cross_entropy(h, w, t, chunk_tokens=1024)
-    loss.backward()
+    plain, ref, loss = plain_and_chunked_bf16(h, w, t, chunk_tokens=1024)
     torch.testing.assert_close(loss, plain, rtol=1e-4, atol=1e-4)
     for got, want in zip((h.grad, w.grad), ref):
         assert (got - want).norm() <= 1e-2 * want.norm()

@@ -213,5 +213,5 @@ def test_short_training_run_learns(choice):
 
 
 def test_bad_value_optimizer_is_rejected_by_name():
-    with pytest.raises(ConfigError, match="optim.value_optimizer.*adamw, sparse_adam, rowwise_adagrad"):
+    with pytest.raises(ConfigError, match=r"optim.value_optimizer.*'adamw', 'sparse_adam', 'rowwise_adagrad'"):
         load_config(os.path.join(ROOT, "configs", "tiny.yaml"), STEP_SMALL + ["optim.value_optimizer=lazy"])

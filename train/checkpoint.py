@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from model.checkpoint import META_FILE, list_checkpoints, single_process_dcp
+from model.checkpoint import CHECKPOINTS_DIR, META_FILE, list_checkpoints, single_process_dcp
 
 # DCP raises CheckpointException, which derives from BaseException, not Exception.
 try:
@@ -81,7 +81,7 @@ def _file_sizes(path: str) -> Dict[str, int]:
 
 
 def _begin(run_dir: str, step: int) -> Tuple[str, str]:
-    final = os.path.join(run_dir, "checkpoints", f"step_{step}")
+    final = os.path.join(run_dir, CHECKPOINTS_DIR, f"step_{step}")
     tmp = final + ".tmp"
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)

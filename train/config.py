@@ -9,23 +9,25 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 from omegaconf import OmegaConf
 
 from data import DataConfig
+from data.config import REPO_ROOT
 from eval import EvalConfig
 from model import ModelConfig
-from model.cli_config import ConfigError, load_structured
-
-from .trainable import SELECTORS
-from .value_optim import VALUE_OPTIMIZERS
+from model.cli_config import ConfigError, Device, Precision, WandbMode, check_choices, load_structured
 
 __all__ = ["ConfigError", "TrainConfig", "load_config", "parse_cli", "to_yaml", "DEFAULT_PRESET"]
 
-TRAINABLE = tuple(SELECTORS)
+# Choices are Literal types: OmegaConf rejects other values by key, check_choices covers configs built in code.
+Trainable = Literal["all", "memory", "values", "ffn"]  # the keys of train.trainable.SELECTORS
+NonFinite = Literal["stop", "skip"]
+ReduceDtype = Literal["fp32", "bf16", "param"]
+DistBackend = Literal["auto", "nccl", "gloo"]
+ValueOptimizer = Literal["adamw", "sparse_adam", "rowwise_adagrad"]  # train/value_optim.py's VALUE_OPTIMIZERS
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What `python -m train` trains without config= (the same as `make train`).
 DEFAULT_PRESET = "configs/tiny.yaml"
 
@@ -48,7 +50,7 @@ class OptimConfig:
     # The value table's update rule (train/value_optim.py): adamw (the paper's: dense AdamW like the rest),
     # sparse_adam (lazy Adam: only rows read this step move) or rowwise_adagrad (one accumulator per row:
     # N floats of state instead of 2 * N * v_dim). The other parameters always use AdamW.
-    value_optimizer: str = "adamw"
+    value_optimizer: ValueOptimizer = "adamw"
     warmup_steps: int = 100
     # Cosine decays to lr * min_lr_ratio at the last step.
     min_lr_ratio: float = 0.1
@@ -59,6 +61,7 @@ class OptimConfig:
         return self.value_lr if self.value_lr is not None else self.value_lr_mult * self.lr
 
     def validate(self, prefix: str) -> None:
+        check_choices(self, prefix)
         for key in ("lr", "eps", "value_lr_mult"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{prefix}.{key}: must be > 0, got {getattr(self, key)}")
@@ -69,9 +72,6 @@ class OptimConfig:
         for key in ("weight_decay", "norm_bias_weight_decay", "value_weight_decay", "warmup_steps", "grad_clip"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{prefix}.{key}: must be >= 0, got {getattr(self, key)}")
-        if self.value_optimizer not in VALUE_OPTIMIZERS:
-            raise ValueError(f"{prefix}.value_optimizer: must be one of {', '.join(VALUE_OPTIMIZERS)}, "
-                             f"got {self.value_optimizer!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"{prefix}.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
 
@@ -82,8 +82,8 @@ class LoopConfig:
     batch_size: int = 8  # sequences per rank per micro-step
     grad_accum: int = 1  # micro-steps per optimizer step
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
+    device: Device = "auto"
+    precision: Precision = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     compile: bool = False
     activation_checkpointing: bool = False
     log_every: int = 10
@@ -96,21 +96,18 @@ class LoopConfig:
     # Peak FLOP/s of one device for the logged MFU; null: looked up from the GPU's name (none on CPU).
     peak_flops: Optional[float] = None
     # Parameters trained: all | memory | values | ffn (train/trainable.py); the others are frozen.
-    trainable: str = "all"
+    trainable: Trainable = "all"
     # A JSON list of value-row indices: only those rows of the value table are updated (train/trainable.py).
     trainable_rows: Optional[str] = None
     # What a non-finite loss or gradient norm does (train/nonfinite.py): stop (before saving anything after it) or
     # skip (drop that step's update; one device sync per step), stopping once more than max_skipped_steps were skipped.
-    nonfinite: str = "stop"
+    nonfinite: NonFinite = "stop"
     max_skipped_steps: int = 10
 
     def validate(self, prefix: str) -> None:
-        if self.trainable not in TRAINABLE:
-            raise ValueError(f"{prefix}.trainable: must be one of {', '.join(TRAINABLE)}, got {self.trainable!r}")
+        check_choices(self, prefix)
         if self.trainable_rows is not None and not os.path.isfile(self.trainable_rows):
             raise ValueError(f"{prefix}.trainable_rows: no such file: {self.trainable_rows}")
-        if self.nonfinite not in ("stop", "skip"):
-            raise ValueError(f"{prefix}.nonfinite: must be stop or skip, got {self.nonfinite!r}")
         if self.max_skipped_steps < 0:
             raise ValueError(f"{prefix}.max_skipped_steps: must be >= 0, got {self.max_skipped_steps}")
         for key in ("steps", "batch_size", "grad_accum", "log_every", "val_batches"):
@@ -122,10 +119,6 @@ class LoopConfig:
             raise ValueError(f"{prefix}.val_every: must be >= 0, got {self.val_every}")
         if self.peak_flops is not None and not self.peak_flops > 0:
             raise ValueError(f"{prefix}.peak_flops: must be > 0 (or null to look it up), got {self.peak_flops}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"{prefix}.device: must be auto, cpu or cuda, got {self.device!r}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"{prefix}.precision: must be auto, bf16 or fp32, got {self.precision!r}")
 
 
 @dataclass
@@ -154,7 +147,7 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    wandb: str = "disabled"  # disabled | online | offline
+    wandb: WandbMode = "disabled"
     project: str = "mnemo"
     run_name: Optional[str] = None
     group: Optional[str] = None  # wandb group: the runs of one sweep share one (launch.sweep sets it)
@@ -162,8 +155,7 @@ class LoggingConfig:
     memory_health: bool = False
 
     def validate(self, prefix: str) -> None:
-        if self.wandb not in ("disabled", "online", "offline"):
-            raise ValueError(f"{prefix}.wandb: must be disabled, online or offline, got {self.wandb!r}")
+        check_choices(self, prefix)
 
 
 @dataclass
@@ -173,19 +165,20 @@ class DistConfig:
     replicate: int = 1  # data-parallel replicas (HSDP outer dim)
     shard: int = -1  # FSDP shard degree; -1 = world_size // replicate
     memory_parallel: int = 1  # ranks that split the value table by columns
-    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    backend: DistBackend = "auto"  # auto: nccl on GPU, gloo on CPU
     # FSDP2: free each block's gathered parameters after its forward (True: least memory, a second all-gather in
     # backward) or keep them until backward (False: 1/3 less parameter traffic, more memory).
     reshard_after_forward: bool = True
     # dtype of FSDP's gradient reduce-scatter / all-reduce: fp32 (exact sums of bf16 compute) or bf16 (half the
     # traffic). "param" = the parameters' compute dtype (bf16 under bf16 precision).
-    reduce_dtype: str = "fp32"
+    reduce_dtype: ReduceDtype = "fp32"
     # FSDP2 unit size: consecutive blocks sharded (gathered, reduced) together. Each unit costs a fixed host time
-    # per step (copy-in, all-gather, split, chunk-cat, reduce-scatter: ~0.5 ms measured); small models on few GPUs
-    # are host-bound, and fewer, larger units cut that. Larger units hold more gathered parameters at once.
+    # per step (copy-in, all-gather, split, chunk-cat, reduce-scatter); small models on few GPUs are host-bound,
+    # and fewer, larger units cut that. Larger units hold more gathered parameters at once.
     blocks_per_unit: int = 1
 
     def validate(self, prefix: str) -> None:
+        check_choices(self, prefix)
         if self.replicate < 1:
             raise ValueError(f"{prefix}.replicate: must be >= 1, got {self.replicate}")
         if self.shard == 0 or self.shard < -1:
@@ -194,10 +187,6 @@ class DistConfig:
             raise ValueError(f"{prefix}.memory_parallel: must be >= 1, got {self.memory_parallel}")
         if self.blocks_per_unit < 1:
             raise ValueError(f"{prefix}.blocks_per_unit: must be >= 1, got {self.blocks_per_unit}")
-        if self.reduce_dtype not in ("fp32", "bf16", "param"):
-            raise ValueError(f"{prefix}.reduce_dtype: must be fp32, bf16 or param, got {self.reduce_dtype!r}")
-        if self.backend not in ("auto", "nccl", "gloo"):
-            raise ValueError(f"{prefix}.backend: must be auto, nccl or gloo, got {self.backend!r}")
 
 
 @dataclass

@@ -1,12 +1,13 @@
-"""Metrics sinks: a console progress line, `metrics.jsonl` in the run directory, and wandb when enabled.
-
-wandb is imported only when `logging.wandb` is online/offline. Only rank 0 writes.
+"""What a training run reports: the console progress line, `metrics.jsonl` in the run directory, wandb when
+enabled (the sinks are eval.sinks, shared with `python -m eval`), and the closing summary. Only rank 0 writes.
 """
 from __future__ import annotations
 
 import json
 import os
 from typing import Any, Dict, Optional
+
+from eval.sinks import WandbSink, print_line, write_jsonl
 
 
 def format_duration(seconds: float) -> str:
@@ -78,35 +79,25 @@ def truncate_after(path: str, step: int) -> None:
 
 
 class MetricsLogger:
+    """A training run's sinks (eval.sinks): records to `<run_dir>/metrics.jsonl` and wandb, lines to the console."""
+
     def __init__(self, run_dir: str, logging_cfg, config_dict: Dict[str, Any], enabled: bool = True):
         self.enabled = enabled
         self.path = os.path.join(run_dir, "metrics.jsonl")
-        self._wandb = None
-        if enabled and logging_cfg.wandb != "disabled":
-            import wandb  # optional dependency: only when asked for
-
-            self._wandb = wandb.init(
-                project=logging_cfg.project,
-                name=logging_cfg.run_name or os.path.basename(os.path.abspath(run_dir)),
-                group=logging_cfg.group,
-                dir=run_dir,
-                mode=logging_cfg.wandb,
-                config=config_dict,
-                resume="allow",
-            )
+        mode = logging_cfg.wandb if enabled else "disabled"
+        self._wandb = WandbSink(mode, logging_cfg.project,
+                                name=logging_cfg.run_name or os.path.basename(os.path.abspath(run_dir)),
+                                config=config_dict, group=logging_cfg.group, dir=run_dir, resume="allow")
 
     def log(self, record: Dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self._wandb is not None:
-            self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        write_jsonl(self.path, [record])
+        self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
     def print(self, line: str, force: Optional[bool] = None) -> None:
         if self.enabled:
-            print(line, flush=True)
+            print_line(line)
 
     def close(self) -> None:
-        if self._wandb is not None:
-            self._wandb.finish()
+        self._wandb.close()

@@ -2,9 +2,9 @@
 
 Not torchtitan's AC -> compile order: dynamo cannot split a checkpointed region, so any graph break inside a
 block under AC -> compile makes dynamo run that whole block eagerly. Memory blocks have one on purpose when the
-values are split over ranks (the column-parallel lookup's collectives stay eager). On 2 H200s, memory_373m with
-MP = 2 ran at 0.51x the throughput of no checkpointing with AC -> compile and at 0.82x with compile -> AC; on one
-GPU (no graph break) both orders ran at 0.83x (BENCHMARKS.md).
+values are split over ranks (the column-parallel lookup's collectives stay eager), so there AC -> compile would
+lose the compiled memory block while compile -> AC keeps it and only recomputes it. Without a graph break the
+two orders run at the same speed (BENCHMARKS.md: "activation checkpointing with compile").
 """
 from __future__ import annotations
 

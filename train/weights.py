@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from model.checkpoint import (EXPORT_CONFIG, EXPORT_WEIGHTS, META_FILE, is_export_dir, resolve_checkpoint,
-                              single_process_dcp)
+                              run_dir_of, single_process_dcp)
 
 SAFETENSORS_FILE = EXPORT_WEIGHTS
 
@@ -128,7 +128,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, tokenizer: Optional[str] = 
         json.dump(info, f, indent=1)
     import shutil
 
-    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    run_dir = run_dir_of(path)
     tok = tokenizer or os.path.join(run_dir, "tokenizer.model")
     if os.path.isfile(tok):
         shutil.copyfile(tok, os.path.join(out_dir, "tokenizer.model"))

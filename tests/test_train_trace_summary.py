@@ -1,12 +1,13 @@
-"""scripts/trace_summary.py attributes GPU idle time correctly on a hand-built trace."""
+"""train.trace_summary attributes GPU idle time correctly on a hand-built trace; scripts/trace_summary.py prints it."""
 import gzip
 import json
 import os
+import subprocess
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+from train.trace_summary import load_events, summarise, union_length
 
-from trace_summary import load_events, summarise, union_length  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_union_length_merges_overlaps():
@@ -40,6 +41,9 @@ def test_gaps_split_into_host_late_and_dependency(tmp_path):
     with gzip.open(path, "wt") as f:
         json.dump({"traceEvents": events}, f)
     text = summarise(load_events(str(path)))
+    script = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "trace_summary.py"), str(path)],
+                            capture_output=True, text=True, timeout=120, check=True).stdout
+    assert script == f"== {path}\n{text}\n"
     assert "window 0.9 ms" in text  # 0 .. 950 us
     assert "compute kernels 0.2 ms" in text  # 250 us of compute
     assert "host late (next kernel launched < 30 us before it ran) 0.2 ms in 1 gaps" in text

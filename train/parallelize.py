@@ -53,7 +53,10 @@ def parallelize(model: torch.nn.Module, cfg: TrainConfig, rt) -> torch.nn.Module
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)  # recomputation re-runs the compiled block
     if rt.world_size > 1:
+        from model.value_parallel import parallelize_values
+
         from .distributed import apply_fsdp
 
+        parallelize_values(model, rt.value_mesh, rt.memory_comm)  # first: FSDP leaves the split tables alone
         apply_fsdp(model, cfg, rt)
     return model

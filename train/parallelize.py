@@ -2,9 +2,9 @@
 
 Not torchtitan's AC -> compile order: dynamo cannot split a checkpointed region, so any graph break inside a
 block under AC -> compile makes dynamo run that whole block eagerly. Memory blocks have one on purpose when the
-values are split over ranks (the column-parallel lookup's collectives stay eager). On 2 H200s, memory_373m with
-MP = 2 ran at 0.51x the throughput of no checkpointing with AC -> compile and at 0.82x with compile -> AC; on one
-GPU (no graph break) both orders ran at 0.83x (BENCHMARKS.md).
+values are split over ranks (the column-parallel lookup's collectives stay eager), and there AC -> compile lost
+much of the throughput that compile -> AC keeps; with no graph break the two orders ran alike (BENCHMARKS.md,
+activation checkpointing with compile). The value tables' own plan comes with the model (model/value_parallel.py).
 """
 from __future__ import annotations
 

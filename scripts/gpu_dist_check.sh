@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 5 on a 2-GPU machine: a Memory+ preset on 1 GPU, on 2 GPUs (FSDP + MP=2) and as two one-GPU "nodes"
+# Distributed check on a 2-GPU machine: a Memory+ preset on 1 GPU, on 2 GPUs (FSDP + MP=2) and as two one-GPU "nodes"
 # (torchrun --nnodes 2, c10d rendezvous on localhost). Every run takes the same global batch size per optimizer
 # step (1 GPU: 2 micro-batches of accumulation; 2 GPUs: one each), so losses are comparable and tokens/s per
 # GPU measures scaling at the same per-GPU micro-batch. Ranks own every world-size-th document, so the 2-GPU

@@ -1,7 +1,7 @@
 """Llama-style language model with product-key memory layers."""
 from .attention import KVCache
 from .config import MemoryConfig, ModelConfig
-from .memory import MemoryLayer, ValuePool
+from .memory import MemoryLayer, ValuePool, value_parameters
 from .transformer import Transformer
 
-__all__ = ["ModelConfig", "MemoryConfig", "Transformer", "MemoryLayer", "ValuePool", "KVCache"]
+__all__ = ["ModelConfig", "MemoryConfig", "Transformer", "MemoryLayer", "ValuePool", "KVCache", "value_parameters"]

@@ -12,12 +12,13 @@ parameters. A query half then has norm sqrt(k_dim/2) and a score half is sqrt(k_
 directions about N(0, 1), like scaled dot-product attention, and the gain can sharpen the softmax later.
 
 The value table is a ValuePool. With shared values, one pool lives on the Transformer (`values.weight`) and is
-passed into forward; the layer then holds no table of its own. No class-level or global state.
+passed into forward; the layer then holds no table of its own. Split over ranks, the tables and the layers carry
+their parallel plan (model/value_parallel.py). No class-level or global state.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,15 +31,35 @@ from .norms import RMSNorm
 
 
 class ValuePool(nn.Module):
-    """The memory's value table [n_slots, v_dim] (state-dict name `<owner>.values.weight`)."""
+    """The memory's value table [n_slots, v_dim] (state-dict name `<owner>.values.weight`).
+
+    `plan`: how the table is split over ranks (a model.value_parallel.ColumnParallelValues), None when one device
+    holds all of it. Value parameters are found by this type (value_parameters), never by name.
+    """
 
     def __init__(self, n_slots: int, v_dim: int, init_std: float):
         super().__init__()
         self.init_std = init_std
         self.weight = nn.Parameter(torch.empty(n_slots, v_dim))
+        self.plan = None
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, std=self.init_std)
+
+
+def value_pools(model: nn.Module) -> List[ValuePool]:
+    """Every value table of `model`, in registration order (wrappers of compile or checkpointing included)."""
+    return [m for m in model.modules() if isinstance(m, ValuePool)]
+
+
+def value_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """The value-table parameters of `model` (once each, in registration order): the one test of "is a value"
+    for optimizer groups, gradient-norm parts, trainable modes and sharding."""
+    return [pool.weight for pool in value_pools(model)]
+
+
+def memory_layers(model: nn.Module) -> List["MemoryLayer"]:
+    return [m for m in model.modules() if isinstance(m, MemoryLayer)]
 
 
 class SlotUsage:
@@ -140,9 +161,8 @@ class MemoryLayer(nn.Module):
         self.swilu_proj = nn.Linear(cfg.dim, cfg.v_dim, bias=False) if m.swilu else None
         self.value_proj = nn.Linear(cfg.v_dim, cfg.dim, bias=False)
         self.gate = nn.Linear(cfg.dim, 1, bias=False) if m.gate else None
-        # Replaces ops.memory_lookup when set, with the same (indices, weights, values) -> out signature: the
-        # trainer plugs in a memory-parallel lookup here (e.g. ops.column_parallel over a process group).
-        self.lookup_fn: Optional[Callable[..., torch.Tensor]] = None
+        # How lookups read a table split over ranks (model/value_parallel.py); None: the table is whole here.
+        self.value_plan = None
         # Slot-read statistics (memory health), counted in training forwards once track_usage() is called.
         self.usage: Optional[SlotUsage] = None
 
@@ -156,6 +176,11 @@ class MemoryLayer(nn.Module):
         bound = 1.0 / math.sqrt(self.k_dim // 2)
         nn.init.uniform_(self.keys1, -bound, bound)
         nn.init.uniform_(self.keys2, -bound, bound)
+
+    def search_parameters(self) -> List[nn.Parameter]:
+        """The parameters that choose which rows are read: sub-keys, query projection, query norm."""
+        parts = [self.query_proj] + ([self.query_norm] if self.query_norm is not None else [])
+        return [self.keys1, self.keys2] + [p for m in parts for p in m.parameters()]
 
     def projection_init_stds(self) -> Dict[nn.Linear, float]:
         """Init std of the output-side projections when they differ from the model's (see MemoryConfig.proj_init)."""
@@ -195,8 +220,8 @@ class MemoryLayer(nn.Module):
         if self.usage is not None and self.training:
             self.usage.add(slots)
         weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
-        if self.lookup_fn is not None:
-            y = self.lookup_fn(slots.flatten(1), weights.flatten(1), values)
+        if self.value_plan is not None:
+            y = self.value_plan.lookup(slots.flatten(1), weights.flatten(1), values, self.backend)
         else:
             y = ops.memory_lookup(slots.flatten(1), weights.flatten(1), values, backend=self.backend)
         y = y.to(x.dtype)  # e.g. a bf16 table in an fp32 model

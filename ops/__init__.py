@@ -1,8 +1,9 @@
 """Memory-layer ops with backend dispatch.
 
 backend: "auto" (Triton on CUDA tensors when the kernels import, else reference) | "reference" | "triton".
-The Triton kernels live in ops/triton_*.py and are imported only when the triton backend is chosen, so CPU
-machines and model code never need Triton.
+The Triton kernels live in ops/triton_*.py. On a machine with CUDA they are imported with this package (see
+_preload_triton); without CUDA only when the triton backend is asked for, so CPU machines never need Triton.
+A kernel that fails to import leaves "auto" on the reference.
 """
 from __future__ import annotations
 
@@ -16,10 +17,8 @@ from .cross_entropy import linear_cross_entropy
 
 BACKENDS = ("auto", "reference", "triton")
 
-# ---------------------------------------------------------------------------------------------------------
-# Triton dispatch: the ONE place that names the kernel modules. op name -> (module, function).
-# Edit here when the kernels land or are renamed; an op missing here (or failing to import) under "auto"
-# falls back to the reference.
+# Triton dispatch: the one place that names the kernel modules. op name -> (module, function); an op missing
+# here (or failing to import) falls back to the reference under "auto".
 _TRITON_OPS = {
     "product_key_search": ("ops.triton_search", "product_key_search"),
     "memory_lookup": ("ops.triton_lookup", "memory_lookup"),
@@ -50,14 +49,13 @@ def _triton_impl(op: str):
 def _preload_triton() -> None:
     """Import the kernels now, outside any compiled region. torch.compile cannot trace an import: inside a compiled
     block it is a graph break, and a graph break inside an activation-checkpointed block makes dynamo run that
-    whole block eagerly (measured on an H200: 0.58x the throughput of the same model without checkpointing)."""
+    whole block eagerly (the cost is in BENCHMARKS.md, activation checkpointing with compile)."""
     if torch.cuda.is_available():
         for op in _TRITON_OPS:
             try:
                 _triton_impl(op)
             except ImportError:
                 pass  # "auto" falls back to the reference; "triton" reports the error when it is used
-# ---------------------------------------------------------------------------------------------------------
 
 
 def _resolve(op: str, backend: str, device: torch.device):
@@ -82,8 +80,8 @@ def product_key_search(query, keys1, keys2, knn: int, backend: str = "auto"):
     """query [T, H, k_dim], keys1/keys2 [H, n_keys, k_dim//2] -> (scores [T, H, knn] fp32 sorted desc,
     indices [T, H, knn] int64 with slot = i1 * n_keys + i2). Exact; ties go to the lower slot index."""
     if backend == "auto" and query.dtype not in (torch.bfloat16, torch.float16):
-        # The Triton search is fast on tensor cores (bf16/fp16); its exact fp32 path is slower than the
-        # reference's matmul + topk (H100: 35.9 vs 16.2 ms at 32768 tokens), so fp32 queries use the reference.
+        # The Triton search is fast on tensor cores (bf16/fp16); its exact fp32 path (no tensor cores) is slower
+        # than the reference's matmul + topk (BENCHMARKS.md, memory kernels), so fp32 queries use the reference.
         backend = "reference"
     return _resolve("product_key_search", backend, query.device)(query, keys1, keys2, knn)
 

@@ -1,8 +1,8 @@
 """Differentiable dtype cast of a large table (the memory's value table), fast on CUDA.
 
 The value table is cast to bf16 once per training forward and its gradient back to fp32 once per backward.
-torch's bf16 -> fp32 copy takes the generic, non-vectorised elementwise path on CUDA (about half the copy
-bandwidth on an H200, BENCHMARKS.md), so both directions go through one plain Triton kernel on CUDA.
+torch's bf16 -> fp32 copy takes the generic, non-vectorised elementwise path on CUDA, well below the copy
+bandwidth (BENCHMARKS.md), so both directions go through one plain Triton kernel on CUDA.
 """
 from __future__ import annotations
 

@@ -7,10 +7,10 @@ Each of the MP ranks holds V[:, cols_r] (all N rows, D/MP columns) and its own t
 Backward runs the same steps in reverse: the output gradient goes back by all-to-all, the weight gradient
 (a partial sum over each rank's columns) is reduce-scattered to the token owners, and the value gradient
 of the local slice covers the whole group's tokens. Replicas of the MP group (other data) still need their
-value gradients summed: the trainer does that once per optimizer step, not once per layer use.
+value gradients summed: the caller does that once per optimizer step, not once per layer use.
 
 The collectives are plain `torch.distributed` calls (all_gather_into_tensor, all_to_all_single), which
-both NCCL and gloo provide. A CollectiveTimer, when given, adds up the time they take (the trainer logs it).
+both NCCL and gloo provide. A CollectiveTimer, when given, adds up the time they take.
 """
 from __future__ import annotations
 

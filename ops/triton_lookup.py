@@ -10,7 +10,7 @@ Backward (one kernel, deterministic, no float atomics):
      pairs are in pair-index order;
   2. one program per segment (= per touched row) loads the row's value V[r] once, gathers the output
      gradient of each of its pairs, writes grad_w[pair] = <grad_out[t], V[r]> and accumulates
-     grad_V[r] = grad_scale * sum w[pair] * grad_out[t] in fp32, in a fixed order.
+     grad_V[r] = sum w[pair] * grad_out[t] in fp32, in a fixed order.
   Cost O(tokens * slots) plus one read of each touched row: the value table is read once per touched row
   (not once per pair as a token-ordered grad_w would), and nothing table-sized is sorted.
   Untouched rows of the dense gradient are zeroed by the same launch: programs past the last segment each
@@ -20,9 +20,6 @@ Value-gradient form. Autograd returns a dense gradient shaped like the table (ze
 plain (dense) AdamW applies unchanged. `memory_lookup_backward(..., sparse=True)` also exposes the compact form
 (unique rows + their gradients) for a sparse optimizer step; it is not what autograd returns because a
 torch sparse gradient breaks dense optimizers and torch.compile.
-
-`grad_scale` multiplies the value gradient inside the kernel (e.g. 1/replicas for sharded values), so no
-table-sized copy is ever made to rescale it. The weight gradient is not scaled.
 """
 import torch
 import triton
@@ -62,7 +59,7 @@ def _lookup_fwd_kernel(
 def _segment_bwd_kernel(
     sorted_rows_ptr, perm_ptr, seg_start_ptr, nseg_ptr,
     w_ptr, g_ptr, v_ptr, gw_ptr, gv_ptr, rows_out_ptr, untouched_ptr,
-    P, S, D, stride_g, stride_v, stride_gv, grad_scale,
+    P, S, D, stride_g, stride_v, stride_gv,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
     COMPUTE_GW: tl.constexpr, SPARSE: tl.constexpr, ZERO_UNTOUCHED: tl.constexpr,
 ):
@@ -93,7 +90,7 @@ def _segment_bwd_kernel(
                 # partial dot over this program's columns; chunk pid_d writes its own partial row
                 gw = tl.sum(g * vrow[None, :], axis=1)
                 tl.store(gw_ptr + pid_d * P + p, gw, mask=pmask)
-        row_grad = acc * grad_scale
+        row_grad = acc
         if SPARSE:
             tl.store(gv_ptr + seg * stride_gv + d, row_grad.to(gv_ptr.dtype.element_ty), mask=dmask)
             if pid_d == 0:
@@ -121,9 +118,8 @@ def _col_block(D: int, cap: int) -> int:
 
 
 def fwd_config(S: int, D: int, elem_bytes: int):
-    """(BLOCK_S, BLOCK_D, num_warps): up to 2 KiB contiguous per row chunk, ~4K elements per tile.
-    H100 sweeps (ms): 32768x128x1024 bf16 (4,1024,4) 2.91, (2,1024,4) 2.90, (8,512,4) 3.03, (16,256,4) 3.21;
-    262144x128x128 bf16 (32,128,2) 2.74, (32,128,4) 2.97."""
+    """(BLOCK_S, BLOCK_D, num_warps): up to 2 KiB contiguous per row chunk, ~4K elements per tile (the best of
+    the launch-config sweeps in BENCHMARKS.md)."""
     block_d = _col_block(D, max(16, 2048 // elem_bytes))
     block_s = max(1, min(_npow2(S), 4096 // block_d))
     warps = max(2, min(4, block_d * elem_bytes // 256))
@@ -187,10 +183,7 @@ def _untouched_rows(sorted_rows: torch.Tensor, n_rows: int) -> torch.Tensor:
 def bwd_config(P: int, M: int, D: int, elem_bytes: int = 2):
     """(BLOCK_P, BLOCK_D, num_warps). The kernel is latency-bound (a chain of dependent loads per segment),
     so occupancy matters most: 1 KiB column chunks (16 B per thread), few warps, <= 32 tile elements per
-    thread, BLOCK_P ~ half the mean number of pairs per touched row.
-    H100 sweeps (bwd only, ms): 32768x128x1024 bf16 (2,512,2) 5.53, (4,512,2) 5.98, (8,512,2) 8.73,
-    (2,1024,4) 5.52; 262144x128x128 (8,128,1) 8.62, (16,128,1) 8.84, (32,128,4) 12.5; 4096x32x4096 sparse
-    (1,512,2) 1.15, (1,2048,8) 1.27."""
+    thread, BLOCK_P ~ half the mean number of pairs per touched row (launch-config sweeps: BENCHMARKS.md)."""
     block_d = _col_block(D, max(16, 1024 // elem_bytes))
     warps = max(1, min(4, block_d * elem_bytes // 512))
     mean_seg = max(1, P // max(1, min(M, P)))
@@ -198,8 +191,8 @@ def bwd_config(P: int, M: int, D: int, elem_bytes: int = 2):
     return block_p, block_d, warps
 
 
-def lookup_backward(grad_out, indices, weights, values, grad_scale: float = 1.0, compute_gw: bool = True,
-                    sparse: bool = False, grad_v_dtype=None, config=None):
+def lookup_backward(grad_out, indices, weights, values, compute_gw: bool = True,
+                    sparse: bool = False, config=None):
     """Returns (grad_w fp32 [T, S] or None, grad_V) with grad_V dense [N, D], or for sparse=True the compact
     form (rows [M] int64 padded with -1, row_grads [M, D] padded with 0, nseg [1]); M = min(T*S, N).
 
@@ -208,7 +201,7 @@ def lookup_backward(grad_out, indices, weights, values, grad_scale: float = 1.0,
     T, S = indices.shape
     N, D = values.shape
     dev = grad_out.device
-    gv_dtype = grad_v_dtype or values.dtype
+    gv_dtype = values.dtype
     P = T * S
     if P == 0 or D == 0:
         gw = torch.zeros((T, S), dtype=torch.float32, device=dev) if compute_gw else None
@@ -233,7 +226,7 @@ def lookup_backward(grad_out, indices, weights, values, grad_scale: float = 1.0,
     _segment_bwd_kernel[(grid, n_d)](
         sorted_rows, perm, seg_start, nseg,
         weights, grad_out, values, gw_part if compute_gw else gv, gv, rows_out, untouched,
-        P, S, D, grad_out.stride(0), values.stride(0), gv.stride(0), float(grad_scale),
+        P, S, D, grad_out.stride(0), values.stride(0), gv.stride(0),
         BLOCK_P=block_p, BLOCK_D=block_d, COMPUTE_GW=compute_gw, SPARSE=sparse, ZERO_UNTOUCHED=not sparse,
         num_warps=warps,
     )
@@ -263,53 +256,50 @@ def _check(indices, weights, values):
 
 
 @torch.library.custom_op("mnemo::triton_memory_lookup", mutates_args=())
-def _lookup_op(indices: torch.Tensor, weights: torch.Tensor, values: torch.Tensor, grad_scale: float) -> torch.Tensor:
+def _lookup_op(indices: torch.Tensor, weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return lookup_forward(indices, weights, values)
 
 
 @_lookup_op.register_fake
-def _(indices, weights, values, grad_scale):
+def _(indices, weights, values):
     return values.new_empty((indices.shape[0], values.shape[1]))
 
 
 @torch.library.custom_op("mnemo::triton_memory_lookup_backward", mutates_args=())
-def _lookup_bwd_op(grad_out: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, values: torch.Tensor,
-                   grad_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    gw, gv = lookup_backward(grad_out, indices, weights, values, grad_scale)
+def _lookup_bwd_op(grad_out: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                   values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    gw, gv = lookup_backward(grad_out, indices, weights, values)
     return gw.to(weights.dtype), gv
 
 
 @_lookup_bwd_op.register_fake
-def _(grad_out, indices, weights, values, grad_scale):
+def _(grad_out, indices, weights, values):
     return torch.empty_like(weights), torch.empty_like(values)
 
 
 def _setup(ctx, inputs, output):
-    indices, weights, values, grad_scale = inputs
+    indices, weights, values = inputs
     ctx.save_for_backward(indices, weights, values)
-    ctx.grad_scale = grad_scale
 
 
 def _backward(ctx, grad_out):
     indices, weights, values = ctx.saved_tensors
-    gw, gv = _lookup_bwd_op(grad_out.contiguous(), indices, weights, values, ctx.grad_scale)
-    return None, (gw if ctx.needs_input_grad[1] else None), (gv if ctx.needs_input_grad[2] else None), None
+    gw, gv = _lookup_bwd_op(grad_out.contiguous(), indices, weights, values)
+    return None, (gw if ctx.needs_input_grad[1] else None), (gv if ctx.needs_input_grad[2] else None)
 
 
 _lookup_op.register_autograd(_backward, setup_context=_setup)
 
 
-def memory_lookup(indices: torch.Tensor, weights: torch.Tensor, values: torch.Tensor,
-                  grad_scale: float = 1.0) -> torch.Tensor:
+def memory_lookup(indices: torch.Tensor, weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """indices [T, S] int32/int64, weights [T, S] float, values [N, D] fp32/bf16 -> out [T, D] in values.dtype
     (fp32 accumulation). Differentiable w.r.t. weights and values; the value gradient is dense (zeros on
-    untouched rows) and multiplied by `grad_scale`. Indices must lie in [0, N) (not checked: a check needs a
-    host sync)."""
+    untouched rows). Indices must lie in [0, N) (not checked: a check needs a host sync)."""
     _check(indices, weights, values)
-    return _lookup_op(indices.contiguous(), weights.contiguous(), values, float(grad_scale))
+    return _lookup_op(indices.contiguous(), weights.contiguous(), values)
 
 
-def memory_lookup_backward(grad_out, indices, weights, values, grad_scale: float = 1.0, sparse: bool = False):
+def memory_lookup_backward(grad_out, indices, weights, values, sparse: bool = False):
     """The lookup's backward without autograd, for callers that apply value gradients themselves.
 
     sparse=False: (grad_weights [T, S] in weights.dtype, grad_values [N, D] dense).
@@ -317,8 +307,7 @@ def memory_lookup_backward(grad_out, indices, weights, values, grad_scale: float
     M = min(T*S, N); entries past num_rows have row -1 and gradient 0, so a sparse optimizer can consume the
     padded buffers without a host sync."""
     _check(indices, weights, values)
-    gw, gv = lookup_backward(grad_out.contiguous(), indices.contiguous(), weights.contiguous(), values, grad_scale,
-                             sparse=sparse)
+    gw, gv = lookup_backward(grad_out.contiguous(), indices.contiguous(), weights.contiguous(), values, sparse=sparse)
     gw = gw.to(weights.dtype)
     if sparse:
         rows, row_grads, nseg = gv

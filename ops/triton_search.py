@@ -14,10 +14,6 @@ lower slot index (slot = i1 * n_keys + i2).
 
 The softmax over the scores is left to the caller (the ops contract returns raw scores).
 
-Optional pruning (search_forward(prune=True), off by default until it measures faster; see PRUNE_DEFAULT):
-a lower bound tau on each row's KNN-th score from group maxima, then only the scores >= tau (about 36 of 1024)
-are compacted and sorted; tiles it cannot settle are redone by the full kernel in a second launch. Exact.
-
 Backward (scores are s1[i1] + s2[i2] of the chosen slots): one kernel scatters each token's score gradients
 into a dense row over the sub-keys (W1[h, t, i] = sum of g over the chosen slots with i1 = i; duplicates summed
 in registers, each element written once: no atomics), then batched GEMMs give grad_q1 = W1 K1 and
@@ -90,91 +86,15 @@ def _half_scores(q, k_ptr, n0, NK, HALF, stride_kn, BLOCK_T: tl.constexpr, HALF_
 
 
 @triton.jit
-def _half_topk_pruned(q, k_ptr, gmax_ptr, cand_ptr, tmask, NK, HALF, KNN, stride_kn,
-                      BLOCK_T: tl.constexpr, HALF_P: tl.constexpr, BLOCK_N: tl.constexpr, KP: tl.constexpr,
-                      G: tl.constexpr, NG_P: tl.constexpr, CAP: tl.constexpr, IEEE: tl.constexpr,
-                      INTERP: tl.constexpr):
-    """Top-KP (packed keys, sorted desc) of the scores of q against NK sub-keys, sorting few elements.
-
-    Pass 1: scores chunk by chunk, the maximum of each group of G consecutive sub-keys goes to this program's
-    scratch (gmax_ptr, [BLOCK_T, NG_P] fp32); tau = the KNN-th largest group maximum. The KNN groups with the
-    largest maxima hold KNN distinct scores >= tau, so every score of the top-KNN is >= tau (exact, ties too).
-    Pass 2: the scores again (same dots, same bits); the packed keys of scores >= tau are compacted into the
-    scratch row (cand_ptr, [BLOCK_T, CAP] int64) with a running count; one top-KP of CAP keys finishes.
-    Random data: ~36 of 1024 scores pass at G=8, knn 32 (max 47 in 20000 rows). If a row of the tile has more
-    than CAP (ties, adversarial data) or, through any rounding surprise, fewer than min(KNN, NK) candidates, the
-    tile is flagged (second result) and search_forward redoes it with the full running top-k (_half_topk) in a
-    second launch; the full path lives in its own launch so that this kernel carries no second copy of it."""
-    rows = tl.arange(0, BLOCK_T)
-    NGB: tl.constexpr = BLOCK_N // G
-    for n0 in range(0, NK, BLOCK_N):
-        s = _half_scores(q, k_ptr, n0, NK, HALF, stride_kn, BLOCK_T, HALF_P, BLOCK_N, IEEE, INTERP)
-        gm = tl.max(tl.reshape(s, [BLOCK_T, NGB, G]), axis=2)  # [BLOCK_T, NGB]
-        gcol = n0 // G + tl.arange(0, NGB)
-        tl.store(gmax_ptr + rows[:, None] * NG_P + gcol[None, :], gm)
-    tl.debug_barrier()  # the scratch rows were written by other threads of this program
-    ng = tl.cdiv(NK, BLOCK_N) * NGB
-    j = tl.arange(0, NG_P)
-    gm = tl.load(gmax_ptr + rows[:, None] * NG_P + j[None, :], mask=(j < ng)[None, :], other=float("-inf"))
-    if NG_P >= KP:
-        topg = tl.topk(gm, KP)
-        kcol = tl.arange(0, KP)
-        tau = tl.max(tl.where((kcol == KNN - 1)[None, :], topg, float("-inf")), axis=1)  # KNN-th largest
-    else:
-        tau = tl.full([BLOCK_T], float("-inf"), tl.float32)
-    cnt = tl.zeros([BLOCK_T], dtype=tl.int32)
-    for n0 in range(0, NK, BLOCK_N):
-        s = _half_scores(q, k_ptr, n0, NK, HALF, stride_kn, BLOCK_T, HALF_P, BLOCK_N, IEEE, INTERP)
-        n = n0 + tl.arange(0, BLOCK_N)
-        keep = (s >= tau[:, None]) & (n < NK)[None, :] & tmask[:, None]
-        pos = cnt[:, None] + tl.cumsum(keep.to(tl.int32), axis=1) - 1
-        key = _pack(s, tl.broadcast_to(n[None, :], [BLOCK_T, BLOCK_N]))
-        tl.store(cand_ptr + rows[:, None] * CAP + pos, key, mask=keep & (pos < CAP))
-        cnt += tl.sum(keep.to(tl.int32), axis=1)
-    need = tl.minimum(KNN, NK)
-    bad = (tl.max(cnt, axis=0) > CAP) | (tl.min(tl.where(tmask, cnt, need), axis=0) < need)
-    tl.debug_barrier()
-    c = tl.arange(0, CAP)
-    lowest = _pack(tl.full([BLOCK_T, CAP], float("-inf"), tl.float32), tl.full([BLOCK_T, CAP], 0x7FFFFFFF, tl.int32))
-    keys = tl.load(cand_ptr + rows[:, None] * CAP + c[None, :], mask=c[None, :] < cnt[:, None], other=lowest)
-    if CAP > KP:
-        best = tl.topk(keys, KP)
-    else:
-        best = tl.sort(keys, descending=True)
-    return best, bad
-
-
-@triton.jit
 def _pk_search_kernel(
-    q_ptr, k1_ptr, k2_ptr, cand_a_ptr, cand_b_ptr, scores_ptr, idx_ptr, gmax_ptr, cand_ptr, flag_ptr,
+    q_ptr, k1_ptr, k2_ptr, cand_a_ptr, cand_b_ptr, scores_ptr, idx_ptr,
     T, H, NK, HALF, KNN, NCAND,
     stride_qt, stride_qh, stride_kh, stride_kn,
     BLOCK_T: tl.constexpr, HALF_P: tl.constexpr, BLOCK_N: tl.constexpr, KP: tl.constexpr, CP: tl.constexpr,
-    IEEE: tl.constexpr, INTERP: tl.constexpr, PRUNE: tl.constexpr, G: tl.constexpr, NG_P: tl.constexpr,
-    CAP: tl.constexpr, REDO: tl.constexpr,
+    IEEE: tl.constexpr, INTERP: tl.constexpr,
 ):
-    """PRUNE: group-maximum pruning, tiles it cannot settle set flag_ptr[tile]. REDO: the full running top-k,
-    only for the tiles whose flag is set (the second launch). Neither: the full running top-k everywhere."""
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
-    prog = pid_t * H + h
-    run = True
-    if REDO:
-        run = tl.load(flag_ptr + prog) != 0
-    if run:
-        _pk_search_tile(q_ptr, k1_ptr, k2_ptr, cand_a_ptr, cand_b_ptr, scores_ptr, idx_ptr, gmax_ptr, cand_ptr,
-                        flag_ptr, pid_t, h, prog, T, H, NK, HALF, KNN, NCAND, stride_qt, stride_qh, stride_kh,
-                        stride_kn, BLOCK_T, HALF_P, BLOCK_N, KP, CP, IEEE, INTERP, PRUNE, G, NG_P, CAP)
-
-
-@triton.jit
-def _pk_search_tile(
-    q_ptr, k1_ptr, k2_ptr, cand_a_ptr, cand_b_ptr, scores_ptr, idx_ptr, gmax_ptr, cand_ptr, flag_ptr,
-    pid_t, h, prog, T, H, NK, HALF, KNN, NCAND, stride_qt, stride_qh, stride_kh, stride_kn,
-    BLOCK_T: tl.constexpr, HALF_P: tl.constexpr, BLOCK_N: tl.constexpr, KP: tl.constexpr, CP: tl.constexpr,
-    IEEE: tl.constexpr, INTERP: tl.constexpr, PRUNE: tl.constexpr, G: tl.constexpr, NG_P: tl.constexpr,
-    CAP: tl.constexpr,
-):
     t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     tmask = t < T
     c = tl.arange(0, HALF_P)
@@ -186,20 +106,8 @@ def _pk_search_tile(
     else:
         q1 = tl.load(qbase, mask=qmask, other=0.0)
         q2 = tl.load(qbase + HALF, mask=qmask, other=0.0)
-    if PRUNE:
-        gbase = gmax_ptr + prog.to(tl.int64) * (BLOCK_T * NG_P)
-        cbase = cand_ptr + prog.to(tl.int64) * (BLOCK_T * CAP)
-        best1, bad1 = _half_topk_pruned(q1, k1_ptr + h * stride_kh, gbase, cbase, tmask, NK, HALF, KNN,
-                                        stride_kn, BLOCK_T, HALF_P, BLOCK_N, KP, G, NG_P, CAP, IEEE, INTERP)
-        tl.debug_barrier()  # the second half reuses the scratch rows
-        best2, bad2 = _half_topk_pruned(q2, k2_ptr + h * stride_kh, gbase, cbase, tmask, NK, HALF, KNN,
-                                        stride_kn, BLOCK_T, HALF_P, BLOCK_N, KP, G, NG_P, CAP, IEEE, INTERP)
-        tl.store(flag_ptr + prog, (bad1 | bad2).to(tl.int32))
-    else:
-        best1 = _half_topk(q1, k1_ptr + h * stride_kh, NK, HALF, stride_kn, BLOCK_T, HALF_P, BLOCK_N, KP, IEEE,
-                           INTERP)
-        best2 = _half_topk(q2, k2_ptr + h * stride_kh, NK, HALF, stride_kn, BLOCK_T, HALF_P, BLOCK_N, KP, IEEE,
-                           INTERP)
+    best1 = _half_topk(q1, k1_ptr + h * stride_kh, NK, HALF, stride_kn, BLOCK_T, HALF_P, BLOCK_N, KP, IEEE, INTERP)
+    best2 = _half_topk(q2, k2_ptr + h * stride_kh, NK, HALF, stride_kn, BLOCK_T, HALF_P, BLOCK_N, KP, IEEE, INTERP)
     v1, i1 = _unpack(best1)
     v2, i2 = _unpack(best2)
     # candidate rank pairs (a, b) with (a+1)(b+1) <= knn, padded to CP entries
@@ -232,32 +140,24 @@ def _candidates(knn: int, device):
 
 
 def search_config(T: int, half: int, ieee: bool, knn_p: int):
-    """(BLOCK_T, BLOCK_N, num_warps, num_stages). One pipeline stage: the key chunk, the dot operands and
-    the top-k layout conversions already take ~100-150 KB of shared memory."""
-    if ieee:  # exact fp32 dots (no tensor cores). H100, same shape in fp32 (ms): (16,64,4) 35.9, (64,64,8) 172
+    """(BLOCK_T, BLOCK_N, num_warps, num_stages): the best of the launch-config sweeps recorded in BENCHMARKS.md.
+
+    bf16/fp16 take many tokens per program: the top-k work per token is fixed, while the sub-key reads and the dot
+    set-up are shared by more tokens as BLOCK_T grows. Exact fp32 dots (no tensor cores) ran fastest with few
+    tokens per program. One pipeline stage: the key chunk, the dot operands and the top-k layout conversions
+    already fill most of the shared memory."""
+    if ieee:
         return 16, max(knn_p, 64), 4, 1
-    # H100 sweep, 32768 tokens x 4 heads, half 256, knn 32, bf16 (ms, full running top-k, before pruning):
-    # (16,128,4) 16.7, (64,64,8) 7.8, (64,128,8) 5.4, (128,64,8) 4.2: the top-k work per program is fixed,
-    # the sub-key reads and the dot set-up are shared by more tokens as BLOCK_T grows. With the bitonic
-    # merge: (128,64,8) 2.66, (128,128,8) 2.79, (128,32,8) 2.80, (64,64,4) 3.24.
     return 128, max(knn_p, 64), 8, 1
 
 
-# Group-maximum pruning (see _half_topk_pruned): group size and candidate capacity per row (x KP).
-PRUNE_GROUP = 8
-PRUNE_CAP_FACTOR = 2
-# Off by default: measured slower than the full running top-k on an H200 (BENCHMARKS.md).
-PRUNE_DEFAULT = False
-
-
-def search_forward(query, keys1, keys2, knn: int, config=None, prune=None):
+def search_forward(query, keys1, keys2, knn: int, config=None):
     T, H, k_dim = query.shape
     NK, half = keys1.shape[1], keys1.shape[2]
     scores = torch.empty((T, H, knn), dtype=torch.float32, device=query.device)
     indices = torch.empty((T, H, knn), dtype=torch.int64, device=query.device)
     if T == 0:
         return scores, indices
-    prune = PRUNE_DEFAULT if prune is None else prune
     ieee = query.dtype == torch.float32
     kp = max(_npow2(knn), 8)  # Triton 3.6 fails to compile the top-k at 4 columns
     ca, cb = _candidates(knn, query.device)
@@ -266,28 +166,12 @@ def search_forward(query, keys1, keys2, knn: int, config=None, prune=None):
     if not ieee:  # cast the (small) sub-key tables once, not in every program
         keys1, keys2 = keys1.to(query.dtype), keys2.to(query.dtype)
     block_n = max(block_n, kp)
-    g = min(PRUNE_GROUP, block_n)
-    ng_p = _npow2(triton.cdiv(NK, block_n) * (block_n // g))
-    cap = PRUNE_CAP_FACTOR * kp
-    n_prog = triton.cdiv(T, block_t) * H
     interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    common = (T, H, NK, half, knn, ca.numel(), query.stride(0), query.stride(1), keys1.stride(0), keys1.stride(1))
-    meta = dict(BLOCK_T=block_t, HALF_P=max(_npow2(half), 16), BLOCK_N=block_n, KP=kp, CP=cp, IEEE=ieee,
-                INTERP=interp, G=g, NG_P=ng_p, CAP=cap, num_warps=warps, num_stages=stages)
     grid = (triton.cdiv(T, block_t), H)
-    if not prune:
-        _pk_search_kernel[grid](query, keys1, keys2, ca, cb, scores, indices, scores, indices, scores, *common,
-                                PRUNE=False, REDO=False, **meta)
-        return scores, indices
-    # per-program scratch rows (group maxima fp32, compacted candidates int64) and a flag per tile
-    gmax = torch.empty(n_prog * block_t * ng_p, dtype=torch.float32, device=query.device)
-    cand = torch.empty(n_prog * block_t * cap, dtype=torch.int64, device=query.device)
-    flag = torch.empty(n_prog, dtype=torch.int32, device=query.device)
-    _pk_search_kernel[grid](query, keys1, keys2, ca, cb, scores, indices, gmax, cand, flag, *common,
-                            PRUNE=True, REDO=False, **meta)
-    # tiles the pruning could not settle (ties, adversarial data): the full top-k, only there; no host sync
-    _pk_search_kernel[grid](query, keys1, keys2, ca, cb, scores, indices, gmax, cand, flag, *common,
-                            PRUNE=False, REDO=True, **meta)
+    _pk_search_kernel[grid](query, keys1, keys2, ca, cb, scores, indices,
+                            T, H, NK, half, knn, ca.numel(), query.stride(0), query.stride(1), keys1.stride(0),
+                            keys1.stride(1), BLOCK_T=block_t, HALF_P=max(_npow2(half), 16), BLOCK_N=block_n, KP=kp,
+                            CP=cp, IEEE=ieee, INTERP=interp, num_warps=warps, num_stages=stages)
     return scores, indices
 
 

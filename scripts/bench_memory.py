@@ -134,18 +134,12 @@ def old_search_backward(grad_scores, indices, query, keys1, keys2):
 
 
 def run_search_parts(T, rows, H=4, n_keys=1024, half=256, knn=32):
-    """Forward without pruning (the previous kernel) and the backward alone, new vs previous, same inputs."""
+    """The search backward alone, new vs previous, same inputs."""
     torch.manual_seed(0)
     q = torch.randn(T, H, 2 * half, device="cuda", dtype=torch.bfloat16)
     k1 = torch.randn(H, n_keys, half, device="cuda")
     k2 = torch.randn(H, n_keys, half, device="cuda")
-    s, i = triton_search.search_forward(q, k1, k2, knn, prune=True)
-    s0, i0 = triton_search.search_forward(q, k1, k2, knn, prune=False)
-    same = bool(torch.equal(i, i0) and torch.equal(s, s0))
-    ms_p = bench(lambda: triton_search.search_forward(q, k1, k2, knn, prune=True))
-    ms_u = bench(lambda: triton_search.search_forward(q, k1, k2, knn, prune=False))
-    rows.append(dict(name="search fwd pruned vs previous (full running top-k) [ref column = previous]", ms=ms_p,
-                     ms_ref=ms_u, bytes=0, zero_bytes=0, floor_ms=None, note=f"identical outputs: {same}"))
+    _, i = triton_search.search_forward(q, k1, k2, knn)
     g = torch.randn(T, H, knn, device="cuda")
     ms_b = bench(lambda: triton_search.search_backward(g, i, q, k1, k2))
     ms_o = bench(lambda: old_search_backward(g, i, q, k1, k2))
@@ -155,20 +149,6 @@ def run_search_parts(T, rows, H=4, n_keys=1024, half=256, knn=32):
     rows.append(dict(name="search bwd only, dense rows + GEMMs vs previous (sorted lookups) [ref column = previous]",
                      ms=ms_b, ms_ref=ms_o, bytes=0, zero_bytes=0, floor_ms=None,
                      note="rel. diff gq/gk1/gk2 " + "/".join(f"{r:.1e}" for r in rel)))
-
-
-def sweep_search(out_lines):
-    q = torch.randn(32768, 4, 512, device="cuda", dtype=torch.bfloat16)
-    k1 = torch.randn(4, 1024, 256, device="cuda")
-    k2 = torch.randn(4, 1024, 256, device="cuda")
-    for cfg in [(128, 64, 8, 1), (64, 64, 4, 1), (128, 128, 8, 1)]:
-        try:
-            line = f"search fwd pruned bf16 cfg={cfg}: {bench(lambda: triton_search.search_forward(q, k1, k2, 32, config=cfg, prune=True)):.3f} ms"
-        except Exception as e:  # noqa: BLE001
-            line = f"search fwd pruned bf16 cfg={cfg}: FAILED {type(e).__name__}: {str(e)[:160]}"
-        out_lines.append(line)
-        print(line)
-        torch.cuda.empty_cache()
 
 
 def run_layer(name, T, args, rows, ceiling, dim=1024, H=4, n_keys=1024, k_dim=512, knn=32):
@@ -266,7 +246,6 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--sweep-search", action="store_true", help="launch configs of the pruned search forward only")
     ap.add_argument("--no-reference", dest="reference", action="store_false")
     ap.add_argument("--only", default="")
     args = ap.parse_args()
@@ -276,8 +255,6 @@ def main():
     sweep_lines = []
     if args.sweep:
         sweep(sweep_lines)
-    if args.sweep_search:
-        sweep_search(sweep_lines)
     ceiling = copy_ceiling()
     print(f"device-to-device copy ceiling: {ceiling:.2f} TB/s")
     rows = []

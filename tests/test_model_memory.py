@@ -106,19 +106,21 @@ def test_bf16_values_in_fp32_model():
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
 
 
-def test_lookup_fn_hook_replaces_lookup():
+def test_value_plan_does_the_lookup():
+    """A layer with a value plan reads through it (how the value table split over ranks is read)."""
     torch.manual_seed(0)
     model = Transformer(_model_cfg())
     tokens = torch.randint(0, 31, (1, 4))
     want = model(tokens)
     calls = []
 
-    def spy(indices, weights, values):
-        calls.append(indices.shape)
-        return ops_reference.memory_lookup(indices, weights, values)
+    class SpyPlan:
+        def lookup(self, indices, weights, values, backend):
+            calls.append((indices.shape, backend))
+            return ops_reference.memory_lookup(indices, weights, values)
 
     for block in model.layers:
         if hasattr(block, "memory"):
-            block.memory.lookup_fn = spy
+            block.memory.value_plan = SpyPlan()
     torch.testing.assert_close(model(tokens), want)
-    assert calls == [(4, 2 * 4)] * 2  # two memory layers, 4 tokens, heads * knn slots
+    assert calls == [((4, 2 * 4), "auto")] * 2  # two memory layers, 4 tokens, heads * knn slots  # two memory layers, 4 tokens, heads * knn slots

@@ -37,3 +37,22 @@ def test_value_group_rate(extra, value_lr):
 def test_bad_value_rate_is_rejected_by_name(override, key):
     with pytest.raises(ConfigError, match=key):
         load_config(os.path.join(ROOT, "configs", "tiny.yaml"), BASE + [override])
+
+
+def test_value_group_holds_the_value_tables_of_any_name():
+    """Value tables are found by type: a table under another name still gets the value rate, and a parameter that
+    is merely called like one does not."""
+    import torch
+    from torch import nn
+
+    from model import ValuePool
+    from train.optim import param_groups
+
+    cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), BASE).optim
+    model = nn.Module()
+    model.table = ValuePool(8, 4, init_std=1.0)
+    model.values = nn.Module()
+    model.values.weight = nn.Parameter(torch.zeros(3, 4))
+    groups = {g["name"]: g["params"] for g in param_groups(model, cfg)}
+    assert groups["values"] == [model.table.weight]
+    assert groups["decay"] == [model.values.weight]

@@ -3,10 +3,8 @@
 Layout (world W = replicate * shard):
 - dense parameters: FSDP2 `fully_shard` over the data-parallel mesh, 1-D (shard) or 2-D HSDP
   (replicate, shard);
-- value tables: split by columns over memory-parallel groups of MP consecutive ranks, a DTensor on the
-  mesh ("mp_replica", "mp") with placements (Replicate(), Shard(1)). Every rank still reads its own
-  batch; the lookup exchanges indices and outputs within the MP group (ops/column_parallel.py). Value
-  gradients are summed over the MP replicas once per optimizer step (none at all when MP = W).
+- value tables: split by columns over memory-parallel groups of MP consecutive ranks, on the mesh
+  ("mp_replica", "mp") built here; the plan itself lives with the model (model/value_parallel.py).
 """
 from __future__ import annotations
 
@@ -68,57 +66,13 @@ def init_distributed(rt, cfg: TrainConfig) -> None:
     rt.memory_comm = CollectiveTimer()
 
 
-def _value_pools(model: torch.nn.Module):
-    from model import ValuePool
-
-    return [m for m in model.modules() if isinstance(m, ValuePool)]
-
-
-def _memory_layers(model: torch.nn.Module):
-    from model import MemoryLayer
-
-    return [m for m in model.modules() if isinstance(m, MemoryLayer)]
-
-
-def _column_parallel_lookup_fn(group, backend: str, timer):
-    """The memory layers' lookup over this rank's column slice of a (Replicate, Shard(1)) value DTensor."""
-    import ops
-    from ops.column_parallel import column_parallel_lookup
-
-    def local_lookup(indices, weights, values):
-        return ops.memory_lookup(indices, weights, values, backend=backend)
-
-    # Eager even inside a compiled block: the collectives break the graph anyway, and dynamo (torch 2.11) lost
-    # the DTensor -> local conversion across those breaks and handed the kernel the DTensor itself.
-    @torch.compiler.disable
-    def lookup(indices, weights, values):
-        # explicit grad placements: the local gradient is this rank's column slice of a replicated table
-        local = values.to_local(grad_placements=values.placements) if hasattr(values, "to_local") else values
-        return column_parallel_lookup(indices, weights, local, group, local_lookup, timer)
-
-    return lookup
-
-
-def shard_values(model: torch.nn.Module, rt) -> None:
-    """Split every value table by columns over the MP dim of rt.value_mesh; wire the layers' lookups."""
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
-
-    for pool in _value_pools(model):
-        # Every rank initialised the same full table under the same seed; each keeps its column slice.
-        pool.weight = torch.nn.Parameter(
-            distribute_tensor(pool.weight.detach(), rt.value_mesh, [Replicate(), Shard(1)])
-        )
-    group = rt.value_mesh.get_group("mp")
-    for layer in _memory_layers(model):
-        layer.lookup_fn = _column_parallel_lookup_fn(group, layer.backend, rt.memory_comm)
-
-
 def apply_fsdp(model: torch.nn.Module, cfg: TrainConfig, rt) -> None:
-    """Values: column-parallel DTensors (not FSDP). Everything else: FSDP2 per block, then the root."""
+    """FSDP2 per block, then the root, on every parameter but the value tables (split by their own plan)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    shard_values(model, rt)
-    values = {pool.weight for pool in _value_pools(model)}
+    from model import value_parameters
+
+    values = set(value_parameters(model))
     # cast_forward_inputs=False: the residual stream and the RoPE tables stay in their own dtype (fp32) between
     # blocks, as in the single-GPU run; autocast already runs the matmuls in bf16.
     reduce_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "param": rt.dtype}[cfg.dist.reduce_dtype]
@@ -131,24 +85,3 @@ def apply_fsdp(model: torch.nn.Module, cfg: TrainConfig, rt) -> None:
                     reshard_after_forward=cfg.dist.reshard_after_forward)
     # the root (embeddings, final norm, output) is needed again first thing in backward: never resharded
     fully_shard(model, mesh=rt.mesh, mp_policy=mp_policy, ignored_params=values or None, reshard_after_forward=False)
-
-
-@torch.no_grad()
-def sync_value_grads(model: torch.nn.Module, rt) -> None:
-    """Once per optimizer step: sum value gradients over the MP replicas and scale to the global mean.
-
-    Each rank's slice gradient already covers all tokens of its MP group (the lookup gathered them);
-    the replicas saw other data. The mean over all W ranks' losses needs the sum over replicas / W, done
-    in place on the gradient shard (no table copy). No collective when MP = W (one replica).
-    """
-    replicas = rt.value_mesh.get_group("mp_replica")
-    n_replicas = rt.value_mesh.size(0)
-    for pool in _value_pools(model):
-        g = pool.weight.grad
-        if g is None:
-            continue
-        local = g.to_local() if hasattr(g, "to_local") else g
-        if n_replicas > 1:
-            with rt.memory_comm.measure(local.device):
-                dist.all_reduce(local, group=replicas)
-        local.mul_(1.0 / rt.world_size)

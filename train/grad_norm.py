@@ -5,7 +5,8 @@ torch.nn.utils.clip_grad_norm_ does not combine into one norm, so each gradient'
 over the mesh dims it is sharded on, and the results summed. Replicated dims hold copies: not summed.
 
 The norm is also reported by part ("dense" and "values": the memory value tables), from the same squared sums:
-the value table is updated sparsely and at its own rate, so its gradient scale is worth watching on its own.
+the value table is updated sparsely and at its own rate, so its gradient scale is worth watching on its own. The value
+tables are model.value_parameters (found by type).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Dict, Tuple
 
 import torch
 
-from .optim import is_value_param
+from model import value_parameters
 
 try:
     from torch.distributed.tensor import DTensor
@@ -41,15 +42,15 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> Tuple[torch.Tenso
     Returns the norm before clipping and its parts {"dense": ..., "values": ...} (a part without gradients is
     left out); the parts' squares sum to the total's.
     """
-    named = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
-    if not named:
+    values = set(value_parameters(model))
+    with_grad = [(1 if p in values else 0, p.grad) for p in model.parameters() if p.grad is not None]  # (part, grad)
+    if not with_grad:
         return torch.zeros(()), {}
-    grads = [g for _, g in named]
+    grads = [g for _, g in with_grad]
     # One all-reduce per distinct set of groups (not one per parameter: hundreds of tiny collectives); the
     # parts' squared sums travel together in one vector.
     by_groups: Dict[tuple, Dict[int, list]] = {}
-    for name, g in named:
-        part = 1 if is_value_param(name) else 0
+    for part, g in with_grad:
         by_groups.setdefault(_reduce_groups(g), {}).setdefault(part, []).append(_local(g))
     part_sq = None
     for groups, by_part in by_groups.items():
@@ -63,7 +64,7 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> Tuple[torch.Tenso
             torch.distributed.all_reduce(sq, group=group)
         part_sq = sq if part_sq is None else part_sq + sq
     total = part_sq.sum().sqrt()
-    present = {1 if is_value_param(n) else 0 for n, _ in named}
+    present = {part for part, _ in with_grad}
     parts = {PARTS[i]: part_sq[i].sqrt() for i in sorted(present)}
     if max_norm > 0:
         scale = (max_norm / (total + 1e-6)).clamp(max=1.0)

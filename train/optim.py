@@ -1,8 +1,9 @@
 """AdamW with explicit parameter groups and a warmup + cosine schedule.
 
-Groups are decided by parameter name, in the model's registration order (never by sorting or grouping
+Groups are decided per parameter, in the model's registration order (never by sorting or grouping
 unsorted iterables), so the grouping is stable across runs and checkpoints:
-- "values": the memory value table(s), at `value_lr` (default value_lr_mult * lr) with `value_weight_decay`;
+- "values": the memory value table(s) (model.value_parameters), at `value_lr` (default value_lr_mult * lr) with
+  `value_weight_decay`;
 - "no_decay": norm weights and biases (1-D parameters), with `norm_bias_weight_decay`;
 - "decay": everything else, at `lr` with `weight_decay`.
 `optim.value_optimizer` other than adamw steps the "values" group with a row-sparse rule (train/value_optim.py)
@@ -11,20 +12,19 @@ inside the same optimizer object.
 from __future__ import annotations
 
 import math
-from typing import Dict, List
+from typing import Collection, Dict, List
 
 import torch
+
+from model import value_parameters
 
 from .config import OptimConfig
 from .value_optim import RowSparseValueAdamW
 
 
-def is_value_param(name: str) -> bool:
-    return name == "values.weight" or name.endswith(".values.weight")
-
-
-def group_name(name: str, param: torch.nn.Parameter) -> str:
-    if is_value_param(name):
+def group_name(name: str, param: torch.nn.Parameter, values: Collection[torch.nn.Parameter]) -> str:
+    """`values`: the model's value parameters (model.value_parameters)."""
+    if param in values:
         return "values"
     if param.ndim < 2 or "norm" in name or name.endswith(".bias"):
         return "no_decay"
@@ -33,9 +33,10 @@ def group_name(name: str, param: torch.nn.Parameter) -> str:
 
 def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> List[Dict]:
     members: Dict[str, List[torch.nn.Parameter]] = {"decay": [], "no_decay": [], "values": []}
+    values = set(value_parameters(model))
     for name, p in model.named_parameters():  # shared parameters appear once
         if p.requires_grad:
-            members[group_name(name, p)].append(p)
+            members[group_name(name, p, values)].append(p)
     settings = {
         "decay": dict(lr=cfg.lr, weight_decay=cfg.weight_decay),
         "no_decay": dict(lr=cfg.lr, weight_decay=cfg.norm_bias_weight_decay),

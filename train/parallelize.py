@@ -4,7 +4,8 @@ Not torchtitan's AC -> compile order: dynamo cannot split a checkpointed region,
 block under AC -> compile makes dynamo run that whole block eagerly. Memory blocks have one on purpose when the
 values are split over ranks (the column-parallel lookup's collectives stay eager), so there AC -> compile would
 lose the compiled memory block while compile -> AC keeps it and only recomputes it. Without a graph break the
-two orders run at the same speed (BENCHMARKS.md: "activation checkpointing with compile").
+two orders run at the same speed (BENCHMARKS.md: "activation checkpointing with compile"). The value tables'
+own parallel plan comes with the model (model/value_parallel.py).
 """
 from __future__ import annotations
 
@@ -53,7 +54,10 @@ def parallelize(model: torch.nn.Module, cfg: TrainConfig, rt) -> torch.nn.Module
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)  # recomputation re-runs the compiled block
     if rt.world_size > 1:
+        from model.value_parallel import parallelize_values
+
         from .distributed import apply_fsdp
 
+        parallelize_values(model, rt.value_mesh, rt.memory_comm)  # first: FSDP leaves the split tables alone
         apply_fsdp(model, cfg, rt)
     return model

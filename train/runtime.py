@@ -60,9 +60,9 @@ class Runtime:
 
     def sync_value_grads(self, model: torch.nn.Module) -> None:
         if self.world_size > 1:
-            from .distributed import sync_value_grads
+            from model.value_parallel import sync_value_grads
 
-            sync_value_grads(model, self)
+            sync_value_grads(model)
 
     def request_stop(self, *_):
         self._stop["flag"] = True

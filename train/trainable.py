@@ -17,30 +17,34 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Set
 
 import torch
 
-_MEMORY_SEARCH = (".memory.keys1", ".memory.keys2", ".memory.query_proj.", ".memory.query_norm.")
+from model import value_parameters
+from model.ffn import FeedForward
+from model.memory import memory_layers
 
 
-def _is_values(name: str) -> bool:
-    return name == "values.weight" or name.endswith(".values.weight")
+def _values(model: torch.nn.Module) -> Set[torch.nn.Parameter]:
+    return set(value_parameters(model))
 
 
-def _is_memory(name: str) -> bool:
-    return _is_values(name) or any(part in name for part in _MEMORY_SEARCH)
+def _memory(model: torch.nn.Module) -> Set[torch.nn.Parameter]:
+    search = {p for layer in memory_layers(model) for p in layer.search_parameters()}
+    return _values(model) | search
 
 
-def _is_ffn(name: str) -> bool:
-    return ".feed_forward." in name
+def _ffn(model: torch.nn.Module) -> Set[torch.nn.Parameter]:
+    return {p for m in model.modules() if isinstance(m, FeedForward) for p in m.parameters()}
 
 
-SELECTORS: Dict[str, Callable[[str], bool]] = {
-    "all": lambda name: True,
-    "memory": _is_memory,
-    "values": _is_values,
-    "ffn": _is_ffn,
+# mode -> the parameters it trains, found by module type (never by name)
+SELECTORS: Dict[str, Callable[[torch.nn.Module], Set[torch.nn.Parameter]]] = {
+    "all": lambda model: set(model.parameters()),
+    "memory": _memory,
+    "values": _values,
+    "ffn": _ffn,
 }
 
 
@@ -52,10 +56,10 @@ def apply_trainable(model: torch.nn.Module, which: str) -> List[str]:
     """
     if which not in SELECTORS:
         raise ValueError(f"train.trainable: must be one of {', '.join(SELECTORS)}, got {which!r}")
-    select = SELECTORS[which]
+    selected = SELECTORS[which](model)
     names = []
     for name, p in model.named_parameters():
-        p.requires_grad_(select(name))
+        p.requires_grad_(p in selected)
         if p.requires_grad:
             names.append(name)
     if not names:
@@ -78,7 +82,7 @@ def load_rows(path: str, n_rows: int) -> torch.Tensor:
 
 def restrict_value_rows(model: torch.nn.Module, path: str) -> int:
     """Only the listed rows of every trainable value table get gradient. Returns the number of rows."""
-    tables = [p for n, p in model.named_parameters() if _is_values(n) and p.requires_grad]
+    tables = [p for p in value_parameters(model) if p.requires_grad]
     if not tables:
         raise ValueError("train.trainable_rows: no trainable value table (use train.trainable=values or memory)")
     rows = None

@@ -235,15 +235,19 @@ def table(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
-def collect(runs: Dict[str, List[str]], codes: Dict[str, int], work: str, out: str, config: str) -> List[dict]:
+def collect(runs: Dict[str, List[str]], codes: Dict[str, int], work: str, out: str, config: str,
+            data_of: Dict[str, str]) -> List[dict]:
     rows = []
     for name, ov in runs.items():
         run_dir = os.path.join(work, "runs", name)
         res = read_run(run_dir)
+        cfg = load_config(config, ov)
         if "flops_per_token" not in res:
-            cfg = load_config(config, ov)
             res["flops_per_token"] = flops_per_token(cfg.model, cfg.data.seq_len).total
-        rows.append({"run": name, "exit": codes.get(name), **res, "overrides": ov})
+        layers = cfg.model.memory.resolved_layers(cfg.model.n_layers)
+        shape = {"data": data_of.get(name), "dim": cfg.model.dim, "n_layers": cfg.model.n_layers,
+                 "memory_layers": layers, "memory_values": cfg.model.memory.n_keys ** 2 if layers else 0}
+        rows.append({"run": name, "exit": codes.get(name), **shape, **res, "overrides": ov})
         dst = os.path.join(out, "runs", name)
         os.makedirs(dst, exist_ok=True)
         for fname in ("metrics.jsonl", "summary.json"):
@@ -298,7 +302,14 @@ def main(argv=None) -> int:
         runs = {n: ov for n, ov in runs.items() if n in keep}
     print(f"data and configs ready in {time.time() - t0:.0f}s; {len(runs)} runs, {args.parallel} at once", flush=True)
     codes = run_all(runs, spec["config"], work, args.parallel, args.budget_s, args.threads)
-    collect(runs, codes, work, out, spec["config"])
+    rows = collect(runs, codes, work, out, spec["config"], {r["name"]: r["data"] for r in spec["runs"]})
+    try:
+        from scripts.facts_plots import write_plots
+
+        for path in write_plots(out, rows):
+            print(f"wrote {path}")
+    except ImportError as e:  # matplotlib is optional: the tables are the result
+        print(f"no plots: {e}")
     print(f"total {time.time() - t0:.0f}s", flush=True)
     return 0
 

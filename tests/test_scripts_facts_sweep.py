@@ -93,3 +93,17 @@ def _gone(pid, wait_s=5.0):
             return True
         time.sleep(0.05)
     return False
+
+
+def test_placement_lines_group_by_placement_and_keep_the_plain_point():
+    from scripts.facts_plots import placement_lines
+
+    def row(run, values, layers, a, b=0.0):
+        return {"run": run, "data": "p1", "dim": 64, "n_layers": 2, "memory_layers": layers,
+                "memory_values": values, "qa_trained/em": a, "qa_prose/em": b}
+
+    rows = [row("m", 65536, [1], 0.5), row("m_k128", 16384, [1], 0.3), row("m_vlr1", 65536, [1], 0.9),
+            row("m_l0", 65536, [0], 0.2), row("dense", 0, [], 0.1), {"run": "crashed", "memory_values": 4096}]
+    lines = placement_lines(rows)
+    assert lines == {"p1 L2 d64, memory at 1": [(16384, 0.3, 0.0), (65536, 0.5, 0.0)],
+                     "p1 L2 d64, memory at 0": [(65536, 0.2, 0.0)]}

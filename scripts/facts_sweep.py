@@ -82,13 +82,13 @@ def load_sweep(path: str) -> dict:
     return spec
 
 
-def prepare_data(name: str, d: dict, work: str, tokenizer_spec: str, general_shards: str) -> List[str]:
+def prepare_data(name: str, d: dict, work: str, tokenizer_spec: str, general_shards: str, workers: int = 1) -> List[str]:
     """Generate and pretokenize one dataset; return its data and eval overrides (per-document weights give the
     facts `facts_share` of the training tokens)."""
     out = os.path.join(work, "data", name)
     generate(out, d["entities"], d.get("seed", 0), d.get("docs_per_entity", 4), d.get("qa_fraction", 0.5))
     shards = os.path.join(out, "train_tokens")
-    facts = pretokenize([os.path.join(out, "train.jsonl")], tokenizer_spec, shards)
+    facts = pretokenize([os.path.join(out, "train.jsonl")], tokenizer_spec, shards, workers=workers)
     general = json.load(open(os.path.join(general_shards, "index.json")))
     share = d.get("facts_share", 0.8)
     # +2: the BOS and EOS the loader adds to every document
@@ -107,11 +107,13 @@ def plan(spec: dict, work: str, extra: List[str]) -> Dict[str, List[str]]:
     base = load_config(spec["config"], spec["overrides"] + extra)
     os.makedirs(work, exist_ok=True)
     general_shards = os.path.join(work, "data", "general_tokens")
-    pretokenize([resolve_path(GENERAL_TRAIN)], base.data.tokenizer, general_shards)
+    pretokenize([resolve_path(GENERAL_TRAIN)], base.data.tokenizer, general_shards, workers=min(4, os.cpu_count() or 1))
     names = list(spec["datasets"])
-    with ProcessPoolExecutor(max_workers=min(len(names), os.cpu_count() or 1)) as pool:  # one process per dataset
+    cpus = os.cpu_count() or 1
+    workers = max(1, min(4, cpus // len(names) - 1))  # tokenizer processes per dataset
+    with ProcessPoolExecutor(max_workers=min(len(names), cpus)) as pool:  # one process per dataset
         made = pool.map(prepare_data, names, [spec["datasets"][n] for n in names], [work] * len(names),
-                        [base.data.tokenizer] * len(names), [general_shards] * len(names))
+                        [base.data.tokenizer] * len(names), [general_shards] * len(names), [workers] * len(names))
         data_ov = dict(zip(names, made))
     own: Dict[str, List[str]] = {}  # each run's overrides before `extra` and its run_dir
     runs: Dict[str, List[str]] = {}
@@ -192,7 +194,7 @@ def stop(procs: Dict[str, subprocess.Popen], grace_s: float = 30.0) -> None:
 
 
 def run_all(runs: Dict[str, List[str]], config: str, work: str, parallel: int, budget_s: float,
-            threads: int) -> Dict[str, int]:
+            threads: int, grace_s: float = 30.0) -> Dict[str, int]:
     """Run everything, `parallel` at a time; returns each run's exit code (None: stopped at the budget)."""
     deadline = time.time() + budget_s
     queue, live, codes = list(runs), {}, {}
@@ -209,7 +211,7 @@ def run_all(runs: Dict[str, List[str]], config: str, work: str, parallel: int, b
         if time.time() >= deadline:
             if live:
                 print(f"budget reached: stopping {', '.join(live)}", flush=True)
-            stop(live)
+            stop(live, grace_s)
             for name, p in live.items():
                 codes[name] = None
                 p.log.close()
@@ -276,6 +278,10 @@ def main(argv=None) -> int:
     p.add_argument("--work", default=None, help="data and run directories (default: --out)")
     p.add_argument("--parallel", type=int, default=8, help="runs at once")
     p.add_argument("--budget-s", type=float, default=420, help="wall-clock seconds for all runs (after data)")
+    p.add_argument("--total-s", type=float, default=None,
+                   help="wall-clock seconds for the whole command: the runs' budget is what data preparation, "
+                        "the stop grace and the table leave of it (at most --budget-s)")
+    p.add_argument("--stop-grace-s", type=float, default=30, help="seconds between SIGTERM and SIGKILL at the budget")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per run (OMP_NUM_THREADS)")
     p.add_argument("--only", default="", help="comma-separated run names: run just these")
     p.add_argument("--entities-scale", type=float, default=1.0,
@@ -301,7 +307,11 @@ def main(argv=None) -> int:
             return 2
         runs = {n: ov for n, ov in runs.items() if n in keep}
     print(f"data and configs ready in {time.time() - t0:.0f}s; {len(runs)} runs, {args.parallel} at once", flush=True)
-    codes = run_all(runs, spec["config"], work, args.parallel, args.budget_s, args.threads)
+    budget = args.budget_s
+    if args.total_s is not None:  # 15 s for the table and plots
+        budget = min(budget, args.total_s - (time.time() - t0) - args.stop_grace_s - 15)
+    print(f"runs budget {budget:.0f}s", flush=True)
+    codes = run_all(runs, spec["config"], work, args.parallel, budget, args.threads, args.stop_grace_s)
     rows = collect(runs, codes, work, out, spec["config"], {r["name"]: r["data"] for r in spec["runs"]})
     try:
         from scripts.facts_plots import write_plots

@@ -121,6 +121,21 @@ def metrics(run_dir):
     return out
 
 
+def write_table(rows, out):
+    """The markdown table of `rows` (the first is the pretrained model), also written to out/results.md."""
+    b = rows[0]
+    lines = ["| run | new: trained QA EM | new: prose-only EM | old: trained QA EM | old: prose-only EM | "
+             "general val NLL (rise) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        rise = 100 * (r["val_loss"] / b["val_loss"] - 1)
+        lines.append(f"| {r['run']} | {r['new_qa_trained/em']:.3f} | {r['new_qa_prose/em']:.3f} | "
+                     f"{r['old_qa_trained/em']:.3f} | {r['old_qa_prose/em']:.3f} | {r['val_loss']:.4f} ({rise:+.1f}%) |")
+    table = "\n".join(lines)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(table + "\n")
+    return table
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
@@ -186,17 +201,9 @@ def main(argv=None) -> int:
         rows.append({"run": f"finetune {mode}", "seconds": round(seconds, 1), **metrics(run_dir)})
         with open(os.path.join(args.out, "results.jsonl"), "a") as f:
             f.write(json.dumps({**rows[-1], "overrides": ft}) + "\n")
+        write_table(rows, args.out)  # after every run: a command stopped at a time limit keeps what it finished
 
-    b = rows[0]
-    lines = ["| run | new: trained QA EM | new: prose-only EM | old: trained QA EM | old: prose-only EM | "
-             "general val NLL (rise) |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        rise = 100 * (r["val_loss"] / b["val_loss"] - 1)
-        lines.append(f"| {r['run']} | {r['new_qa_trained/em']:.3f} | {r['new_qa_prose/em']:.3f} | "
-                     f"{r['old_qa_trained/em']:.3f} | {r['old_qa_prose/em']:.3f} | {r['val_loss']:.4f} ({rise:+.1f}%) |")
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n" + "\n".join(lines))
+    print("\n" + write_table(rows, args.out))
     return 0
 
 

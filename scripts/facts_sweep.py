@@ -102,6 +102,20 @@ def prepare_data(name: str, d: dict, work: str, tokenizer_spec: str, general_sha
             f"data.val=[{{paths: [{resolve_path(GENERAL_VAL)}]}}]", f"eval.tasks=[{tasks}]"]
 
 
+def guess_em(qa_path: str, n: int) -> float:
+    """Exact match of always answering an attribute's most common value (over the whole file) on the first n
+    questions (n = eval.max_examples; 0: all): the floor a model that learned no per-person fact reaches."""
+    with open(qa_path) as f:
+        rows = [json.loads(line) for line in f]
+    counts: Dict[str, Dict[str, int]] = {}
+    for r in rows:
+        c = counts.setdefault(r["attribute"], {})
+        c[r["answers"][0]] = c.get(r["answers"][0], 0) + 1
+    best = {a: max(c, key=c.get) for a, c in counts.items()}
+    asked = rows[:n] if n else rows
+    return sum(r["answers"][0] == best[r["attribute"]] for r in asked) / len(asked)
+
+
 def plan(spec: dict, work: str, extra: List[str]) -> Dict[str, List[str]]:
     """Every run's full override list (validated: a bad key fails here, before anything trains)."""
     base = load_config(spec["config"], spec["overrides"] + extra)
@@ -265,6 +279,12 @@ def collect(runs: Dict[str, List[str]], codes: Dict[str, int], work: str, out: s
         for r in rows:
             f.write(json.dumps(r) + "\n")
     md = table(rows)
+    n = load_config(config, next(iter(runs.values()))).eval.max_examples
+    for name in sorted({r["data"] for r in rows if r.get("data")}):
+        d = os.path.join(work, "data", name)
+        md += (f"\n\n{name}: answering every question with its attribute's most common value scores "
+               + ", ".join(f"{t} {guess_em(os.path.join(d, t + '.jsonl'), n):.3f}" for t in TASKS)
+               + " (no per-person fact learned)")
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(md + "\n")
     print("\n" + md, flush=True)

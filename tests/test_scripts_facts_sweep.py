@@ -107,3 +107,13 @@ def test_placement_lines_group_by_placement_and_keep_the_plain_point():
     lines = placement_lines(rows)
     assert lines == {"p1 L2 d64, memory at 1": [(16384, 0.3, 0.0), (65536, 0.5, 0.0)],
                      "p1 L2 d64, memory at 0": [(65536, 0.2, 0.0)]}
+
+
+def test_guess_em_is_the_most_common_value_rate(tmp_path):
+    from scripts.facts_sweep import guess_em
+
+    rows = [("city", "A"), ("city", "A"), ("city", "B"), ("year", "1"), ("year", "2"), ("year", "2"), ("city", "A")]
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps({"attribute": a, "answers": [v]}) + "\n" for a, v in rows))
+    assert guess_em(str(path), 0) == pytest.approx(5 / 7)
+    assert guess_em(str(path), 3) == pytest.approx(2 / 3)  # the first 3, with the whole file's most common values

@@ -19,7 +19,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from scripts.facts_experiment import GENERAL_VAL, data_overrides, read_results, run_one  # noqa: E402
+from scripts.facts_experiment import GENERAL_TRAIN, GENERAL_VAL, data_overrides, mean_tokens, run_one  # noqa: E402
+from data.config import resolve_path  # noqa: E402
 from data import load_tokenizer  # noqa: E402
 from eval.synthetic_facts import generate  # noqa: E402
 from train.config import load_config  # noqa: E402
@@ -64,6 +65,40 @@ def rank_rows(base, new_train, background_overrides, config, tokenizer, k, n_bat
     return sorted(top.tolist())
 
 
+def evaluate_base(base, cfg, tokenizer):
+    """The pretrained model's metrics on the finetuning runs' evaluation: the same validation batches
+    (train.val_batches of train.batch_size) and QA tasks, on the device and precision they train with."""
+    import torch
+
+    from eval import fixed_val_batches, flatten, load_eval_tasks, run_tasks, validation_metrics
+    from model.checkpoint import load_model
+    from train.runtime import pick_dtype
+
+    cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if cuda else "cpu")
+    model, _ = load_model(base, device=device)
+    dtype = pick_dtype(cfg.train.precision, device)
+    batches = fixed_val_batches(cfg.data, tokenizer, cfg.train.val_batches, cfg.train.batch_size)
+    out = {"val_loss": validation_metrics(model, batches, tokenizer, amp_dtype=dtype)["val/loss"]}
+    results = flatten(run_tasks(model, tokenizer, cfg.eval, step=0, tasks=load_eval_tasks(cfg.eval), amp_dtype=dtype))
+    out.update({k[len("eval/"):]: v for k, v in results.items() if k.endswith("/em")})
+    del model
+    return out
+
+
+def finetune_data(new_train, old_dir, replay_share, tokenizer):
+    """data.train of the finetuning runs: the new people's documents, plus with replay_share > 0 that share of
+    the tokens from the pretraining mixture (old people and general text, half each by tokens)."""
+    if replay_share <= 0:
+        return f"data.train=[{{paths: [{new_train}]}}]"
+    old_train = os.path.join(old_dir, "train.jsonl")
+    means = {p: mean_tokens(resolve_path(p), tokenizer) for p in (new_train, old_train, GENERAL_TRAIN)}
+    weights = {new_train: (1 - replay_share) / means[new_train], old_train: replay_share / 2 / means[old_train],
+               GENERAL_TRAIN: replay_share / 2 / means[GENERAL_TRAIN]}
+    low = min(weights.values())
+    return "data.train=[" + ", ".join(f"{{paths: [{p}], weight: {w / low:.4f}}}" for p, w in weights.items()) + "]"
+
+
 def tasks_override(sets):
     """eval.tasks for {prefix: facts dir}: task names come from the file names, so each set gets copies."""
     specs = []
@@ -86,6 +121,21 @@ def metrics(run_dir):
     return out
 
 
+def write_table(rows, out):
+    """The markdown table of `rows` (the first is the pretrained model), also written to out/results.md."""
+    b = rows[0]
+    lines = ["| run | new: trained QA EM | new: prose-only EM | old: trained QA EM | old: prose-only EM | "
+             "general val NLL (rise) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        rise = 100 * (r["val_loss"] / b["val_loss"] - 1)
+        lines.append(f"| {r['run']} | {r['new_qa_trained/em']:.3f} | {r['new_qa_prose/em']:.3f} | "
+                     f"{r['old_qa_trained/em']:.3f} | {r['old_qa_prose/em']:.3f} | {r['val_loss']:.4f} ({rise:+.1f}%) |")
+    table = "\n".join(lines)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(table + "\n")
+    return table
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
@@ -100,6 +150,8 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default="memory,ffn,all", help="train.trainable values, and `rows`: the "
                    "--rows-topk value rows most specific to the new data (train.trainable_rows)")
     p.add_argument("--rows-topk", type=int, default=256)
+    p.add_argument("--replay-share", type=float, default=0.0,
+                   help="share of finetuning tokens from the pretraining mixture (old people + general text)")
     p.add_argument("--threads", type=int, default=0)
     args, overrides = p.parse_known_args(argv)
     if args.threads:
@@ -121,7 +173,12 @@ def main(argv=None) -> int:
             tasks, f"run_dir={base}", "checkpoint.save_final=true", "checkpoint.every=0"]
         print("== pretraining", flush=True)
         run_one(args.config, pre)
-    rows = [{"run": "base (before)", **metrics(base)}]
+    if not 0 <= args.replay_share < 1:
+        raise SystemExit(f"--replay-share: must be in [0, 1), got {args.replay_share}")
+    ft_data = finetune_data(os.path.join(new_dir, "train.jsonl"), old_dir, args.replay_share, tokenizer)
+    common = [ft_data, f"data.val=[{{paths: [{GENERAL_VAL}]}}]", tasks]
+    print("== evaluating the pretrained model", flush=True)
+    rows = [{"run": "base (before)", **evaluate_base(base, load_config(args.config, overrides + common), tokenizer)}]
     for mode in [m for m in args.modes.split(",") if m]:
         run_dir = os.path.abspath(os.path.join(args.out, f"ft_{mode}"))
         extra = [f"train.trainable={mode}"]
@@ -134,9 +191,8 @@ def main(argv=None) -> int:
                 json.dump(picked, f)
             print(f"== rows: {len(picked)} value rows most specific to the new people", flush=True)
             extra = ["train.trainable=values", f"train.trainable_rows={rows_file}"]
-        ft = overrides + extra + [
-            f"data.train=[{{paths: [{os.path.join(new_dir, 'train.jsonl')}]}}]", f"data.val=[{{paths: [{GENERAL_VAL}]}}]",
-            tasks, f"run_dir={run_dir}", f"checkpoint.init_from={base}",
+        ft = overrides + extra + common + [
+            f"run_dir={run_dir}", f"checkpoint.init_from={base}",
             f"train.steps={args.steps}", f"optim.lr={args.lr}", "optim.warmup_steps=10", "optim.weight_decay=0.0",
             "checkpoint.save_final=false", "logging.memory_health=true",
         ]
@@ -145,15 +201,9 @@ def main(argv=None) -> int:
         rows.append({"run": f"finetune {mode}", "seconds": round(seconds, 1), **metrics(run_dir)})
         with open(os.path.join(args.out, "results.jsonl"), "a") as f:
             f.write(json.dumps({**rows[-1], "overrides": ft}) + "\n")
+        write_table(rows, args.out)  # after every run: a command stopped at a time limit keeps what it finished
 
-    b = rows[0]
-    print("\n| run | new: trained QA EM | new: prose-only EM | old: trained QA EM | old: prose-only EM | "
-          "general val NLL (rise) |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        rise = 100 * (r["val_loss"] / b["val_loss"] - 1)
-        print(f"| {r['run']} | {r['new_qa_trained/em']:.3f} | {r['new_qa_prose/em']:.3f} | {r['old_qa_trained/em']:.3f} | "
-              f"{r['old_qa_prose/em']:.3f} | {r['val_loss']:.4f} ({rise:+.1f}%) |")
+    print("\n" + write_table(rows, args.out))
     return 0
 
 

@@ -1,0 +1,28 @@
+"""Knowledge-update finetuning data: with replay, the pretraining mixture gets the asked share of the tokens."""
+import os
+import re
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from data import load_tokenizer  # noqa: E402
+from data.config import resolve_path  # noqa: E402
+from eval.synthetic_facts import generate  # noqa: E402
+from scripts.facts_experiment import mean_tokens  # noqa: E402
+from scripts.knowledge_update import finetune_data  # noqa: E402
+
+
+def test_replay_share_is_the_share_of_tokens(tmp_path):
+    tok = load_tokenizer(os.path.join(ROOT, "data", "corpus", "tokenizer.model"))
+    old, new = str(tmp_path / "old"), str(tmp_path / "new")
+    generate(old, 8, 0, 2, 0.5)
+    generate(new, 4, 1000, 2, 0.5)
+    new_train = os.path.join(new, "train.jsonl")
+    assert finetune_data(new_train, old, 0.0, tok) == f"data.train=[{{paths: [{new_train}]}}]"
+    spec = finetune_data(new_train, old, 0.3, tok)
+    pairs = re.findall(r"paths: \[([^\]]+)\], weight: ([0-9.]+)", spec)
+    assert len(pairs) == 3
+    tokens = {p: float(w) * mean_tokens(resolve_path(p), tok) for p, w in pairs}
+    total = sum(tokens.values())
+    assert abs(tokens[new_train] / total - 0.7) < 0.01
+    assert abs(tokens[os.path.join(old, "train.jsonl")] / total - 0.15) < 0.01

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-import train.loop
+import train.step
 from _train_helpers import RUN_SMALL
 from train.checkpoint import CheckpointError
 from train.config import ConfigError, load_config
@@ -44,14 +44,14 @@ def checkpoint_weights(path):
 
 def nan_loss_at(monkeypatch, bad_steps):
     """Make the training loss NaN on the given optimizer steps (one micro-batch per step)."""
-    real, calls = train.loop.lm_loss, {"n": 0}
+    real, calls = train.step.lm_loss, {"n": 0}
 
     def lm_loss(model, batch, rt):
         calls["n"] += 1
         loss = real(model, batch, rt)
         return loss * float("nan") if calls["n"] in bad_steps else loss
 
-    monkeypatch.setattr(train.loop, "lm_loss", lm_loss)
+    monkeypatch.setattr(train.step, "lm_loss", lm_loss)
 
 
 # --- non-finite guard -------------------------------------------------------------------------------------------

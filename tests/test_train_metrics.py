@@ -10,7 +10,8 @@ import torch
 from _train_helpers import RUN_SMALL, STEP_SMALL
 from train.config import load_config
 from train.grad_norm import clip_grad_norm
-from train.loop import build_model, run
+from train.builder import build_model
+from train.loop import run
 from train.mfu import device_peak_flops, peak_flops_of
 from train.optim import is_value_param
 from train.runtime import setup_runtime
@@ -117,7 +118,7 @@ def test_wandb_offline_run_has_the_sweep_group(tmp_path, monkeypatch):
 
 def _grad_norms(world, rank, overrides):
     """Per-step (total, dense, values) gradient norms of 3 steps on fixed batches, built as train.loop builds."""
-    from train.loop import train_step
+    from train.step import train_step
     from train.optim import build_optimizer, build_scheduler
     from train.parallelize import parallelize
 

@@ -7,7 +7,9 @@ import torch
 
 from _train_helpers import RUN_SMALL, STEP_SMALL
 from train.config import ConfigError, load_config
-from train.loop import build_model, run, train_step
+from train.builder import build_model
+from train.loop import run
+from train.step import train_step
 from train.optim import build_optimizer, build_scheduler
 from train.runtime import setup_runtime
 from train.trainable import apply_trainable

@@ -78,11 +78,11 @@ def main(argv=None) -> int:
         return 0
     try:
         cfg = parse_cli(argv)
+        device = pick_device(cfg.device)
         ckpt = resolve_checkpoint(cfg.checkpoint)
         run_dir = run_dir_of(ckpt)
         tokenizer = resolve_tokenizer(cfg.tokenizer, run_dir)
         tasks = load_eval_tasks(cfg)
-        device = pick_device(cfg.device)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -197,6 +197,23 @@ def test_tokens_continue_from_the_checkpoint(tmp_path):
     assert tokens[4] == 4 * 4 * 32 and tokens[6] == tokens[4] + 2 * 2 * 32
 
 
+def test_checkpoint_without_the_newer_meta_fields_still_resumes(tmp_path):
+    """Older checkpoints' meta.json lacks the counters, the schedule's horizon, the run config and the file list:
+    they still resume exactly (tokens and skipped steps counted from the resume, the schedule over train.steps)."""
+    run(config(tmp_path / "full", "train.steps=4", "checkpoint.every=0"))
+    old = tmp_path / "old"
+    run(config(old, "train.steps=4", "checkpoint.every=2"))
+    shutil.rmtree(old / "checkpoints" / "step_4")
+    meta_path = old / "checkpoints" / "step_2" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    for key in ("tokens_seen", "skipped_steps", "schedule_steps", "train_config", "files"):
+        del meta[key]
+    meta_path.write_text(json.dumps(meta))
+    run(config(old, "train.steps=4", "checkpoint.every=2"))
+    assert losses(old) == losses(tmp_path / "full")
+    assert [r["tokens"] for r in records(old) if r.get("step") == 4 and "tokens" in r] == [2 * 4 * 32]
+
+
 def test_rerunning_a_finished_run_appends_nothing(tmp_path):
     first = run(config(tmp_path, "train.steps=3", "checkpoint.every=0"))
     before = (tmp_path / "metrics.jsonl").read_text()

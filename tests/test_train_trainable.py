@@ -6,12 +6,11 @@ import pytest
 import torch
 
 from _train_helpers import RUN_SMALL, STEP_SMALL
+from train.builder import build_model, build_training
 from train.config import ConfigError, load_config
-from train.builder import build_model
 from train.loop import run
-from train.step import train_step
-from train.optim import build_optimizer, build_scheduler
 from train.runtime import setup_runtime
+from train.step import train_step
 from train.trainable import apply_trainable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,12 +32,11 @@ def test_frozen_parameters_bit_identical_and_without_optimizer_state(which):
     cfg = step_config(f"train.trainable={which}")
     rt = setup_runtime(cfg)
     try:
-        model = build_model(cfg, rt)
-        names = apply_trainable(model, cfg.train.trainable)
-        assert set(names) == EXPECTED[which]
+        state = build_training(cfg, rt)
+        model, optimizer, scheduler = state.model, state.optimizer, state.scheduler
+        assert {n for n, p in model.named_parameters() if p.requires_grad} == EXPECTED[which]
+        assert state.n_trainable == sum(p.numel() for n, p in model.named_parameters() if n in EXPECTED[which])
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        optimizer = build_optimizer(model, cfg.optim)
-        scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
         g = torch.Generator().manual_seed(0)
         for _ in range(3):
             batch = torch.randint(0, cfg.model.vocab_size, (2, cfg.data.seq_len + 1), generator=g)
@@ -100,14 +98,11 @@ def test_trainable_rows_limit_value_updates_to_the_listed_rows(tmp_path):
     rows_file.write_text(json.dumps(list(range(0, 64, 2))))  # even rows of the 8**2-row table
     cfg = step_config("train.trainable=values", f"train.trainable_rows={rows_file}")
     rt = setup_runtime(cfg)
-    model = build_model(cfg, rt)
-    apply_trainable(model, cfg.train.trainable)
+    state = build_training(cfg, rt)  # selects the values, then limits their updates to the listed rows
+    model, optimizer, scheduler = state.model, state.optimizer, state.scheduler
     from train.trainable import restrict_value_rows
 
-    assert restrict_value_rows(model, cfg.train.trainable_rows) == 32
     before = model.values.weight.detach().clone()
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     g = torch.Generator().manual_seed(0)
     for _ in range(3):
         batch = torch.randint(0, cfg.model.vocab_size, (2, cfg.data.seq_len + 1), generator=g)

@@ -13,13 +13,11 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import List, Optional
 
-from omegaconf import OmegaConf
-
-from model.checkpoint import run_dir_of
 from model.cli_config import (ConfigError, Device, Precision, WandbMode, check_choices, describe_keys,
                               load_structured, wants_help)
 
 from .config import EvalConfig
+from .run_files import data_config, resolve_tokenizer, run_dir_of
 
 
 @dataclass
@@ -59,40 +57,12 @@ def usage() -> str:
     return __doc__ + "\nKeys and defaults:\n" + "\n".join(describe_keys(EvalCLIConfig)) + "\n"
 
 
-def _run_config(run_dir: str):
-    path = os.path.join(run_dir, "config.yaml")
-    return OmegaConf.load(path) if os.path.isfile(path) else None
-
-
-def resolve_tokenizer(cfg: EvalCLIConfig, run_dir: str):
-    from data import load_tokenizer
-
-    if cfg.tokenizer:
-        return load_tokenizer(cfg.tokenizer)
-    copied = os.path.join(run_dir, "tokenizer.model")
-    if os.path.isfile(copied):
-        return load_tokenizer(copied)
-    run_cfg = _run_config(run_dir)
-    spec = OmegaConf.select(run_cfg, "data.tokenizer") if run_cfg is not None else None
-    if not spec:
-        raise ValueError(f"tokenizer: none given and none found in {run_dir} (tokenizer.model or config.yaml data.tokenizer)")
-    return load_tokenizer(spec)
-
-
-def _data_config(run_dir: str):
-    from data import DataConfig
-
-    run_cfg = _run_config(run_dir)
-    if run_cfg is None or OmegaConf.select(run_cfg, "data") is None:
-        raise ValueError(f"val_batches: {run_dir}/config.yaml with a data section is needed for validation NLL")
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), run_cfg.data))
-
-
 def main(argv=None) -> int:
     import torch
     import torch.distributed as dist
 
     from model.checkpoint import load_model, resolve_checkpoint
+    from model.device import pick_device, pick_dtype
 
     from .results import flatten, format_table
     from .sinks import WandbSink, write_jsonl
@@ -105,9 +75,10 @@ def main(argv=None) -> int:
         return 0
     try:
         cfg = parse_cli(argv)
+        device = pick_device(cfg.device)
         ckpt = resolve_checkpoint(cfg.checkpoint)
         run_dir = run_dir_of(ckpt)
-        tokenizer = resolve_tokenizer(cfg, run_dir)
+        tokenizer = resolve_tokenizer(cfg.tokenizer, run_dir)
         tasks = load_eval_tasks(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
@@ -116,17 +87,12 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        print("error: device: cuda requested but no CUDA device is available", file=sys.stderr)
-        return 2
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
-    if use_cuda:
+    if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1:  # each rank holds the whole model and takes a share of the examples
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    amp = torch.bfloat16 if (cfg.precision == "bf16" or (cfg.precision == "auto" and use_cuda)) else None
+    amp = pick_dtype(cfg.precision, device)
     try:
         model, _ = load_model(ckpt, device)
         with open(os.path.join(ckpt, "meta.json")) as f:
@@ -135,7 +101,7 @@ def main(argv=None) -> int:
         results = run_tasks(model, tokenizer, cfg, step=step, tasks=tasks, amp_dtype=amp, out_path=out)
         val = {}
         if cfg.val_batches:
-            batches = fixed_val_batches(_data_config(run_dir), tokenizer, cfg.val_batches, cfg.val_batch_size, rank, world)
+            batches = fixed_val_batches(data_config(run_dir), tokenizer, cfg.val_batches, cfg.val_batch_size, rank, world)
             val = validation_metrics(model, batches, tokenizer, amp)
         if rank == 0:
             print(f"checkpoint {ckpt} (step {step})")

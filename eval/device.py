@@ -1,7 +1,7 @@
-"""Small helpers shared by the scorers: where the model lives, autocast, its context length, cross-rank sums."""
+"""Small helpers shared by the scorers: where the model lives, its context length, cross-rank sums (autocast:
+model/device.py)."""
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -12,13 +12,6 @@ def model_device(model: torch.nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
-
-
-def autocast(device: torch.device, dtype: Optional[torch.dtype]):
-    """bf16/fp16 autocast when asked for (GPU eval in training), otherwise a no-op (fp32)."""
-    if dtype is None or dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def max_seq_len(model: torch.nn.Module) -> Optional[int]:

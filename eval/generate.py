@@ -10,7 +10,9 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from .device import all_max, all_true, autocast, max_seq_len, model_device
+from model.device import autocast
+
+from .device import all_max, all_true, max_seq_len, model_device
 from .text import encode_context, trim_at_stop
 
 

@@ -37,6 +37,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from model.device import pick_device, pick_dtype
+
 from .device import max_seq_len, model_device
 from .generate import generate_text
 from .scoring import continuation_logprobs
@@ -44,8 +46,6 @@ from .text import encode_request, prefix_id
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-           "fp16": torch.float16, "float16": torch.float16}
 # generation kwargs that are handled (the rest, e.g. top_k or num_beams, are ignored with a warning)
 _GEN_KEYS = {"until", "max_gen_toks", "max_new_tokens", "do_sample", "temperature", "top_p", "seed"}
 
@@ -66,23 +66,12 @@ def _batch_size(batch_size: Any, max_batch_size: Any) -> int:
     raise ValueError(f"MnemoLM: batch_size must be a positive integer or 'auto', got {batch_size!r}")
 
 
-def _amp_dtype(dtype: Any, device: torch.device) -> Optional[torch.dtype]:
-    """model_args dtype -> autocast dtype for the scorer and generation (None: the model's own, fp32)."""
-    if dtype is None or str(dtype).lower() == "auto":  # as `python -m eval`: bf16 on GPU, fp32 on CPU
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if not isinstance(dtype, torch.dtype):
-        if str(dtype).lower() not in _DTYPES:
-            raise ValueError(f"MnemoLM: dtype must be auto or one of {sorted(_DTYPES)}, got {dtype!r}")
-        dtype = _DTYPES[str(dtype).lower()]
-    return None if dtype == torch.float32 else dtype
-
-
 def _device(device: Optional[str]) -> str:
     # lm_eval's CLI passes device="cuda:0" unless --device is given; on a machine without CUDA, use the CPU.
     if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
         if device is not None:
             log.warning("MnemoLM: device %s requested but CUDA is not available: using cpu", device)
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return str(pick_device("auto"))
     return str(device)
 
 
@@ -121,7 +110,8 @@ class MnemoLMCore:
         if tokenizer is None:
             raise ValueError("MnemoLM: a tokenizer is required with model=")
         self.model, self.tokenizer = model.eval(), tokenizer
-        self.amp_dtype = _amp_dtype(dtype, model_device(model))
+        # model_args dtype -> autocast dtype of the scorer and generation; auto as `python -m eval`
+        self.amp_dtype = pick_dtype(dtype, model_device(model), key="MnemoLM: dtype")
         self.batch_size = _batch_size(batch_size, max_batch_size)
         self.max_gen_toks, self.add_bos = int(max_gen_toks), bool(add_bos)
         self.max_length = max_seq_len(model) or 2048
@@ -200,13 +190,12 @@ def _load(checkpoint: str, tokenizer_path: Optional[str], device: str):
     from data import load_tokenizer
     from model.checkpoint import load_model, resolve_checkpoint
 
-    from .__main__ import EvalCLIConfig, resolve_tokenizer, run_dir_of
+    from .run_files import resolve_tokenizer, run_dir_of
 
     model, _ = load_model(checkpoint, device)
     if tokenizer_path:
         return model, load_tokenizer(tokenizer_path)
-    cfg = EvalCLIConfig(checkpoint=checkpoint)
-    return model, resolve_tokenizer(cfg, run_dir_of(resolve_checkpoint(checkpoint)))
+    return model, resolve_tokenizer(None, run_dir_of(resolve_checkpoint(checkpoint)))
 
 
 def _register(cls) -> None:

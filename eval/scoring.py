@@ -14,7 +14,9 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .device import all_max, autocast, max_seq_len, model_device
+from model.device import autocast
+
+from .device import all_max, max_seq_len, model_device
 
 Request = Tuple[Sequence[int], Sequence[int]]
 

@@ -14,7 +14,9 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .device import all_max, all_reduce_sum, autocast, model_device
+from model.device import autocast
+
+from .device import all_max, all_reduce_sum, model_device
 
 
 def source_name(src) -> str:

@@ -72,7 +72,7 @@ def evaluate_base(base, cfg, tokenizer):
 
     from eval import fixed_val_batches, flatten, load_eval_tasks, run_tasks, validation_metrics
     from model.checkpoint import load_model
-    from train.runtime import pick_dtype
+    from model.device import pick_dtype
 
     cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if cuda else "cpu")

@@ -1,5 +1,5 @@
-"""Training steps on random tokens, built exactly as `python -m train` builds them (build_model, parallelize,
-optimizer, scheduler, train_step): the one setup behind scripts/profile_step.py and scripts/bench_train.py."""
+"""Training steps on random tokens, built exactly as `python -m train` builds them (train/builder.py, then
+train_step): the one setup behind scripts/profile_step.py and scripts/bench_train.py."""
 from __future__ import annotations
 
 import os
@@ -14,9 +14,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from train.config import TrainConfig  # noqa: E402
 from train.gc_control import scheduled_gc  # noqa: E402
-from train.loop import build_model, train_step  # noqa: E402
-from train.optim import build_optimizer, build_scheduler  # noqa: E402
-from train.parallelize import parallelize  # noqa: E402
+from train.builder import build_training  # noqa: E402
+from train.step import train_step  # noqa: E402
 
 
 @dataclass
@@ -43,9 +42,7 @@ class StepSetup:
 
 def build_steps(cfg: TrainConfig, rt, total_steps: int) -> StepSetup:
     """Model, optimizer and scheduler as the trainer builds them, and a source of random micro-batches."""
-    model = parallelize(build_model(cfg, rt), cfg, rt)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, max(cfg.train.steps, total_steps))
+    state = build_training(cfg, rt, schedule_steps=max(cfg.train.steps, total_steps))
     g = torch.Generator().manual_seed(cfg.train.seed + rt.rank)
 
     pin = rt.device.type == "cuda"
@@ -56,7 +53,7 @@ def build_steps(cfg: TrainConfig, rt, total_steps: int) -> StepSetup:
         out = [torch.randint(0, cfg.model.vocab_size, shape, generator=g) for _ in range(cfg.train.grad_accum)]
         return [b.pin_memory() for b in out] if pin else out
 
-    return StepSetup(cfg, rt, model, optimizer, scheduler, micro_batches)
+    return StepSetup(cfg, rt, state.model, state.optimizer, state.scheduler, micro_batches)
 
 
 def time_steps(setup: StepSetup, warmup: int, steps: int) -> float:

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-import train.loop
+import train.step
 from _train_helpers import RUN_SMALL
 from train.checkpoint import CheckpointError
 from train.config import ConfigError, load_config
@@ -44,14 +44,14 @@ def checkpoint_weights(path):
 
 def nan_loss_at(monkeypatch, bad_steps):
     """Make the training loss NaN on the given optimizer steps (one micro-batch per step)."""
-    real, calls = train.loop.lm_loss, {"n": 0}
+    real, calls = train.step.lm_loss, {"n": 0}
 
     def lm_loss(model, batch, rt):
         calls["n"] += 1
         loss = real(model, batch, rt)
         return loss * float("nan") if calls["n"] in bad_steps else loss
 
-    monkeypatch.setattr(train.loop, "lm_loss", lm_loss)
+    monkeypatch.setattr(train.step, "lm_loss", lm_loss)
 
 
 # --- non-finite guard -------------------------------------------------------------------------------------------
@@ -195,6 +195,23 @@ def test_tokens_continue_from_the_checkpoint(tmp_path):
     run(config(tmp_path, "train.steps=6", "train.batch_size=2", "checkpoint.every=0"))  # 2 per step now
     tokens = {r["step"]: r["tokens"] for r in records(tmp_path) if "tokens" in r}
     assert tokens[4] == 4 * 4 * 32 and tokens[6] == tokens[4] + 2 * 2 * 32
+
+
+def test_checkpoint_without_the_newer_meta_fields_still_resumes(tmp_path):
+    """Older checkpoints' meta.json lacks the counters, the schedule's horizon, the run config and the file list:
+    they still resume exactly (tokens and skipped steps counted from the resume, the schedule over train.steps)."""
+    run(config(tmp_path / "full", "train.steps=4", "checkpoint.every=0"))
+    old = tmp_path / "old"
+    run(config(old, "train.steps=4", "checkpoint.every=2"))
+    shutil.rmtree(old / "checkpoints" / "step_4")
+    meta_path = old / "checkpoints" / "step_2" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    for key in ("tokens_seen", "skipped_steps", "schedule_steps", "train_config", "files"):
+        del meta[key]
+    meta_path.write_text(json.dumps(meta))
+    run(config(old, "train.steps=4", "checkpoint.every=2"))
+    assert losses(old) == losses(tmp_path / "full")
+    assert [r["tokens"] for r in records(old) if r.get("step") == 4 and "tokens" in r] == [2 * 4 * 32]
 
 
 def test_rerunning_a_finished_run_appends_nothing(tmp_path):

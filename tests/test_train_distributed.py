@@ -43,19 +43,17 @@ def run_layout(world: int, rank: int, overrides, grad_accum: int = 1, probe=None
     """Build, parallelize and train exactly as train.loop does; return (losses, {name: full param}).
 
     `probe(rt, model)`, when given, is called once before training (to wrap hooks that record what happens)."""
+    from train.builder import build_training
     from train.config import load_config
-    from train.loop import build_model, train_step
-    from train.optim import build_optimizer, build_scheduler
-    from train.parallelize import parallelize
     from train.runtime import setup_runtime
+    from train.step import train_step
 
     cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), STEP_SMALL + LINEAR_ADAM + list(overrides))
     rt = setup_runtime(cfg)
-    model = parallelize(build_model(cfg, rt), cfg, rt)
+    state = build_training(cfg, rt)
+    model, opt, sched = state.model, state.optimizer, state.scheduler
     if probe is not None:
         probe(rt, model)
-    opt = build_optimizer(model, cfg.optim)
-    sched = build_scheduler(opt, cfg.optim, cfg.train.steps)
     losses = []
     for batch in global_batches(world if rt.world_size > 1 else world):
         mine = batch[rank * B:(rank + 1) * B] if rt.world_size > 1 else batch

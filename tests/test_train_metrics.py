@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from _train_helpers import RUN_SMALL, STEP_SMALL
+from train.builder import build_model
 from train.config import load_config
 from train.grad_norm import clip_grad_norm
-from train.loop import build_model, run
+from train.loop import run
 from train.mfu import device_peak_flops, peak_flops_of
 from train.runtime import setup_runtime
 
@@ -116,16 +117,14 @@ def test_wandb_offline_run_has_the_sweep_group(tmp_path, monkeypatch):
 
 
 def _grad_norms(world, rank, overrides):
-    """Per-step (total, dense, values) gradient norms of 3 steps on fixed batches, built as train.loop builds."""
-    from train.loop import train_step
-    from train.optim import build_optimizer, build_scheduler
-    from train.parallelize import parallelize
+    """Per-step (total, dense, values) gradient norms of 3 steps on fixed batches, built as the trainer builds."""
+    from train.builder import build_training
+    from train.step import train_step
 
     cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), STEP_SMALL + ["train.steps=3"] + overrides)
     rt = setup_runtime(cfg)
-    model = parallelize(build_model(cfg, rt), cfg, rt)
-    opt = build_optimizer(model, cfg.optim)
-    sched = build_scheduler(opt, cfg.optim, cfg.train.steps)
+    state = build_training(cfg, rt)
+    model, opt, sched = state.model, state.optimizer, state.scheduler
     g = torch.Generator().manual_seed(5)
     norms = []
     for _ in range(cfg.train.steps):

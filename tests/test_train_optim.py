@@ -4,8 +4,8 @@ import os
 import pytest
 
 from _train_helpers import STEP_SMALL
+from train.builder import build_model
 from train.config import ConfigError, load_config
-from train.loop import build_model
 from train.optim import build_optimizer, build_scheduler
 from train.runtime import setup_runtime
 

@@ -7,10 +7,9 @@ from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from _train_helpers import STEP_SMALL
 from train.config import load_config
-from train.loop import build_model, train_step
-from train.optim import build_optimizer, build_scheduler
-from train.parallelize import parallelize
+from train.builder import build_training
 from train.runtime import setup_runtime
+from train.step import train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,14 +18,12 @@ def build(*overrides):
     os.environ.pop("WORLD_SIZE", None)
     cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), STEP_SMALL + list(overrides))
     rt = setup_runtime(cfg)
-    torch.manual_seed(0)
-    return cfg, rt, parallelize(build_model(cfg, rt), cfg, rt)
+    return cfg, rt, build_training(cfg, rt)
 
 
 def train_losses(*overrides):
-    cfg, rt, model = build(*overrides)
-    opt = build_optimizer(model, cfg.optim)
-    sched = build_scheduler(opt, cfg.optim, cfg.train.steps)
+    cfg, rt, state = build(*overrides)
+    model, opt, sched = state.model, state.optimizer, state.scheduler
     g = torch.Generator().manual_seed(7)
     losses = []
     for _ in range(cfg.train.steps):
@@ -44,7 +41,7 @@ def test_activation_checkpointing_keeps_losses_and_checkpoint_keys():
     assert list(get_state_dict(ac_model, ac_opt)[0]) == list(get_state_dict(plain_model, plain_opt)[0])
     # recomputation really happens: each block's forward runs again in backward (forward hooks are not re-run
     # by the recomputation, so count calls of forward itself)
-    _, _, model = build("train.activation_checkpointing=true")
+    model = build("train.activation_checkpointing=true")[2].model
     calls = []
     for i, wrapper in enumerate(model.layers):
         block = wrapper._checkpoint_wrapped_module
@@ -62,6 +59,6 @@ def test_checkpointed_blocks_stay_compiled():
 
     torch._dynamo.reset()
     counters.clear()
-    _, _, model = build("train.compile=true", "train.activation_checkpointing=true")
+    model = build("train.compile=true", "train.activation_checkpointing=true")[2].model
     model(torch.randint(0, 4096, (2, 16))).float().mean().backward()
     assert counters["stats"]["unique_graphs"] >= 2, dict(counters["stats"])

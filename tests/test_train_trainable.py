@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from _train_helpers import RUN_SMALL, STEP_SMALL
+from train.builder import build_model, build_training
 from train.config import ConfigError, load_config
-from train.loop import build_model, run, train_step
-from train.optim import build_optimizer, build_scheduler
+from train.loop import run
 from train.runtime import setup_runtime
+from train.step import train_step
 from train.trainable import apply_trainable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,15 +27,12 @@ def step_config(*extra):
     return load_config(os.path.join(ROOT, "configs", "tiny.yaml"), STEP_SMALL + list(extra))
 
 
-def train_three_steps(model, cfg, rt):
-    """Three optimizer steps on seeded random batches; returns the optimizer."""
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+def train_three_steps(state, cfg, rt):
+    """Three optimizer steps of a built training stack on seeded random batches."""
     g = torch.Generator().manual_seed(0)
     for _ in range(3):
         batch = torch.randint(0, cfg.model.vocab_size, (2, cfg.data.seq_len + 1), generator=g)
-        train_step(model, optimizer, scheduler, [batch], cfg, rt)
-    return optimizer
+        train_step(state.model, state.optimizer, state.scheduler, [batch], cfg, rt)
 
 
 @pytest.mark.parametrize("value_optimizer", ["adamw", "rowwise_adagrad"])
@@ -43,11 +41,12 @@ def test_frozen_parameters_bit_identical_and_without_optimizer_state(which, valu
     cfg = step_config(f"train.trainable={which}", f"optim.value_optimizer={value_optimizer}")
     rt = setup_runtime(cfg)
     try:
-        model = build_model(cfg, rt)
-        names = apply_trainable(model, cfg.train.trainable)
-        assert set(names) == EXPECTED[which]
+        state = build_training(cfg, rt)
+        model, optimizer = state.model, state.optimizer
+        assert {n for n, p in model.named_parameters() if p.requires_grad} == EXPECTED[which]
+        assert state.n_trainable == sum(p.numel() for n, p in model.named_parameters() if n in EXPECTED[which])
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        optimizer = train_three_steps(model, cfg, rt)
+        train_three_steps(state, cfg, rt)
         for n, p in model.named_parameters():
             if n in EXPECTED[which]:
                 assert not torch.equal(p, before[n]), f"{n} is trainable but did not change"
@@ -116,13 +115,12 @@ def test_trainable_rows_limit_value_updates_to_the_listed_rows(tmp_path, value_o
     cfg = step_config("train.trainable=values", f"train.trainable_rows={rows_file}",
                       f"optim.value_optimizer={value_optimizer}")
     rt = setup_runtime(cfg)
-    model = build_model(cfg, rt)
-    apply_trainable(model, cfg.train.trainable)
+    state = build_training(cfg, rt)  # selects the values, then limits their updates to the listed rows
+    model = state.model
     from train.trainable import restrict_value_rows
 
-    assert restrict_value_rows(model, cfg.train.trainable_rows) == 32
     before = model.values.weight.detach().clone()
-    train_three_steps(model, cfg, rt)
+    train_three_steps(state, cfg, rt)
     after = model.values.weight.detach()
     assert torch.equal(after[1::2], before[1::2])  # unlisted rows: bit-identical
     assert (after[0::2] != before[0::2]).any(dim=1).sum() > 10  # listed rows that were read moved

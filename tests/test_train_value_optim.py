@@ -13,7 +13,8 @@ import torch
 from _train_helpers import STEP_SMALL
 from ops import row_optim
 from train.config import ConfigError, load_config
-from train.loop import build_model, train_step
+from train.builder import build_model
+from train.step import train_step
 from train.optim import build_optimizer, build_scheduler
 from train.runtime import setup_runtime
 from train.value_optim import RowSparseValueAdamW, optimizer_state_bytes

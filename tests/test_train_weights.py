@@ -8,8 +8,9 @@ import torch
 
 from _train_helpers import RUN_SMALL
 from model.checkpoint import load_model
+from train.builder import build_model
 from train.config import ConfigError, load_config
-from train.loop import build_model, run
+from train.loop import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

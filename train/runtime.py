@@ -13,7 +13,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError, TrainConfig
+from model.device import autocast, pick_device, pick_dtype
+
+from .config import TrainConfig
 
 
 @dataclass
@@ -34,9 +36,7 @@ class Runtime:
         return self.rank == 0
 
     def autocast(self):
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+        return autocast(self.device, self.dtype)
 
     def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
@@ -90,24 +90,8 @@ class Runtime:
             dist.destroy_process_group()
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device: cuda requested but no CUDA device is available")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
-def pick_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return torch.bfloat16 if precision == "bf16" else None
-
-
 def setup_runtime(cfg: TrainConfig) -> Runtime:
-    device = pick_device(cfg.train.device)
+    device = pick_device(cfg.train.device, key="train.device")
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True

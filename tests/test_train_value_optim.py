@@ -64,15 +64,24 @@ def rowwise_adagrad_loop(table, grads):
     return p.float()
 
 
+def device_of(backend):
+    """The Triton kernel runs on CUDA tensors, or on CPU ones under TRITON_INTERPRET when there is no GPU."""
+    return torch.device("cuda" if backend == "triton" and torch.cuda.is_available() else "cpu")
+
+
 def run_rows(rule, backend, table, grads):
-    p, state = table.clone(), [torch.zeros(N, D), torch.zeros(N, D)] if rule == "lazy_adam" else [torch.zeros(N)]
+    dev = device_of(backend)
+    p = table.clone().to(dev)
+    state = [torch.zeros(N, D, device=dev), torch.zeros(N, D, device=dev)] if rule == "lazy_adam" else \
+        [torch.zeros(N, device=dev)]
     for step, grad in enumerate(grads, 1):
+        grad = grad.to(dev)
         if rule == "lazy_adam":
             row_optim.lazy_adam_rows(p, grad, *state, lr=LR, beta1=BETAS[0], beta2=BETAS[1], eps=EPS, weight_decay=WD,
                                      step=step, backend=backend)
         else:
             row_optim.rowwise_adagrad_rows(p, grad, *state, lr=LR, eps=EPS, weight_decay=WD, backend=backend)
-    return p, state
+    return p.cpu(), [s.cpu() for s in state]
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -93,12 +102,15 @@ def test_rule_matches_plain_loop_and_leaves_unread_rows_alone(rule, loop, backen
 def test_given_row_statistic_decides_touched_rows(rule, backend):
     """A column shard follows the full row's statistic: a row whose local slice has zero gradient still moves
     (Adam's moments decay, Adagrad's accumulator grows) when another shard saw it, and vice versa."""
-    table = torch.randn(N, D, generator=torch.Generator().manual_seed(2))
-    grad = sparse_grads(1)[0]
+    dev = device_of(backend)
+    table = torch.randn(N, D, generator=torch.Generator().manual_seed(2)).to(dev)
+    grad = sparse_grads(1)[0].to(dev)
     stat = row_optim.touched_stat(rule, grad)
     stat[0] = 1.0  # read by another shard only
     stat[1] = 0.0  # read here but vetoed: no shard may diverge from the others
-    p, state = table.clone(), [torch.ones(N, D), torch.ones(N, D)] if rule == "lazy_adam" else [torch.ones(N)]
+    p = table.clone()
+    state = [torch.ones(N, D, device=dev), torch.ones(N, D, device=dev)] if rule == "lazy_adam" else \
+        [torch.ones(N, device=dev)]
     if rule == "lazy_adam":
         row_optim.lazy_adam_rows(p, grad, *state, stat, lr=LR, beta1=BETAS[0], beta2=BETAS[1], eps=EPS,
                                  weight_decay=WD, step=2, backend=backend)

@@ -5,7 +5,7 @@
         [--value-optimizers adamw,sparse_adam,rowwise_adagrad [--loss-steps 300 --loss-dir DIR]]
 
 Each model is a config (a name under configs/ or a path), built and stepped exactly as the trainer does
-(scripts/step_harness.py) on random tokens, with torch.compile and bf16 autocast unless overrides say otherwise;
+(train/bench_steps.py) on random tokens, with torch.compile and bf16 autocast unless overrides say otherwise;
 overrides apply to every model. MFU = tokens/s x model.flops.flops_per_token(cfg, seq_len) / peak bf16 FLOP/s
 (from the GPU's name, or --peak-tflops). The profiler split sums each CUDA kernel's time per step into parts
 (attention, FFN matmuls, memory search, lookup, optimizer, loss, ...); matrix products are told apart by the
@@ -33,9 +33,9 @@ from typing import Dict, List
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-from step_harness import build_steps, time_steps  # noqa: E402
+from train.bench_steps import build_steps, time_steps  # noqa: E402
 from train.trace_summary import load_events  # noqa: E402
 from model.flops import flops_per_token  # noqa: E402
 from train.config import load_config  # noqa: E402

@@ -14,9 +14,9 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-from step_harness import build_steps, time_steps  # noqa: E402
+from train.bench_steps import build_steps, time_steps  # noqa: E402
 from train.config import parse_cli  # noqa: E402
 from train.runtime import setup_runtime  # noqa: E402
 

@@ -1,7 +1,7 @@
 """The training stack, built once: model (initialised from the seed), trainable selection, parallelization,
 optimizer, learning-rate schedule and data loader, in the order every user of them relies on.
 
-`build_training` is what `python -m train`, the step benchmarks/profiler (scripts/step_harness.py) and the
+`build_training` is what `python -m train`, the step benchmarks/profiler (train/bench_steps.py) and the
 tests build, so they all run the trainer's code. `TrainState` is what a step changes; its `state_dict` is the
 checkpoint's meta.json (the model and optimizer tensors go through DCP: train/checkpoint.py).
 """

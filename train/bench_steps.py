@@ -1,21 +1,17 @@
 """Training steps on random tokens, built exactly as `python -m train` builds them (train/builder.py, then
-train_step): the one setup behind scripts/profile_step.py and scripts/bench_train.py."""
+train_step): the one setup behind the step benchmarks, scripts/profile_step.py and scripts/bench_train.py."""
 from __future__ import annotations
 
-import os
-import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, List
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from train.config import TrainConfig  # noqa: E402
-from train.gc_control import scheduled_gc  # noqa: E402
-from train.builder import build_training  # noqa: E402
-from train.step import train_step  # noqa: E402
+from .builder import build_training
+from .config import TrainConfig
+from .gc_control import scheduled_gc
+from .step import train_step
 
 
 @dataclass

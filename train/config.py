@@ -26,7 +26,7 @@ Trainable = Literal["all", "memory", "values", "ffn"]  # the keys of train.train
 NonFinite = Literal["stop", "skip"]
 ReduceDtype = Literal["fp32", "bf16", "param"]
 DistBackend = Literal["auto", "nccl", "gloo"]
-ValueOptimizer = Literal["adamw", "sparse_adam", "rowwise_adagrad"]  # train/value_optim.py's VALUE_OPTIMIZERS
+ValueOptimizer = Literal["adamw", "sparse_adam", "rowwise_adagrad"]  # row rules: train/value_optim.py
 
 # What `python -m train` trains without config= (the same as `make train`).
 DEFAULT_PRESET = "configs/tiny.yaml"

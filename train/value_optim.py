@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from ops import row_optim
 
-VALUE_OPTIMIZERS = ("adamw", "sparse_adam", "rowwise_adagrad")
+# optim.value_optimizer (train/config.py ValueOptimizer) -> its row rule in ops/row_optim.py; adamw has none
 _RULE = {"sparse_adam": "lazy_adam", "rowwise_adagrad": "rowwise_adagrad"}
 
 
@@ -47,7 +47,7 @@ class RowSparseValueAdamW(torch.optim.AdamW):
 
     def __init__(self, params, value_optimizer: str, **adamw_kwargs):
         if value_optimizer not in _RULE:
-            raise ValueError(f"optim.value_optimizer: must be one of {', '.join(VALUE_OPTIMIZERS)}, "
+            raise ValueError(f"optim.value_optimizer: must be one of adamw, {', '.join(_RULE)}, "
                              f"got {value_optimizer!r}")
         self.rule = _RULE[value_optimizer]
         super().__init__(params, **adamw_kwargs)

@@ -21,15 +21,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 
 
-def build(*overrides):
+def build(*overrides, device="cpu"):
     os.environ.pop("WORLD_SIZE", None)
-    cfg = load_config(TINY, STEP_SMALL + list(overrides))
+    cfg = load_config(TINY, STEP_SMALL + [f"train.device={device}"] + list(overrides))
     rt = setup_runtime(cfg)
     return cfg, rt, build_training(cfg, rt)
 
 
-def train(*overrides, steps=5):
-    cfg, rt, state = build(*overrides)
+def train(*overrides, steps=5, device="cpu"):
+    cfg, rt, state = build(*overrides, device=device)
     g = torch.Generator().manual_seed(7)
     losses, norms = [], []
     for _ in range(steps):
@@ -109,7 +109,7 @@ def test_speed_modes_resume_exactly(tmp_path):
              "optim.grad_clip=0.1", "train.steps=6"]
 
     def cfg(run_dir, *extra):
-        return load_config(TINY, RUN_SMALL + modes + [f"run_dir={run_dir}"] + list(extra))
+        return load_config(TINY, RUN_SMALL + modes + ["train.device=cpu", f"run_dir={run_dir}"] + list(extra))
 
     run(cfg(tmp_path / "full", "checkpoint.every=0"))
     run(cfg(tmp_path / "cut", "checkpoint.every=3", "train.steps=3"))
@@ -138,4 +138,27 @@ def test_whole_model_compile_keeps_names_and_losses():
     assert list(model.state_dict()) == list(plain.model.state_dict())
     assert list(get_state_dict(model, state.optimizer)[0]) == list(get_state_dict(plain.model, plain.optimizer)[0])
     assert compiled == pytest.approx(eager, rel=1e-5)
+    torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+def test_speed_modes_on_cuda():
+    """All three options at once on a GPU (Triton memory kernels, bf16 autocast, the whole model compiled): losses
+    near the default step's, compiled once (no recompilation after the first step)."""
+    from torch._dynamo.utils import counters
+
+    ref, _, _ = train("train.precision=bf16", steps=6, device="cuda")
+    torch._dynamo.reset()
+    counters.clear()
+    modes = ["train.precision=bf16", "model.residual_dtype=autocast", "train.compile=true",
+             "train.compile_scope=model", "optim.clip_in_optimizer=true"]
+    train(*modes, steps=1, device="cuda")
+    graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    counters.clear()
+    got, _, state = train(*modes, steps=6, device="cuda")
+    assert counters["stats"]["unique_graphs"] == graphs  # steps 2-6 reuse the first step's graphs
+    assert state.optimizer.defaults["fused"] and state.optimizer.grad_scale is not None
+    assert all(torch.isfinite(torch.tensor(got)))
+    assert got == pytest.approx(ref, abs=0.05)
     torch._dynamo.reset()

@@ -11,6 +11,7 @@ from .cli_config import check_choices
 MemoryBackend = Literal["auto", "reference", "triton"]
 ProjInit = Literal["fan_in", "init_std"]
 AttentionBackend = Literal["sdpa", "xformers"]
+ResidualDtype = Literal["fp32", "autocast"]
 
 
 @dataclass
@@ -93,6 +94,11 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     attention_backend: AttentionBackend = "sdpa"  # xformers: optional, imported lazily
+    # dtype of the residual stream between blocks: fp32, or the autocast dtype when autocast runs (bf16 under
+    # train.precision=bf16; fp32 without autocast). "autocast" halves the bytes of every norm, residual add and
+    # saved block input, as a model whose parameters are cast to bf16 (FSDP2 param_dtype) runs; norms still
+    # compute in fp32 and round once, and parameters, their gradients and the optimizer stay fp32.
+    residual_dtype: ResidualDtype = "fp32"
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     @property

@@ -22,9 +22,10 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, use_memory: bool):
         super().__init__()
         self.layer_id = layer_id
-        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        keep = cfg.residual_dtype != "fp32"  # a low-precision residual stream's norms write its dtype
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, keep_dtype=keep)
         self.attention = Attention(cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.attention_backend)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, keep_dtype=keep)
         # A memory block's FFN slot holds the memory layer (`layers.{i}.memory`), others a SwiGLU (`layers.{i}.feed_forward`).
         if use_memory:
             self.memory = MemoryLayer(cfg, own_values=not cfg.memory.share_values)
@@ -65,7 +66,7 @@ class Transformer(nn.Module):
             shared = bool(memory_layers) and cfg.memory.share_values
             self.values = ValuePool(cfg.memory.n_keys**2, cfg.v_dim, value_init_std(cfg)) if shared else None
             self.layers = nn.ModuleList(Block(cfg, i, i in memory_layers) for i in range(cfg.n_layers))
-            self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+            self.norm = RMSNorm(cfg.dim, cfg.norm_eps, keep_dtype=cfg.residual_dtype != "fp32")
             self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.init_weights()
 
@@ -112,7 +113,7 @@ class Transformer(nn.Module):
             raise ValueError(f"Transformer: positions must be in [0, model.max_seq_len={max_len})")
         mask = self._attention_mask(B, L, start_pos if cache is not None else 0, key_valid, cache is not None, device)
         cos, sin = self.rope(positions)
-        h = self.tok_embeddings(tokens)
+        h = self._residual_cast(self.tok_embeddings(tokens))
         pool = self.values
         if pool is not None:
             m = self.cfg.memory
@@ -128,6 +129,14 @@ class Transformer(nn.Module):
         if targets is not None:
             return ops.linear_cross_entropy(h.reshape(B * L, -1), weight, targets.reshape(B * L))
         return F.linear(h, weight)
+
+    def _residual_cast(self, h: torch.Tensor) -> torch.Tensor:
+        """The embedding output in the residual stream's dtype (model.residual_dtype). Blocks keep it: their
+        branches end in autocast matmuls (bf16) and their norms keep the input dtype."""
+        device = h.device.type
+        if self.cfg.residual_dtype == "autocast" and torch.is_autocast_enabled(device):
+            return h.to(torch.get_autocast_dtype(device))
+        return h
 
     @staticmethod
     def _attention_mask(B, L, offset, key_valid, cached, device) -> Optional[torch.Tensor]:

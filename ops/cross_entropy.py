@@ -113,6 +113,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return gh, gw, None, None
 
 
+# Eager inside compiled callers (a whole-model compile): each chunk is already a matmul, one Triton row pass and
+# fused fp32 accumulation; tracing would unroll the chunk loop for nothing.
+@torch.compiler.disable
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          chunk_tokens: int | None = None) -> torch.Tensor:
     """Mean cross-entropy of logits h @ weight^T against targets, never holding all the logits.

@@ -6,10 +6,13 @@
 
 Each model is a config (a name under configs/ or a path), built and stepped exactly as the trainer does
 (train/bench_steps.py) on random tokens, with torch.compile and bf16 autocast unless overrides say otherwise;
-overrides apply to every model. MFU = tokens/s x model.flops.flops_per_token(cfg, seq_len) / peak bf16 FLOP/s
-(from the GPU's name, or --peak-tflops). The profiler split sums each CUDA kernel's time per step into parts
-(attention, FFN matmuls, memory search, lookup, optimizer, loss, ...); matrix products are told apart by the
-shapes of the op that launched them. --append adds the table to a markdown file (card, date, command, and the
+overrides apply to every model. A model may carry its own overrides after `+` signs, so that variants of one
+config are measured against it in the same run, e.g.
+`--models dense_373m,dense_373m+model.residual_dtype=autocast+train.compile_scope=model`.
+MFU = tokens/s x model.flops.flops_per_token(cfg, seq_len) / peak bf16 FLOP/s (from the GPU's name, or
+--peak-tflops). The profiler split sums each CUDA kernel's time per step into parts (attention, FFN matmuls,
+memory search, lookup, optimizer, loss, ...); matrix products are told apart by the shapes of the op that
+launched them. --append adds the table to a markdown file (card, date, command, and the
 ratio of each model's throughput to the first model's).
 
 --value-optimizers runs every model once per value-table optimizer (optim.value_optimizer), rows named
@@ -25,11 +28,12 @@ import datetime
 import gc
 import json
 import os
+import re
 import shlex
 import sys
 import tempfile
 from collections import defaultdict
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -53,6 +57,12 @@ def peak_tflops(name: str) -> float | None:
         if key in name:
             return value
     return None
+
+
+def model_spec(spec: str) -> Tuple[str, List[str]]:
+    """`name+key=value+key=value` -> (name, [key=value, ...]); a `+` inside a value (1e+3) is kept."""
+    name, *overrides = re.split(r"\+(?=[A-Za-z_][\w.]*=)", spec)
+    return name, overrides
 
 
 def config_path(name: str) -> str:
@@ -238,14 +248,15 @@ def main() -> None:
     holder: dict = {}
     rows = []
     variants = args.value_optimizers.split(",") if args.value_optimizers else [None]
-    for name, vopt in ((n, v) for n in args.models.split(",") for v in variants if args.steps > 0):
+    for spec, vopt in ((n, v) for n in args.models.split(",") for v in variants if args.steps > 0):
+        name, own = model_spec(spec)
         extra_vopt = [f"optim.value_optimizer={vopt}"] if vopt else []
-        row = bench_model(name, overrides + extra_vopt, args, holder, label=f"{name} [{vopt}]" if vopt else name)
+        row = bench_model(name, overrides + own + extra_vopt, args, holder, label=f"{spec} [{vopt}]" if vopt else spec)
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "top_kernels"}), flush=True)
         for part, ks in row.get("top_kernels", {}).items():
             if part.startswith(("other", "memory", "fused", "attention (")):
-                print(f"  {name} | {part}: " + "; ".join(f"{k} {ms:.2f}" for k, ms in ks), flush=True)
+                print(f"  {spec} | {part}: " + "; ".join(f"{k} {ms:.2f}" for k, ms in ks), flush=True)
     out = table(rows) if rows else ""
     print(out)
     if args.json:
@@ -277,22 +288,23 @@ def loss_comparison(args, overrides: List[str], variants: List[str]) -> None:
     from train.loop import run
 
     steps = args.loss_steps
-    for name in args.models.split(","):
+    for spec in args.models.split(","):
+        name, own = model_spec(spec)
         dirs = []
         for vopt in variants:
-            run_dir = os.path.join(args.loss_dir, f"{os.path.basename(name).removesuffix('.yaml')}_{vopt}")
+            run_dir = os.path.join(args.loss_dir, f"{os.path.basename(spec).removesuffix('.yaml')}_{vopt}")
             if os.path.exists(run_dir):  # never mix with (or delete) an earlier run's metrics
                 sys.exit(f"--loss-dir: {run_dir} already exists; pass a new --loss-dir")
             dirs.append(run_dir)
             torch._dynamo.reset()  # a fresh model per run: no compiled graphs or recompile counts carried over
-            run(load_config(config_path(name), overrides + [
+            run(load_config(config_path(name), overrides + own + [
                 f"optim.value_optimizer={vopt}", f"run_dir={run_dir}", f"train.steps={steps}",
                 f"optim.warmup_steps={max(1, steps // 10)}", "train.log_every=10", "train.val_every=0",
                 "checkpoint.every=0", "checkpoint.save_final=false", "checkpoint.resume=false"]))
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-        print(f"\nloss parity, {name}, {steps} steps on its data (first: {variants[0]}):", flush=True)
+        print(f"\nloss parity, {spec}, {steps} steps on its data (first: {variants[0]}):", flush=True)
         subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "compare_runs.py"), *dirs,
                         "--skip", str(min(20, steps // 4)), "--tail", str(max(1, min(50, steps // 5)))], check=True)
 

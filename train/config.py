@@ -27,6 +27,7 @@ NonFinite = Literal["stop", "skip"]
 ReduceDtype = Literal["fp32", "bf16", "param"]
 DistBackend = Literal["auto", "nccl", "gloo"]
 ValueOptimizer = Literal["adamw", "sparse_adam", "rowwise_adagrad"]  # row rules: train/value_optim.py
+CompileScope = Literal["blocks", "model"]  # what train.compile compiles: train/parallelize.py
 
 # What `python -m train` trains without config= (the same as `make train`).
 DEFAULT_PRESET = "configs/tiny.yaml"
@@ -55,6 +56,10 @@ class OptimConfig:
     # Cosine decays to lr * min_lr_ratio at the last step.
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    # Clip inside the optimizer's update: the fused AdamW divides each gradient by the clip factor as it reads
+    # it (its grad_scale input), instead of a separate pass multiplying every gradient. The same update up to
+    # rounding. Uses the fused AdamW on any device; one process and value_optimizer=adamw only.
+    clip_in_optimizer: bool = False
 
     @property
     def resolved_value_lr(self) -> float:
@@ -74,6 +79,9 @@ class OptimConfig:
                 raise ValueError(f"{prefix}.{key}: must be >= 0, got {getattr(self, key)}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"{prefix}.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if self.clip_in_optimizer and self.value_optimizer != "adamw":
+            raise ValueError(f"{prefix}.clip_in_optimizer: needs {prefix}.value_optimizer=adamw (the row-sparse value "
+                             f"rules take no gradient scale), got {self.value_optimizer}")
 
 
 @dataclass
@@ -85,6 +93,10 @@ class LoopConfig:
     device: Device = "auto"
     precision: Precision = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     compile: bool = False
+    # With compile: "blocks" compiles each block on its own (fast to compile; embedding, final norm and loss run
+    # eagerly); "model" compiles the whole forward as one program (one process only), so that the elementwise
+    # work between blocks and around the embedding and final norm is fused too; the loss stays eager.
+    compile_scope: CompileScope = "blocks"
     activation_checkpointing: bool = False
     log_every: int = 10
     val_every: int = 100  # 0 disables periodic validation (a final one still runs)

@@ -46,12 +46,22 @@ def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> List[Dict]:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    # foreach=False keeps the CPU path deterministic and simple; fused kernels are a GPU speed-up.
-    fused = all(p.is_cuda for p in model.parameters())
+    # foreach=False keeps the CPU path deterministic and simple; fused kernels are a GPU speed-up. Clipping inside
+    # the optimizer needs the fused kernel's gradient scale, which CPUs have too.
+    fused = cfg.clip_in_optimizer or all(p.is_cuda for p in model.parameters())
     kwargs = dict(betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
     if cfg.value_optimizer != "adamw":  # the value table's row-sparse rule (train/value_optim.py)
         return RowSparseValueAdamW(param_groups(model, cfg), cfg.value_optimizer, **kwargs)
     return torch.optim.AdamW(param_groups(model, cfg), **kwargs)
+
+
+def set_clip_scale(optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor, max_norm: float) -> None:
+    """Clip in the next optimizer.step(): the fused AdamW divides every gradient by its `grad_scale` as it reads
+    it (the input torch.amp.GradScaler uses to unscale), here max(1, norm / max_norm): gradients * min(1,
+    max_norm / norm), as clip_grad_norm would have multiplied them, without that separate pass."""
+    if not (type(optimizer) is torch.optim.AdamW and all(g.get("fused") for g in optimizer.param_groups)):
+        raise TypeError(f"optim.clip_in_optimizer: needs torch's fused AdamW, got {type(optimizer).__name__}")
+    optimizer.grad_scale = ((grad_norm.float() + 1e-6) / max_norm).clamp(min=1.0) if max_norm > 0 else None
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:

@@ -29,8 +29,14 @@ def apply_activation_checkpointing(model: torch.nn.Module) -> None:
         model.layers.register_module(key, checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT))
 
 
-def apply_compile(model: torch.nn.Module) -> None:
-    # Per block: small graphs compile fast, and identical blocks share compiled code.
+def apply_compile(model: torch.nn.Module, scope: str = "blocks") -> None:
+    """scope "blocks": each block on its own (small graphs compile fast, identical blocks share compiled code).
+    "model": the whole forward in place (Module.compile: no wrapper module, so parameter names and checkpoint keys
+    stay those of the plain model). fullgraph=False: the loss (ops.linear_cross_entropy), the reference memory
+    backend's data-dependent ops and anything else dynamo cannot trace run eagerly between compiled parts."""
+    if scope == "model":
+        model.compile(fullgraph=False)
+        return
     for key, block in model.layers.named_children():
         model.layers.register_module(key, torch.compile(block, fullgraph=False))
 
@@ -50,7 +56,7 @@ def eager_for_eval(cfg: TrainConfig):
 
 def parallelize(model: torch.nn.Module, cfg: TrainConfig, rt) -> torch.nn.Module:
     if cfg.train.compile:
-        apply_compile(model)
+        apply_compile(model, cfg.train.compile_scope)  # scope "model" is traced at the first call, AC included
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)  # recomputation re-runs the compiled block
     if rt.world_size > 1:

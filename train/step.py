@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .config import TrainConfig
+from .optim import set_clip_scale
 from .runtime import Runtime
 
 
@@ -30,7 +31,10 @@ def train_step(model, optimizer, scheduler, micro_batches, cfg: TrainConfig, rt:
             (loss / n).backward()
         loss_sum += loss.detach()
     rt.sync_value_grads(model)
-    grad_norm, grad_parts = rt.clip_grad_norm(model, cfg.optim.grad_clip)
+    in_optimizer = cfg.optim.clip_in_optimizer
+    grad_norm, grad_parts = rt.clip_grad_norm(model, 0.0 if in_optimizer else cfg.optim.grad_clip)  # 0: norm only
+    if in_optimizer:
+        set_clip_scale(optimizer, grad_norm, cfg.optim.grad_clip)
     loss = rt.all_reduce_mean(loss_sum / n)
     if step_ok is None or step_ok(loss, grad_norm):
         optimizer.step()

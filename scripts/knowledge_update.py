@@ -136,6 +136,39 @@ def write_table(rows, out):
     return table
 
 
+def run_at_once(config, jobs, parallel, threads=0):
+    """Each finetuning run as its own `python -m train` process, `parallel` at a time (small models leave a GPU
+    mostly idle); yields (mode, run_dir, overrides, seconds) as they finish. A failed run stops the command."""
+    import subprocess
+    import time
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    queue, live = list(jobs), {}
+    while queue or live:
+        while queue and len(live) < parallel:
+            mode, run_dir, ft = queue.pop(0)
+            os.makedirs(run_dir, exist_ok=True)
+            log = open(os.path.join(run_dir, "log.txt"), "w")
+            cmd = [sys.executable, "-m", "train", f"config={config}", *ft]
+            print(f"== finetune {mode} (log: {log.name})", flush=True)
+            env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+            proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT)
+            live[mode] = (proc, log, run_dir, ft, time.perf_counter())
+        for mode, (proc, log, run_dir, ft, t0) in list(live.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del live[mode]
+            if proc.returncode:
+                with open(log.name, errors="replace") as f:
+                    tail = "".join(f.readlines()[-20:])
+                for other in live.values():
+                    other[0].kill()
+                raise SystemExit(f"finetune {mode}: exit {proc.returncode}; the end of {log.name}:\n{tail}")
+            yield mode, run_dir, ft, time.perf_counter() - t0
+        time.sleep(0.5)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
@@ -153,6 +186,8 @@ def main(argv=None) -> int:
     p.add_argument("--replay-share", type=float, default=0.0,
                    help="share of finetuning tokens from the pretraining mixture (old people + general text)")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--parallel", type=int, default=1,
+                   help="finetuning runs at once, each its own process (1: one after another, in this process)")
     args, overrides = p.parse_known_args(argv)
     if args.threads:
         import torch
@@ -179,6 +214,7 @@ def main(argv=None) -> int:
     common = [ft_data, f"data.val=[{{paths: [{GENERAL_VAL}]}}]", tasks]
     print("== evaluating the pretrained model", flush=True)
     rows = [{"run": "base (before)", **evaluate_base(base, load_config(args.config, overrides + common), tokenizer)}]
+    jobs = []  # (mode, run dir, overrides)
     for mode in [m for m in args.modes.split(",") if m]:
         run_dir = os.path.abspath(os.path.join(args.out, f"ft_{mode}"))
         extra = [f"train.trainable={mode}"]
@@ -196,12 +232,20 @@ def main(argv=None) -> int:
             f"train.steps={args.steps}", f"optim.lr={args.lr}", "optim.warmup_steps=10", "optim.weight_decay=0.0",
             "checkpoint.save_final=false", "logging.memory_health=true",
         ]
-        print(f"== finetune {mode}", flush=True)
-        seconds = run_one(args.config, ft)
+        jobs.append((mode, run_dir, ft))
+
+    def record(mode, run_dir, ft, seconds):
         rows.append({"run": f"finetune {mode}", "seconds": round(seconds, 1), **metrics(run_dir)})
         with open(os.path.join(args.out, "results.jsonl"), "a") as f:
             f.write(json.dumps({**rows[-1], "overrides": ft}) + "\n")
         write_table(rows, args.out)  # after every run: a command stopped at a time limit keeps what it finished
+
+    if args.parallel > 1:
+        for mode, run_dir, ft, seconds in run_at_once(args.config, jobs, args.parallel, args.threads):
+            record(mode, run_dir, ft, seconds)
+    for mode, run_dir, ft in jobs if args.parallel <= 1 else []:
+        print(f"== finetune {mode}", flush=True)
+        record(mode, run_dir, ft, run_one(args.config, ft))
 
     print("\n" + write_table(rows, args.out))
     return 0

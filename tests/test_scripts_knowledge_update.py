@@ -3,6 +3,8 @@ import os
 import re
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from data import load_tokenizer  # noqa: E402
@@ -26,3 +28,14 @@ def test_replay_share_is_the_share_of_tokens(tmp_path):
     total = sum(tokens.values())
     assert abs(tokens[new_train] / total - 0.7) < 0.01
     assert abs(tokens[os.path.join(old, "train.jsonl")] / total - 0.15) < 0.01
+
+
+@pytest.mark.slow
+def test_parallel_finetuning_stops_at_a_failed_run_and_shows_its_log(tmp_path):
+    from scripts.knowledge_update import run_at_once
+
+    config = os.path.join(ROOT, "configs", "facts_small.yaml")
+    jobs = [(mode, str(tmp_path / mode), [f"run_dir={tmp_path / mode}", "model.no_such_key=1"])
+            for mode in ("memory", "ffn")]
+    with pytest.raises(SystemExit, match=r"(?s)finetune (memory|ffn): exit [1-9].*no_such_key"):
+        list(run_at_once(config, jobs, parallel=2))

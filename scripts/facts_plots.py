@@ -23,8 +23,8 @@ def _mean(xs: List[float]) -> float:
 
 def placement_label(r: dict) -> str:
     where = ",".join(map(str, r["memory_layers"]))
-    return (f"{r['data']} L{r['n_layers']} d{r['dim']}, memory at {where}"
-            + (" beside the FFN" if r.get("keep_ffn") else ""))
+    return (f"{r['data']} L{r['n_layers']} d{r['dim']}: memory {'beside' if r.get('keep_ffn') else 'in place of'} "
+            f"the FFN of layer {where}")
 
 
 def placement_lines(rows: List[dict]) -> Dict[str, List[Tuple[int, float, float]]]:
@@ -82,7 +82,7 @@ def write_plots(out: str, rows: List[dict]) -> List[str]:
     import matplotlib.pyplot as plt
 
     paths = []
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))  # (b) is far below (a): own scales
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, pts) in enumerate(sorted(placement_lines(rows).items())):
         for ax, j in zip(axes, (1, 2)):
@@ -90,7 +90,12 @@ def write_plots(out: str, rows: List[dict]) -> List[str]:
     for i, (group, (a, b, n)) in enumerate(sorted(dense_levels(rows).items())):
         for ax, level in zip(axes, (a, b)):
             ax.axhline(level, linestyle="--", color=colors[(i + 3) % len(colors)],
-                       label=f"{group} (dense{f', mean of {n} seeds' if n > 1 else ''})")
+                       label=f"{group}: no memory{f', mean of {n} seeds' if n > 1 else ''}")
+    floors = {r["data"]: r for r in rows if "floor/qa_trained/em" in r}  # one per people set
+    for data, r in sorted(floors.items()):
+        for ax, (key, _) in zip(axes, PANELS):
+            ax.axhline(r[f"floor/{key}"], linestyle=":", color="gray",
+                       label=f"{data}: floor (always the most common answer)")
     for ax, (_, title) in zip(axes, PANELS):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("memory values (n_keys^2)")

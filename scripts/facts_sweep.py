@@ -356,6 +356,11 @@ def collect(runs: Dict[str, List[str]], codes: Dict[str, int], work: str, out: s
                     f.writelines(tail)
         rows.append({"run": name, "exit": codes.get(name), **shape, **res, "metrics_file": metrics_file,
                      "overrides": ov})
+    n = load_config(config, next(iter(runs.values()))).eval.max_examples
+    floors = {name: {t: guess_em(os.path.join(work, "data", name, t + ".jsonl"), n) for t in TASKS}
+              for name in sorted({r["data"] for r in rows if r.get("data")})}
+    for r in rows:
+        r.update({f"floor/{t}/em": v for t, v in floors.get(r.get("data"), {}).items()})
     with open(os.path.join(out, "results.jsonl"), "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
@@ -365,12 +370,9 @@ def collect(runs: Dict[str, List[str]], codes: Dict[str, int], work: str, out: s
         md += "\n\n" + seed_table(groups)
         with open(os.path.join(out, "seeds.json"), "w") as f:
             json.dump(groups, f, indent=1)
-    n = load_config(config, next(iter(runs.values()))).eval.max_examples
-    for name in sorted({r["data"] for r in rows if r.get("data")}):
-        d = os.path.join(work, "data", name)
+    for name, floor in floors.items():
         md += (f"\n\n{name}: answering every question with its attribute's most common value scores "
-               + ", ".join(f"{t} {guess_em(os.path.join(d, t + '.jsonl'), n):.3f}" for t in TASKS)
-               + " (no per-person fact learned)")
+               + ", ".join(f"{t} {floor[t]:.3f}" for t in TASKS) + " (no per-person fact learned)")
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(md + "\n")
     print("\n" + md, flush=True)

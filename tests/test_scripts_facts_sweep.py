@@ -149,8 +149,8 @@ def test_placement_lines_group_by_placement_and_keep_the_plain_point():
     rows = [row("m", 65536, [1], 0.5), row("m_k128", 16384, [1], 0.3), row("m_vlr1", 65536, [1], 0.9),
             row("m_l0", 65536, [0], 0.2), row("dense", 0, [], 0.1), {"run": "crashed", "memory_values": 4096}]
     lines = placement_lines(rows)
-    assert lines == {"p1 L2 d64, memory at 1": [(16384, 0.3, 0.0), (65536, 0.5, 0.0)],
-                     "p1 L2 d64, memory at 0": [(65536, 0.2, 0.0)]}
+    assert lines == {"p1 L2 d64: memory in place of the FFN of layer 1": [(16384, 0.3, 0.0), (65536, 0.5, 0.0)],
+                     "p1 L2 d64: memory in place of the FFN of layer 0": [(65536, 0.2, 0.0)]}
 
 
 def test_placement_lines_average_seeds_and_keep_beside_apart():
@@ -164,10 +164,10 @@ def test_placement_lines_average_seeds_and_keep_beside_apart():
             row("b", "b", 4096, 0.3, keep_ffn=True), row("b_k32", "b_k32", 1024, 0.2, keep_ffn=True),
             {**row("d_s0", "d", 0, 0.2), "memory_layers": []}, {**row("d_s1", "d", 0, 0.4), "memory_layers": []}]
     lines = placement_lines(rows)
-    assert set(lines) == {"p1 L2 d64, memory at 1", "p1 L2 d64, memory at 1 beside the FFN"}
-    ((size, a, b),) = lines["p1 L2 d64, memory at 1"]
+    assert set(lines) == {"p1 L2 d64: memory in place of the FFN of layer 1", "p1 L2 d64: memory beside the FFN of layer 1"}
+    ((size, a, b),) = lines["p1 L2 d64: memory in place of the FFN of layer 1"]
     assert size == 4096 and a == pytest.approx(0.7) and b == pytest.approx(0.07)
-    assert [p[0] for p in lines["p1 L2 d64, memory at 1 beside the FFN"]] == [1024, 4096]
+    assert [p[0] for p in lines["p1 L2 d64: memory beside the FFN of layer 1"]] == [1024, 4096]
     ((group, (a, b, n)),) = dense_levels(rows).items()
     assert group == "d" and a == pytest.approx(0.3) and n == 2
 

@@ -13,13 +13,13 @@ The sweep file (configs/sweeps/facts_*.yaml):
     runs:
       - {name: p5k_mem, data: p5k, overrides: [model.memory.n_keys=256]}
       - {name: p5k_dense, data: p5k, dense_of: p5k_mem}   # no memory, FFN widened to at least p5k_mem's FLOPs
-      - {name: mem, data: p5k, seeds: [0, 1, 2]}          # runs mem_s0, mem_s1, mem_s2 (train.seed=0, 1, 2)
+      - {name: mem, data: p5k, seeds: [0, 1, 2]}          # runs mem_s0, mem_s1, mem_s2 (train/data.seed 0, 1, 2)
       - {name: dense, data: p5k, dense_of: mem, seeds: [0, 1, 2]}  # dense_s0 twin of mem_s0, ...
 
 Each run is `python -m train` in its own directory under --work (data there too); --out gets the small files
 back: results.jsonl (one line per run: the last QA evaluation and validation loss it reached, FLOPs per token,
 steps, throughput), results.md (the table, also printed; runs with `seeds` also get their mean and spread over
-seeds, kept in seeds.json too), the plots, and every run's metrics.jsonl, summary.json and log tail under
+seeds), the plots, and every run's metrics.jsonl, summary.json and log tail under
 OUT/runs/ (not with --no-run-files: they stay in --work). Runs still going at --budget-s get SIGTERM (the trainer
 stops at its next step) and then SIGKILL; their rows show how far they got (periodic QA evaluation: eval.every).
 Trailing key=value arguments override every run (after the sweep file's), e.g. train.steps=20 train.device=cpu
@@ -100,7 +100,8 @@ def load_sweep(path: str) -> dict:
 
 
 def expand_seeds(runs: List[dict], seeds_of: Dict[str, list]) -> List[dict]:
-    """A run with `seeds: [a, b]` becomes runs NAME_sa, NAME_sb (train.seed=a, b) of group NAME; the dense twin of
+    """A run with `seeds: [a, b]` becomes runs NAME_sa, NAME_sb of group NAME, with train.seed and data.seed a, b
+    (other initial weights and another order of the documents); the dense twin of
     a seeded run is the twin of the same seed. Runs without seeds keep their name (and their group is it)."""
     out = []
     for r in runs:
@@ -110,7 +111,7 @@ def expand_seeds(runs: List[dict], seeds_of: Dict[str, list]) -> List[dict]:
             continue
         for seed in r["seeds"]:
             run = {**base, "name": f"{r['name']}_s{seed}", "group": r["name"],
-                   "overrides": list(r.get("overrides") or []) + [f"train.seed={seed}"]}
+                   "overrides": list(r.get("overrides") or []) + [f"train.seed={seed}", f"data.seed={seed}"]}
             if r.get("dense_of") is not None and seeds_of[r["dense_of"]] is not None:
                 run["dense_of"] = f"{r['dense_of']}_s{seed}"
             out.append(run)
@@ -324,7 +325,7 @@ def seed_table(groups: List[dict]) -> str:
 
 def collect(runs: Dict[str, List[str]], codes: Dict[str, int], work: str, out: str, config: str,
             info: Dict[str, dict], run_files: Optional[str] = None) -> List[dict]:
-    """Read every run, write OUT/results.jsonl and OUT/results.md (and OUT/seeds.json for seeded runs).
+    """Read every run, write OUT/results.jsonl and OUT/results.md.
 
     run_files: where each run's metrics.jsonl, summary.json and log tail are copied (RUN_FILES/<run>/);
     None: not copied (the rows point at the metrics in the run directories)."""
@@ -368,8 +369,6 @@ def collect(runs: Dict[str, List[str]], codes: Dict[str, int], work: str, out: s
     groups = seed_groups(rows)
     if groups:
         md += "\n\n" + seed_table(groups)
-        with open(os.path.join(out, "seeds.json"), "w") as f:
-            json.dump(groups, f, indent=1)
     for name, floor in floors.items():
         md += (f"\n\n{name}: answering every question with its attribute's most common value scores "
                + ", ".join(f"{t} {floor[t]:.3f}" for t in TASKS) + " (no per-person fact learned)")

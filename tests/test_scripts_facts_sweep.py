@@ -59,8 +59,8 @@ def test_seeds_expand_to_one_run_per_seed_paired_with_the_same_seed_twin(tmp_pat
     assert [(r["name"], r["group"], r.get("dense_of")) for r in runs] == [
         ("mem_s0", "mem", None), ("mem_s2", "mem", None), ("dense_s0", "dense", "mem_s0"),
         ("dense_s2", "dense", "mem_s2"), ("other", "other", None)]
-    assert runs[1]["overrides"] == ["model.memory.n_keys=64", "train.seed=2"]
-    assert runs[3]["overrides"] == ["train.seed=2"]
+    assert runs[1]["overrides"] == ["model.memory.n_keys=64", "train.seed=2", "data.seed=2"]
+    assert runs[3]["overrides"] == ["train.seed=2", "data.seed=2"]
 
 
 @pytest.mark.parametrize("text, named", [

@@ -234,10 +234,14 @@ def main(argv=None) -> int:
         ]
         jobs.append((mode, run_dir, ft))
 
+    order = {f"finetune {mode}": i for i, (mode, _, _) in enumerate(jobs)}
+
     def record(mode, run_dir, ft, seconds):
-        rows.append({"run": f"finetune {mode}", "seconds": round(seconds, 1), **metrics(run_dir)})
+        entry = {"run": f"finetune {mode}", "seconds": round(seconds, 1), **metrics(run_dir)}
+        rows.append(entry)
+        rows[1:] = sorted(rows[1:], key=lambda r: order[r["run"]])  # runs at once finish in any order
         with open(os.path.join(args.out, "results.jsonl"), "a") as f:
-            f.write(json.dumps({**rows[-1], "overrides": ft}) + "\n")
+            f.write(json.dumps({**entry, "overrides": ft}) + "\n")
         write_table(rows, args.out)  # after every run: a command stopped at a time limit keeps what it finished
 
     if args.parallel > 1:

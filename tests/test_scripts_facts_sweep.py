@@ -180,3 +180,26 @@ def test_guess_em_is_the_most_common_value_rate(tmp_path):
     path.write_text("".join(json.dumps({"attribute": a, "answers": [v]}) + "\n" for a, v in rows))
     assert guess_em(str(path), 0) == pytest.approx(5 / 7)
     assert guess_em(str(path), 3) == pytest.approx(2 / 3)  # the first 3, with the whole file's most common values
+
+
+def test_the_final_sweep_has_seeded_pairs_and_three_sizes_per_placement():
+    from scripts.facts_experiment import matched_dense
+    from train.config import load_config
+
+    spec = load_sweep(os.path.join(ROOT, "configs", "sweeps", "facts_final.yaml"))
+    assert len(spec["runs"]) == 14
+    config = os.path.join(ROOT, spec["config"])
+    cfgs, sizes = {}, {}
+    for r in spec["runs"]:
+        ov = spec["overrides"] + list(r.get("overrides") or [])
+        if r.get("dense_of"):
+            twin = cfgs[r["dense_of"]]
+            ov += matched_dense(twin)
+        cfg = cfgs[r["name"]] = load_config(config, ov)  # validates every run's config
+        m = cfg.model.memory
+        if m.layers:
+            sizes.setdefault((tuple(m.layers), m.keep_ffn), set()).add(m.n_keys)
+    assert sizes == {((2,), False): {128, 256, 512}, ((1,), False): {128, 256, 512}, ((2,), True): {128, 256, 512}}
+    seeds = {(n, cfgs[n].train.seed, cfgs[n].data.seed) for n in ("mem_s0", "mem_s1", "mem_s2", "dense_s2")}
+    assert seeds == {("mem_s0", 0, 0), ("mem_s1", 1, 1), ("mem_s2", 2, 2), ("dense_s2", 2, 2)}
+    assert cfgs["mem_s0"].checkpoint.save_final and not cfgs["dense_s0"].model.memory.layers

@@ -31,17 +31,15 @@ $py scripts/facts_sweep.py --sweep configs/sweeps/facts_final.yaml --out "$out" 
     | tee "$out/log.txt" &
 sweep=$!
 
-# The base of the knowledge update: the sweep's seed-0 Memory+ run, trained on the same people (same generator
-# seed and count: the update's "old" people), from its final checkpoint (or, if the sweep stopped it at its
-# budget, the checkpoint it saved when stopped).
+# The base of the knowledge update: the sweep's seed-0 Memory+ run, from its final checkpoint (or, if the sweep
+# stopped it at its budget, the checkpoint it saved when stopped); its people are the update's "old" people.
 base="$work/runs/mem_s0"
 until [ -e "$base/summary.json" ] || ! kill -0 "$sweep" 2>/dev/null; do sleep 2; done
 left=$((total - ($(date +%s) - start) - 10))
-entities=$($py -c "print(max(4, round(5000 * $scale)))")  # facts_sweep's rule for the scaled p5k set
 if compgen -G "$base/checkpoints/step_*" > /dev/null && [ "$left" -gt 0 ]; then
     echo "knowledge update from $base ($left s left)"
     timeout -k 5 "$left" $py scripts/knowledge_update.py --out "$work/ku" --base "$base" \
-        --config configs/facts_gpu.yaml --entities "$entities" --new-entities "${KU_NEW:-50}" \
+        --config configs/facts_gpu.yaml --old-data "$work/data/p5k" --new-entities "${KU_NEW:-50}" \
         --steps "${KU_STEPS:-300}" --lr "${KU_LR:-3e-3}" --modes "${KU_MODES:-memory,values,ffn,all}" \
         --replay-share "${KU_REPLAY:-0.5}" --parallel 4 "$@" > "$work/knowledge_update.log" 2>&1
     echo "knowledge update: exit $? (124: stopped at the time limit)"

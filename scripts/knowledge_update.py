@@ -99,12 +99,13 @@ def finetune_data(new_train, old_dir, replay_share, tokenizer):
     return "data.train=[" + ", ".join(f"{{paths: [{p}], weight: {w / low:.4f}}}" for p, w in weights.items()) + "]"
 
 
-def tasks_override(sets):
-    """eval.tasks for {prefix: facts dir}: task names come from the file names, so each set gets copies."""
+def tasks_override(sets, copy_dir):
+    """eval.tasks for {prefix: facts dir}: task names come from the file names, so each set gets copies (in
+    copy_dir)."""
     specs = []
     for prefix, d in sets.items():
         for t in TASKS:
-            path = os.path.join(d, f"{prefix}_{t}.jsonl")
+            path = os.path.join(copy_dir, f"{prefix}_{t}.jsonl")
             with open(os.path.join(d, f"{t}.jsonl")) as src, open(path, "w") as dst:
                 dst.write(src.read())
             specs.append(f"jsonl:{path}")
@@ -175,6 +176,9 @@ def main(argv=None) -> int:
     p.add_argument("--config", default="configs/facts_small.yaml")
     p.add_argument("--base", default=None, help="a pretrained run dir (default: pretrain one under --out)")
     p.add_argument("--entities", type=int, default=100, help="old people (pretraining)")
+    p.add_argument("--old-data", default=None,
+                   help="with --base: the old people's facts directory that base was trained on (eval.synthetic_facts "
+                        "output, e.g. a facts sweep's data/<set>) instead of generating --entities people")
     p.add_argument("--new-entities", type=int, default=20)
     p.add_argument("--docs-per-entity", type=int, default=4)
     p.add_argument("--facts-share", type=float, default=0.7, help="pretraining: share of tokens from facts")
@@ -194,12 +198,17 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(args.threads)
 
-    old_dir = os.path.abspath(os.path.join(args.out, "old"))
+    if args.old_data and args.base is None:
+        raise SystemExit("--old-data: only with --base (the people that base was trained on)")
+    old_dir = os.path.abspath(args.old_data or os.path.join(args.out, "old"))
     new_dir = os.path.abspath(os.path.join(args.out, "new"))
-    generate(old_dir, args.entities, 0, args.docs_per_entity, 0.5)
+    if not args.old_data:
+        generate(old_dir, args.entities, 0, args.docs_per_entity, 0.5)
     generate(new_dir, args.new_entities, 1000, args.docs_per_entity, 0.5)  # other seed: other people
     tokenizer = load_tokenizer(load_config(args.config, overrides).data.tokenizer)
-    tasks = tasks_override({"old": old_dir, "new": new_dir})
+    task_dir = os.path.abspath(os.path.join(args.out, "tasks"))
+    os.makedirs(task_dir, exist_ok=True)
+    tasks = tasks_override({"old": old_dir, "new": new_dir}, task_dir)
 
     base = args.base
     if base is None:

@@ -39,3 +39,18 @@ def test_parallel_finetuning_stops_at_a_failed_run_and_shows_its_log(tmp_path):
             for mode in ("memory", "ffn")]
     with pytest.raises(SystemExit, match=r"(?s)finetune (memory|ffn): exit [1-9].*no_such_key"):
         list(run_at_once(config, jobs, parallel=2))
+
+
+def test_eval_tasks_are_copies_named_by_set_outside_the_facts_dirs(tmp_path):
+    from scripts.knowledge_update import tasks_override
+
+    old, new, copies = tmp_path / "old", tmp_path / "new", tmp_path / "tasks"
+    generate(str(old), 6, 0, 2, 0.5)
+    generate(str(new), 4, 1000, 2, 0.5)
+    copies.mkdir()
+    before = sorted(os.listdir(old))
+    spec = tasks_override({"old": str(old), "new": str(new)}, str(copies))
+    names = ["old_qa_trained", "old_qa_prose", "new_qa_trained", "new_qa_prose"]
+    assert spec == "eval.tasks=[" + ",".join(f"jsonl:{copies / n}.jsonl" for n in names) + "]"
+    assert (copies / "new_qa_prose.jsonl").read_text() == (new / "qa_prose.jsonl").read_text()
+    assert sorted(os.listdir(old)) == before  # a facts sweep's data directory stays as it was

@@ -41,7 +41,7 @@ if compgen -G "$base/checkpoints/step_*" > /dev/null && [ "$left" -gt 0 ]; then
     timeout -k 5 "$left" $py scripts/knowledge_update.py --out "$work/ku" --base "$base" \
         --config configs/facts_gpu.yaml --old-data "$work/data/p5k" --new-entities "${KU_NEW:-50}" \
         --steps "${KU_STEPS:-300}" --lr "${KU_LR:-3e-3}" --modes "${KU_MODES:-memory,values,ffn,all}" \
-        --replay-share "${KU_REPLAY:-0.5}" --parallel 4 "$@" > "$work/knowledge_update.log" 2>&1
+        --replay-share "${KU_REPLAY:-0.5}" --parallel 4 --threads 2 "$@" > "$work/knowledge_update.log" 2>&1
     echo "knowledge update: exit $? (124: stopped at the time limit)"
 else
     echo "knowledge update skipped: no checkpoint of the base run in $base/checkpoints"

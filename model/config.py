@@ -16,7 +16,7 @@ ResidualDtype = Literal["fp32", "autocast"]
 
 @dataclass
 class MemoryConfig:
-    """Product-key memory (Memory+) layers, which replace the FFN of the chosen blocks."""
+    """Product-key memory (Memory+) layers in the chosen blocks: in place of their FFN, or beside it (keep_ffn)."""
 
     layers: List[int] = field(default_factory=list)  # explicit block indices, or use `every`/`start`
     every: Optional[int] = None  # stride form: start, start + every, ... < n_layers
@@ -30,6 +30,9 @@ class MemoryConfig:
     swilu: bool = True  # Memory+: out = W2 (y * silu(W1 x)); off: out = W2 y
     gate: bool = False  # out <- sigmoid(w_g . x) * out
     share_values: bool = True  # one value table for all memory layers
+    # False: the memory layer takes the block's FFN slot. True: the block keeps its SwiGLU FFN and adds the memory
+    # beside it, both reading the same normed input (x + ffn(n) + memory(n)): more FLOPs, dense capacity kept.
+    keep_ffn: bool = False
     backend: MemoryBackend = "auto"  # see ops
     value_init_std: Optional[float] = None  # None -> v_dim ** -0.5
     # std of swilu_proj and value_proj: fan_in -> (input size) ** -0.5, as in the public code; init_std -> the
@@ -59,6 +62,9 @@ class MemoryConfig:
             bad("start", f"must be >= 0, got {self.start}")
         if self.every is not None and n_layers is not None and self.start >= n_layers:
             bad("start", f"must be < n_layers ({n_layers}), got {self.start}")
+        if self.keep_ffn and self.every is None and len(self.layers) == 0:
+            bad("keep_ffn", "true keeps the FFN beside memory layers, but no block has one (set model.memory.layers "
+                "or model.memory.every, or keep_ffn: false)")
         seen = set()
         for i in self.layers:
             if i < 0 or (n_layers is not None and i >= n_layers):

@@ -10,6 +10,7 @@ Conventions (the usual "6N + 12·L·D·S" count, extended to memory layers):
 - a memory layer costs its query projection, its sub-key scores (2·n_keys·k_dim per head: two halves of
   n_keys keys of k_dim/2), its lookup (a weighted sum of heads·knn value rows, backward likewise a scatter), and its
   output projections. The value table itself is not in "6N": a token touches heads·knn rows, not all of it.
+  A memory block that keeps its FFN (model.memory.keep_ffn) costs both its SwiGLU and its memory layer.
 Norms, RoPE, softmax, top-k and other elementwise work are left out, as in the usual count.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ class FlopCount:
 
     attention: int = 0  # q, k, v, o projections
     attention_scores: int = 0  # QK^T and the weighted sum of values
-    ffn: int = 0  # SwiGLU blocks
+    ffn: int = 0  # SwiGLU blocks (with keep_ffn also those beside the memory layers)
     memory_query: int = 0  # query projections of the memory layers
     memory_search: int = 0  # sub-key scores
     memory_lookup: int = 0  # weighted sums of the selected value rows
@@ -67,7 +68,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> FlopCount:
     """Training FLOPs per token of `cfg` on rows of `seq_len` tokens."""
     kv_dim = cfg.kv_heads * cfg.head_dim
     n_memory = len(cfg.memory.resolved_layers(cfg.n_layers))
-    n_ffn = cfg.n_layers - n_memory
+    n_ffn = cfg.n_layers if cfg.memory.keep_ffn else cfg.n_layers - n_memory  # keep_ffn: memory beside the FFN
     forward = {
         "attention": cfg.n_layers * 2 * cfg.dim * (2 * cfg.dim + 2 * kv_dim),
         "attention_scores": cfg.n_layers * 2 * 2 * seq_len * cfg.dim,

@@ -26,15 +26,20 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, keep_dtype=keep)
         self.attention = Attention(cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.attention_backend)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, keep_dtype=keep)
-        # A memory block's FFN slot holds the memory layer (`layers.{i}.memory`), others a SwiGLU (`layers.{i}.feed_forward`).
+        # A memory block's FFN slot holds the memory layer (`layers.{i}.memory`), others a SwiGLU
+        # (`layers.{i}.feed_forward`); with model.memory.keep_ffn a memory block holds both, side by side.
         if use_memory:
             self.memory = MemoryLayer(cfg, own_values=not cfg.memory.share_values)
-        else:
+        if not use_memory or cfg.memory.keep_ffn:
             self.feed_forward = FeedForward(cfg.dim, cfg.hidden_dim)
 
     @property
     def is_memory(self) -> bool:
         return hasattr(self, "memory")
+
+    @property
+    def has_ffn(self) -> bool:
+        return hasattr(self, "feed_forward")
 
     def forward(self, x, cos, sin, mask=None, cache=None, start_pos=0, pool: Optional[ValuePool] = None):
         """`pool`: the shared value table's module, or a CastTable of it (None: the memory layer uses its own table).
@@ -45,9 +50,13 @@ class Block(nn.Module):
         DTensor gradient (and cost a table-sized add each).
         """
         h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, self.layer_id, start_pos)
-        if self.is_memory:
-            return h + self.memory(self.ffn_norm(h), pool.weight if pool is not None else None)
-        return h + self.feed_forward(self.ffn_norm(h))
+        normed = self.ffn_norm(h)
+        if not self.is_memory:
+            return h + self.feed_forward(normed)
+        out = h + self.memory(normed, pool.weight if pool is not None else None)
+        if self.has_ffn:  # memory beside the FFN: both read the same normed input
+            out = out + self.feed_forward(normed)
+        return out
 
 
 class Transformer(nn.Module):

@@ -63,13 +63,14 @@ def matched_dense(cfg: TrainConfig) -> List[str]:
     """Overrides that turn the memory config into a dense one of at least its FLOPs per token."""
     target = flops_per_token(cfg.model, cfg.data.seq_len).total
     dense = copy.deepcopy(cfg.model)
-    dense.memory.layers, dense.memory.every = [], None
+    dense.memory.layers, dense.memory.every, dense.memory.keep_ffn = [], None, False
     step = dense.multiple_of
     width = step
     while True:
         dense.ffn_dim = width
         if flops_per_token(dense, cfg.data.seq_len).total >= target:
-            return ["model.memory.layers=[]", "model.memory.every=null", f"model.ffn_dim={width}"]
+            return ["model.memory.layers=[]", "model.memory.every=null", "model.memory.keep_ffn=false",
+                    f"model.ffn_dim={width}"]
         width += step
 
 

@@ -1,10 +1,10 @@
 """The facts sweep's plots: QA exact match against memory size (one line per placement, dense runs as dashed
-lines) and training loss against training FLOPs (one line per run).
+lines; seeds averaged) and training loss against training FLOPs (one line per run).
 
     python scripts/facts_plots.py OUT          # OUT: a scripts/facts_sweep.py --out directory
 
-Reads OUT/results.jsonl and OUT/runs/<run>/metrics.jsonl; writes OUT/em_vs_memory_size.png and
-OUT/loss_vs_flops.png. matplotlib is imported here only.
+Reads OUT/results.jsonl and every run's metrics.jsonl (its `metrics_file`, else OUT/runs/<run>/); writes
+OUT/em_vs_memory_size.png and OUT/loss_vs_flops.png. matplotlib is imported here only.
 """
 from __future__ import annotations
 
@@ -17,23 +17,47 @@ from typing import Dict, List, Tuple
 PANELS = (("qa_trained/em", "(a) people with trained QA"), ("qa_prose/em", "(b) people seen only in prose"))
 
 
+def _mean(xs: List[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def placement_label(r: dict) -> str:
+    where = ",".join(map(str, r["memory_layers"]))
+    return (f"{r['data']} L{r['n_layers']} d{r['dim']}: memory {'beside' if r.get('keep_ffn') else 'in place of'} "
+            f"the FFN of layer {where}")
+
+
 def placement_lines(rows: List[dict]) -> Dict[str, List[Tuple[int, float, float]]]:
     """{label: [(memory values, EM (a), EM (b)), ...] sorted by size} for memory runs that report QA, grouped by
-    data, model shape and placement; runs that change anything else (their name says what) stay out of the
-    lines unless they are the only run of their size."""
-    lines: Dict[str, Dict[int, Tuple[str, float, float]]] = defaultdict(dict)
+    data, model shape and placement (layers, beside or in place of the FFN); the runs of one group (its seeds)
+    are averaged; groups that change anything else (their name says what) stay out of the lines unless they
+    are the only group of their size."""
+    points: Dict[str, Dict[int, Tuple[str, List[dict]]]] = defaultdict(dict)
     for r in rows:
         if not r.get("memory_values") or "qa_trained/em" not in r:
             continue
-        label = (f"{r['data']} L{r['n_layers']} d{r['dim']}, memory at "
-                 + ",".join(map(str, r["memory_layers"])))
-        size = r["memory_values"]
-        prev = lines[label].get(size)
-        # of two runs with the same size and placement keep the one with the shorter name: the plain point,
+        label, size, group = placement_label(r), r["memory_values"], r.get("group") or r["run"]
+        prev = points[label].get(size)
+        # of two groups with the same size and placement keep the one with the shorter name: the plain point,
         # not a settings variant (p10k_mem before p10k_mem_vlr1)
-        if prev is None or len(r["run"]) < len(prev[0]):
-            lines[label][size] = (r["run"], r["qa_trained/em"], r.get("qa_prose/em", float("nan")))
-    return {k: sorted((s, a, b) for s, (_, a, b) in v.items()) for k, v in lines.items()}
+        if prev is None or len(group) < len(prev[0]):
+            points[label][size] = (group, [r])
+        elif group == prev[0]:
+            prev[1].append(r)
+    return {label: sorted((size, _mean([r["qa_trained/em"] for r in rs]),
+                           _mean([r.get("qa_prose/em", float("nan")) for r in rs]))
+                          for size, (_, rs) in by_size.items())
+            for label, by_size in points.items()}
+
+
+def dense_levels(rows: List[dict]) -> Dict[str, Tuple[float, float, int]]:
+    """{group: (EM (a), EM (b), runs)} of the dense runs that report QA, averaged over each group's seeds."""
+    groups: Dict[str, List[dict]] = defaultdict(list)
+    for r in rows:
+        if not r.get("memory_values") and "qa_trained/em" in r:
+            groups[r.get("group") or r["run"]].append(r)
+    return {g: (_mean([r["qa_trained/em"] for r in rs]), _mean([r.get("qa_prose/em", float("nan")) for r in rs]),
+                len(rs)) for g, rs in groups.items()}
 
 
 def loss_curve(metrics_path: str, flops_per_token: float) -> Tuple[List[float], List[float]]:
@@ -58,15 +82,20 @@ def write_plots(out: str, rows: List[dict]) -> List[str]:
     import matplotlib.pyplot as plt
 
     paths = []
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))  # (b) is far below (a): own scales
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, pts) in enumerate(sorted(placement_lines(rows).items())):
         for ax, j in zip(axes, (1, 2)):
             ax.plot([p[0] for p in pts], [p[j] for p in pts], "o-", color=colors[i % len(colors)], label=label)
-    for i, r in enumerate(x for x in rows if not x.get("memory_values") and "qa_trained/em" in x):
+    for i, (group, (a, b, n)) in enumerate(sorted(dense_levels(rows).items())):
+        for ax, level in zip(axes, (a, b)):
+            ax.axhline(level, linestyle="--", color=colors[(i + 3) % len(colors)],
+                       label=f"{group}: no memory{f', mean of {n} seeds' if n > 1 else ''}")
+    floors = {r["data"]: r for r in rows if "floor/qa_trained/em" in r}  # one per people set
+    for data, r in sorted(floors.items()):
         for ax, (key, _) in zip(axes, PANELS):
-            ax.axhline(r.get(key, float("nan")), linestyle="--", color=colors[(i + 3) % len(colors)],
-                       label=f"{r['run']} (dense)")
+            ax.axhline(r[f"floor/{key}"], linestyle=":", color="gray",
+                       label=f"{data}: floor (always the most common answer)")
     for ax, (_, title) in zip(axes, PANELS):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("memory values (n_keys^2)")
@@ -81,13 +110,18 @@ def write_plots(out: str, rows: List[dict]) -> List[str]:
     paths.append(path)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    group_color: Dict[str, str] = {}  # the seeds of a group share a color and one legend entry
     for r in rows:
-        metrics = os.path.join(out, "runs", r["run"], "metrics.jsonl")
+        metrics = r.get("metrics_file") or os.path.join(out, "runs", r["run"], "metrics.jsonl")
         if not os.path.exists(metrics) or "flops_per_token" not in r:
             continue
         xs, ys = loss_curve(metrics, r["flops_per_token"])
+        group = r.get("group") or r["run"]
         if xs:
-            ax.plot(xs, ys, linestyle="-" if r.get("memory_values") else "--", label=r["run"])
+            first = group not in group_color
+            color = group_color.setdefault(group, colors[len(group_color) % len(colors)])
+            ax.plot(xs, ys, linestyle="-" if r.get("memory_values") else "--", color=color, linewidth=1,
+                    label=group if first else None)
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs (tokens x FLOPs per token, model/flops.py)")
     ax.set_ylabel("training loss")

@@ -13,13 +13,17 @@ The sweep file (configs/sweeps/facts_*.yaml):
     runs:
       - {name: p5k_mem, data: p5k, overrides: [model.memory.n_keys=256]}
       - {name: p5k_dense, data: p5k, dense_of: p5k_mem}   # no memory, FFN widened to at least p5k_mem's FLOPs
+      - {name: mem, data: p5k, seeds: [0, 1, 2]}          # runs mem_s0, mem_s1, mem_s2 (train/data.seed 0, 1, 2)
+      - {name: dense, data: p5k, dense_of: mem, seeds: [0, 1, 2]}  # dense_s0 twin of mem_s0, ...
 
 Each run is `python -m train` in its own directory under --work (data there too); --out gets the small files
-back: every run's metrics.jsonl, summary.json and log tail, results.jsonl (one line per run: the last QA
-evaluation and validation loss it reached, FLOPs per token, steps, throughput) and results.md (the table, also
-printed). Runs still going at --budget-s get SIGTERM (the trainer stops at its next step) and then SIGKILL;
-their rows show how far they got (periodic QA evaluation: eval.every). Trailing key=value arguments override
-every run (after the sweep file's), e.g. train.steps=20 train.device=cpu for a dry run of the command.
+back: results.jsonl (one line per run: the last QA evaluation and validation loss it reached, FLOPs per token,
+steps, throughput), results.md (the table, also printed; runs with `seeds` also get their mean and spread over
+seeds), the plots, and every run's metrics.jsonl, summary.json and log tail under
+OUT/runs/ (not with --no-run-files: they stay in --work). Runs still going at --budget-s get SIGTERM (the trainer
+stops at its next step) and then SIGKILL; their rows show how far they got (periodic QA evaluation: eval.every).
+Trailing key=value arguments override every run (after the sweep file's), e.g. train.steps=20 train.device=cpu
+for a dry run of the command.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -45,7 +49,7 @@ from train.config import load_config  # noqa: E402
 
 TASKS = ("qa_trained", "qa_prose")
 _DATASET_KEYS = {"entities", "facts_share", "docs_per_entity", "qa_fraction", "seed"}
-_RUN_KEYS = {"name", "data", "overrides", "dense_of"}
+_RUN_KEYS = {"name", "data", "overrides", "dense_of", "seeds"}
 
 
 class SweepFileError(ValueError):
@@ -67,19 +71,51 @@ def load_sweep(path: str) -> dict:
     for name, d in datasets.items():
         if set(d) - _DATASET_KEYS or "entities" not in d:
             raise SweepFileError(f"{path}: datasets.{name}: needs `entities`; allowed keys {sorted(_DATASET_KEYS)}")
-    names = set()
+    seeds_of: Dict[str, list] = {}
     for i, r in enumerate(runs):
         where = f"{path}: runs[{i}]"
         if set(r) - _RUN_KEYS or "name" not in r or "data" not in r:
             raise SweepFileError(f"{where}: needs `name` and `data`; allowed keys {sorted(_RUN_KEYS)}")
-        if r["name"] in names:
+        if r["name"] in seeds_of:
             raise SweepFileError(f"{where}: name {r['name']!r} used twice")
         if r["data"] not in datasets:
             raise SweepFileError(f"{where}: data {r['data']!r} is not one of {sorted(datasets)}")
-        if r.get("dense_of") is not None and r["dense_of"] not in names:
-            raise SweepFileError(f"{where}: dense_of {r['dense_of']!r} must name a run listed before it")
-        names.add(r["name"])
+        seeds = r.get("seeds")
+        if seeds is not None and (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+                                  or not all(isinstance(x, int) and x >= 0 for x in seeds)):
+            raise SweepFileError(f"{where}: seeds must be a non-empty list of distinct ints >= 0, got {seeds!r}")
+        twin = r.get("dense_of")
+        if twin is not None and twin not in seeds_of:
+            raise SweepFileError(f"{where}: dense_of {twin!r} must name a run listed before it")
+        if twin is not None and seeds_of[twin] is not None and seeds_of[twin] != seeds:
+            raise SweepFileError(f"{where}: dense_of {twin!r} runs seeds {seeds_of[twin]}: list the same seeds "
+                                 f"(each seed's twin), got {seeds!r}")
+        seeds_of[r["name"]] = seeds
+    spec["runs"] = expand_seeds(runs, seeds_of)
+    names = [r["name"] for r in spec["runs"]]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise SweepFileError(f"{path}: run names {twice} used twice (after expanding seeds)")
     return spec
+
+
+def expand_seeds(runs: List[dict], seeds_of: Dict[str, list]) -> List[dict]:
+    """A run with `seeds: [a, b]` becomes runs NAME_sa, NAME_sb of group NAME, with train.seed and data.seed a, b
+    (other initial weights and another order of the documents); the dense twin of
+    a seeded run is the twin of the same seed. Runs without seeds keep their name (and their group is it)."""
+    out = []
+    for r in runs:
+        base = {k: v for k, v in r.items() if k != "seeds"}
+        if r.get("seeds") is None:
+            out.append({**base, "group": r["name"]})
+            continue
+        for seed in r["seeds"]:
+            run = {**base, "name": f"{r['name']}_s{seed}", "group": r["name"],
+                   "overrides": list(r.get("overrides") or []) + [f"train.seed={seed}", f"data.seed={seed}"]}
+            if r.get("dense_of") is not None and seeds_of[r["dense_of"]] is not None:
+                run["dense_of"] = f"{r['dense_of']}_s{seed}"
+            out.append(run)
+    return out
 
 
 def prepare_data(name: str, d: dict, work: str, tokenizer_spec: str, general_shards: str, workers: int = 1) -> List[str]:
@@ -251,8 +287,48 @@ def table(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
+def seed_groups(rows: List[dict]) -> List[dict]:
+    """Mean and spread over seeds of every group of more than one run (a sweep run with `seeds`)."""
+    groups: Dict[str, List[dict]] = {}
+    for r in rows:
+        groups.setdefault(r.get("group") or r["run"], []).append(r)
+    out = []
+    for name, members in groups.items():
+        if len(members) < 2:
+            continue
+        g = {"group": name, "runs": [r["run"] for r in members], "flops_per_token": members[0].get("flops_per_token")}
+        for key in ("qa_trained/em", "qa_prose/em", "val_loss"):
+            vals = [r[key] for r in members if key in r]
+            if vals:
+                mean = sum(vals) / len(vals)
+                std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
+                g[key] = {"n": len(vals), "mean": mean, "std": std, "min": min(vals), "max": max(vals)}
+        out.append(g)
+    return out
+
+
+def seed_table(groups: List[dict]) -> str:
+    def f(g, k, fmt):
+        if k not in g:
+            return "-"
+        s = g[k]
+        return f"{s['mean']:{fmt}} ± {s['std']:{fmt}} ({s['min']:{fmt}}–{s['max']:{fmt}}, n={s['n']})"
+
+    lines = ["| runs (over seeds) | FLOPs/token | (a) trained QA EM | (b) prose-only EM | general val NLL |",
+             "|---|---|---|---|---|"]
+    for g in groups:
+        flops = f"{g['flops_per_token'] / 1e6:.3f}M" if g.get("flops_per_token") else "-"
+        lines.append(f"| {g['group']} | {flops} | {f(g, 'qa_trained/em', '.3f')} | {f(g, 'qa_prose/em', '.3f')} | "
+                     f"{f(g, 'val_loss', '.4f')} |")
+    return "mean ± standard deviation (min–max, runs) over seeds:\n\n" + "\n".join(lines)
+
+
 def collect(runs: Dict[str, List[str]], codes: Dict[str, int], work: str, out: str, config: str,
-            data_of: Dict[str, str]) -> List[dict]:
+            info: Dict[str, dict], run_files: Optional[str] = None) -> List[dict]:
+    """Read every run, write OUT/results.jsonl and OUT/results.md.
+
+    run_files: where each run's metrics.jsonl, summary.json and log tail are copied (RUN_FILES/<run>/);
+    None: not copied (the rows point at the metrics in the run directories)."""
     rows = []
     for name, ov in runs.items():
         run_dir = os.path.join(work, "runs", name)
@@ -261,30 +337,41 @@ def collect(runs: Dict[str, List[str]], codes: Dict[str, int], work: str, out: s
         if "flops_per_token" not in res:
             res["flops_per_token"] = flops_per_token(cfg.model, cfg.data.seq_len).total
         layers = cfg.model.memory.resolved_layers(cfg.model.n_layers)
-        shape = {"data": data_of.get(name), "dim": cfg.model.dim, "n_layers": cfg.model.n_layers,
-                 "memory_layers": layers, "memory_values": cfg.model.memory.n_keys ** 2 if layers else 0}
-        rows.append({"run": name, "exit": codes.get(name), **shape, **res, "overrides": ov})
-        dst = os.path.join(out, "runs", name)
-        os.makedirs(dst, exist_ok=True)
-        for fname in ("metrics.jsonl", "summary.json"):
-            if os.path.exists(os.path.join(run_dir, fname)):
-                shutil.copy(os.path.join(run_dir, fname), dst)
-        log = os.path.join(run_dir, "log.txt")
-        if os.path.exists(log):
-            with open(log, errors="replace") as f:
-                tail = f.readlines()[-60:]
-            with open(os.path.join(dst, "log_tail.txt"), "w") as f:
-                f.writelines(tail)
+        shape = {"data": info.get(name, {}).get("data"), "group": info.get(name, {}).get("group", name),
+                 "dim": cfg.model.dim, "n_layers": cfg.model.n_layers, "memory_layers": layers,
+                 "memory_values": cfg.model.memory.n_keys ** 2 if layers else 0,
+                 "keep_ffn": bool(layers) and cfg.model.memory.keep_ffn, "seed": cfg.train.seed}
+        metrics_file = os.path.join(run_dir, "metrics.jsonl")
+        if run_files is not None:
+            dst = os.path.join(run_files, name)
+            os.makedirs(dst, exist_ok=True)
+            for fname in ("metrics.jsonl", "summary.json"):
+                if os.path.exists(os.path.join(run_dir, fname)):
+                    shutil.copy(os.path.join(run_dir, fname), dst)
+            metrics_file = os.path.join(dst, "metrics.jsonl")
+            log = os.path.join(run_dir, "log.txt")
+            if os.path.exists(log):
+                with open(log, errors="replace") as f:
+                    tail = f.readlines()[-60:]
+                with open(os.path.join(dst, "log_tail.txt"), "w") as f:
+                    f.writelines(tail)
+        rows.append({"run": name, "exit": codes.get(name), **shape, **res, "metrics_file": metrics_file,
+                     "overrides": ov})
+    n = load_config(config, next(iter(runs.values()))).eval.max_examples
+    floors = {name: {t: guess_em(os.path.join(work, "data", name, t + ".jsonl"), n) for t in TASKS}
+              for name in sorted({r["data"] for r in rows if r.get("data")})}
+    for r in rows:
+        r.update({f"floor/{t}/em": v for t, v in floors.get(r.get("data"), {}).items()})
     with open(os.path.join(out, "results.jsonl"), "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
     md = table(rows)
-    n = load_config(config, next(iter(runs.values()))).eval.max_examples
-    for name in sorted({r["data"] for r in rows if r.get("data")}):
-        d = os.path.join(work, "data", name)
+    groups = seed_groups(rows)
+    if groups:
+        md += "\n\n" + seed_table(groups)
+    for name, floor in floors.items():
         md += (f"\n\n{name}: answering every question with its attribute's most common value scores "
-               + ", ".join(f"{t} {guess_em(os.path.join(d, t + '.jsonl'), n):.3f}" for t in TASKS)
-               + " (no per-person fact learned)")
+               + ", ".join(f"{t} {floor[t]:.3f}" for t in TASKS) + " (no per-person fact learned)")
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(md + "\n")
     print("\n" + md, flush=True)
@@ -303,6 +390,9 @@ def main(argv=None) -> int:
                         "the stop grace and the table leave of it (at most --budget-s)")
     p.add_argument("--stop-grace-s", type=float, default=30, help="seconds between SIGTERM and SIGKILL at the budget")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per run (OMP_NUM_THREADS)")
+    p.add_argument("--no-run-files", action="store_true",
+                   help="do not copy each run's metrics and log tail to OUT/runs/ (they stay in --work): OUT "
+                        "then holds only the tables and plots")
     p.add_argument("--only", default="", help="comma-separated run names: run just these")
     p.add_argument("--entities-scale", type=float, default=1.0,
                    help="multiply every dataset's people count (a small-scale dry run of a sweep file)")
@@ -332,7 +422,8 @@ def main(argv=None) -> int:
         budget = min(budget, args.total_s - (time.time() - t0) - args.stop_grace_s - 15)
     print(f"runs budget {budget:.0f}s", flush=True)
     codes = run_all(runs, spec["config"], work, args.parallel, budget, args.threads, args.stop_grace_s)
-    rows = collect(runs, codes, work, out, spec["config"], {r["name"]: r["data"] for r in spec["runs"]})
+    run_files = None if args.no_run_files else os.path.join(out, "runs")
+    rows = collect(runs, codes, work, out, spec["config"], {r["name"]: r for r in spec["runs"]}, run_files)
     try:
         from scripts.facts_plots import write_plots
 

@@ -99,12 +99,13 @@ def finetune_data(new_train, old_dir, replay_share, tokenizer):
     return "data.train=[" + ", ".join(f"{{paths: [{p}], weight: {w / low:.4f}}}" for p, w in weights.items()) + "]"
 
 
-def tasks_override(sets):
-    """eval.tasks for {prefix: facts dir}: task names come from the file names, so each set gets copies."""
+def tasks_override(sets, copy_dir):
+    """eval.tasks for {prefix: facts dir}: task names come from the file names, so each set gets copies (in
+    copy_dir)."""
     specs = []
     for prefix, d in sets.items():
         for t in TASKS:
-            path = os.path.join(d, f"{prefix}_{t}.jsonl")
+            path = os.path.join(copy_dir, f"{prefix}_{t}.jsonl")
             with open(os.path.join(d, f"{t}.jsonl")) as src, open(path, "w") as dst:
                 dst.write(src.read())
             specs.append(f"jsonl:{path}")
@@ -136,12 +137,48 @@ def write_table(rows, out):
     return table
 
 
+def run_at_once(config, jobs, parallel, threads=0):
+    """Each finetuning run as its own `python -m train` process, `parallel` at a time (small models leave a GPU
+    mostly idle); yields (mode, run_dir, overrides, seconds) as they finish. A failed run stops the command."""
+    import subprocess
+    import time
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    queue, live = list(jobs), {}
+    while queue or live:
+        while queue and len(live) < parallel:
+            mode, run_dir, ft = queue.pop(0)
+            os.makedirs(run_dir, exist_ok=True)
+            log = open(os.path.join(run_dir, "log.txt"), "w")
+            cmd = [sys.executable, "-m", "train", f"config={config}", *ft]
+            print(f"== finetune {mode} (log: {log.name})", flush=True)
+            env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+            proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT)
+            live[mode] = (proc, log, run_dir, ft, time.perf_counter())
+        for mode, (proc, log, run_dir, ft, t0) in list(live.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del live[mode]
+            if proc.returncode:
+                with open(log.name, errors="replace") as f:
+                    tail = "".join(f.readlines()[-20:])
+                for other in live.values():
+                    other[0].kill()
+                raise SystemExit(f"finetune {mode}: exit {proc.returncode}; the end of {log.name}:\n{tail}")
+            yield mode, run_dir, ft, time.perf_counter() - t0
+        time.sleep(0.5)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--config", default="configs/facts_small.yaml")
     p.add_argument("--base", default=None, help="a pretrained run dir (default: pretrain one under --out)")
     p.add_argument("--entities", type=int, default=100, help="old people (pretraining)")
+    p.add_argument("--old-data", default=None,
+                   help="with --base: the old people's facts directory that base was trained on (eval.synthetic_facts "
+                        "output, e.g. a facts sweep's data/<set>) instead of generating --entities people")
     p.add_argument("--new-entities", type=int, default=20)
     p.add_argument("--docs-per-entity", type=int, default=4)
     p.add_argument("--facts-share", type=float, default=0.7, help="pretraining: share of tokens from facts")
@@ -153,18 +190,25 @@ def main(argv=None) -> int:
     p.add_argument("--replay-share", type=float, default=0.0,
                    help="share of finetuning tokens from the pretraining mixture (old people + general text)")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--parallel", type=int, default=1,
+                   help="finetuning runs at once, each its own process (1: one after another, in this process)")
     args, overrides = p.parse_known_args(argv)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
 
-    old_dir = os.path.abspath(os.path.join(args.out, "old"))
+    if args.old_data and args.base is None:
+        raise SystemExit("--old-data: only with --base (the people that base was trained on)")
+    old_dir = os.path.abspath(args.old_data or os.path.join(args.out, "old"))
     new_dir = os.path.abspath(os.path.join(args.out, "new"))
-    generate(old_dir, args.entities, 0, args.docs_per_entity, 0.5)
+    if not args.old_data:
+        generate(old_dir, args.entities, 0, args.docs_per_entity, 0.5)
     generate(new_dir, args.new_entities, 1000, args.docs_per_entity, 0.5)  # other seed: other people
     tokenizer = load_tokenizer(load_config(args.config, overrides).data.tokenizer)
-    tasks = tasks_override({"old": old_dir, "new": new_dir})
+    task_dir = os.path.abspath(os.path.join(args.out, "tasks"))
+    os.makedirs(task_dir, exist_ok=True)
+    tasks = tasks_override({"old": old_dir, "new": new_dir}, task_dir)
 
     base = args.base
     if base is None:
@@ -179,6 +223,7 @@ def main(argv=None) -> int:
     common = [ft_data, f"data.val=[{{paths: [{GENERAL_VAL}]}}]", tasks]
     print("== evaluating the pretrained model", flush=True)
     rows = [{"run": "base (before)", **evaluate_base(base, load_config(args.config, overrides + common), tokenizer)}]
+    jobs = []  # (mode, run dir, overrides)
     for mode in [m for m in args.modes.split(",") if m]:
         run_dir = os.path.abspath(os.path.join(args.out, f"ft_{mode}"))
         extra = [f"train.trainable={mode}"]
@@ -196,12 +241,24 @@ def main(argv=None) -> int:
             f"train.steps={args.steps}", f"optim.lr={args.lr}", "optim.warmup_steps=10", "optim.weight_decay=0.0",
             "checkpoint.save_final=false", "logging.memory_health=true",
         ]
-        print(f"== finetune {mode}", flush=True)
-        seconds = run_one(args.config, ft)
-        rows.append({"run": f"finetune {mode}", "seconds": round(seconds, 1), **metrics(run_dir)})
+        jobs.append((mode, run_dir, ft))
+
+    order = {f"finetune {mode}": i for i, (mode, _, _) in enumerate(jobs)}
+
+    def record(mode, run_dir, ft, seconds):
+        entry = {"run": f"finetune {mode}", "seconds": round(seconds, 1), **metrics(run_dir)}
+        rows.append(entry)
+        rows[1:] = sorted(rows[1:], key=lambda r: order[r["run"]])  # runs at once finish in any order
         with open(os.path.join(args.out, "results.jsonl"), "a") as f:
-            f.write(json.dumps({**rows[-1], "overrides": ft}) + "\n")
+            f.write(json.dumps({**entry, "overrides": ft}) + "\n")
         write_table(rows, args.out)  # after every run: a command stopped at a time limit keeps what it finished
+
+    if args.parallel > 1:
+        for mode, run_dir, ft, seconds in run_at_once(args.config, jobs, args.parallel, args.threads):
+            record(mode, run_dir, ft, seconds)
+    for mode, run_dir, ft in jobs if args.parallel <= 1 else []:
+        print(f"== finetune {mode}", flush=True)
+        record(mode, run_dir, ft, run_one(args.config, ft))
 
     print("\n" + write_table(rows, args.out))
     return 0

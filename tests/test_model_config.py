@@ -15,6 +15,7 @@ def _cfg(memory=None, **kw):
 def test_defaults_validate():
     ModelConfig().validate("model")
     _cfg(memory=dict(layers=[1, 3], n_keys=8, knn=8, k_dim=8)).validate("model")
+    _cfg(memory=dict(layers=[1], n_keys=8, knn=8, k_dim=8, keep_ffn=True)).validate("model")
 
 
 @pytest.mark.parametrize(
@@ -33,6 +34,7 @@ def test_defaults_validate():
         ({}, dict(backend="cuda"), "model.memory.backend"),
         ({}, dict(heads=0), "model.memory.heads"),
         ({}, dict(value_init_std=0.0), "model.memory.value_init_std"),
+        ({}, dict(keep_ffn=True), "model.memory.keep_ffn"),
         (dict(dim=30), {}, "model.n_heads"),
         (dict(n_heads=4, n_kv_heads=3), {}, "model.n_kv_heads"),
         (dict(attention_backend="flash"), {}, "model.attention_backend"),

@@ -12,7 +12,8 @@ sys.path.insert(0, ROOT)
 from scripts.facts_experiment import matched_dense  # noqa: E402
 
 
-@pytest.mark.parametrize("extra", [[], ["model.memory.n_keys=256", "model.memory.k_dim=64"], ["model.n_layers=4", "model.memory.layers=[1,3]"]])
+@pytest.mark.parametrize("extra", [[], ["model.memory.n_keys=256", "model.memory.k_dim=64"], ["model.n_layers=4", "model.memory.layers=[1,3]"],
+                                   ["model.memory.keep_ffn=true"]])
 def test_matched_dense_is_the_smallest_width_at_or_above_the_memory_flops(extra):
     config = os.path.join(ROOT, "configs", "facts_small.yaml")
     memory = load_config(config, extra)

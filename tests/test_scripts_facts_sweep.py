@@ -45,6 +45,50 @@ def test_bad_sweep_is_refused_naming_the_problem(tmp_path, text, named):
         load_sweep(_write(tmp_path, text))
 
 
+SEEDED = """
+datasets: {p1: {entities: 10}}
+runs:
+  - {name: mem, data: p1, seeds: [0, 2], overrides: [model.memory.n_keys=64]}
+  - {name: dense, data: p1, dense_of: mem, seeds: [0, 2]}
+  - {name: other, data: p1}
+"""
+
+
+def test_seeds_expand_to_one_run_per_seed_paired_with_the_same_seed_twin(tmp_path):
+    runs = load_sweep(_write(tmp_path, SEEDED))["runs"]
+    assert [(r["name"], r["group"], r.get("dense_of")) for r in runs] == [
+        ("mem_s0", "mem", None), ("mem_s2", "mem", None), ("dense_s0", "dense", "mem_s0"),
+        ("dense_s2", "dense", "mem_s2"), ("other", "other", None)]
+    assert runs[1]["overrides"] == ["model.memory.n_keys=64", "train.seed=2", "data.seed=2"]
+    assert runs[3]["overrides"] == ["train.seed=2", "data.seed=2"]
+
+
+@pytest.mark.parametrize("text, named", [
+    (SEEDED.replace("dense_of: mem, seeds: [0, 2]", "dense_of: mem, seeds: [0, 1]"), "list the same seeds"),
+    (SEEDED.replace("dense_of: mem, seeds: [0, 2]", "dense_of: mem"), "list the same seeds"),
+    (SEEDED.replace("seeds: [0, 2], overrides", "seeds: [], overrides"), "seeds must be"),
+    (SEEDED.replace("seeds: [0, 2], overrides", "seeds: [1, 1], overrides"), "seeds must be"),
+    (SEEDED.replace("name: other", "name: mem_s0"), r"run names \['mem_s0'\] used twice"),
+])
+def test_bad_seeds_are_refused(tmp_path, text, named):
+    with pytest.raises(SweepFileError, match="sweep.yaml.*" + named):
+        load_sweep(_write(tmp_path, text))
+
+
+def test_seed_groups_give_mean_and_spread():
+    from scripts.facts_sweep import seed_groups, seed_table
+
+    rows = [{"run": "m_s0", "group": "m", "qa_trained/em": 0.9, "val_loss": 3.0, "flops_per_token": 5},
+            {"run": "m_s1", "group": "m", "qa_trained/em": 0.7, "val_loss": 3.2, "flops_per_token": 5},
+            {"run": "m_s2", "group": "m", "qa_trained/em": 0.8, "flops_per_token": 5},  # stopped before validating
+            {"run": "alone", "group": "alone", "qa_trained/em": 0.1}]
+    (g,) = seed_groups(rows)
+    assert g["group"] == "m" and g["runs"] == ["m_s0", "m_s1", "m_s2"] and "qa_prose/em" not in g
+    assert g["qa_trained/em"]["mean"] == pytest.approx(0.8) and g["qa_trained/em"]["std"] == pytest.approx(0.1)
+    assert (g["qa_trained/em"]["min"], g["qa_trained/em"]["max"], g["val_loss"]["n"]) == (0.7, 0.9, 2)
+    assert "| m | 0.000M | 0.800 ± 0.100 (0.700–0.900, n=3) | - | 3.1000 ± 0.1414" in seed_table([g])
+
+
 def test_read_run_takes_the_last_eval_and_skips_a_cut_line(tmp_path):
     recs = [{"step": 0, "params": 10, "flops_per_token": 123},
             {"step": 100, "loss": 3.0, "tokens_per_s": 50.0, "memory/1/rows_read": 0.5},
@@ -105,8 +149,27 @@ def test_placement_lines_group_by_placement_and_keep_the_plain_point():
     rows = [row("m", 65536, [1], 0.5), row("m_k128", 16384, [1], 0.3), row("m_vlr1", 65536, [1], 0.9),
             row("m_l0", 65536, [0], 0.2), row("dense", 0, [], 0.1), {"run": "crashed", "memory_values": 4096}]
     lines = placement_lines(rows)
-    assert lines == {"p1 L2 d64, memory at 1": [(16384, 0.3, 0.0), (65536, 0.5, 0.0)],
-                     "p1 L2 d64, memory at 0": [(65536, 0.2, 0.0)]}
+    assert lines == {"p1 L2 d64: memory in place of the FFN of layer 1": [(16384, 0.3, 0.0), (65536, 0.5, 0.0)],
+                     "p1 L2 d64: memory in place of the FFN of layer 0": [(65536, 0.2, 0.0)]}
+
+
+def test_placement_lines_average_seeds_and_keep_beside_apart():
+    from scripts.facts_plots import dense_levels, placement_lines
+
+    def row(run, group, values, a, keep_ffn=False):
+        return {"run": run, "group": group, "data": "p1", "dim": 64, "n_layers": 2, "memory_layers": [1],
+                "memory_values": values, "keep_ffn": keep_ffn, "qa_trained/em": a, "qa_prose/em": a / 10}
+
+    rows = [row("m_s0", "m", 4096, 0.6), row("m_s1", "m", 4096, 0.8), row("m_vlr1", "m_vlr1", 4096, 0.1),
+            row("b", "b", 4096, 0.3, keep_ffn=True), row("b_k32", "b_k32", 1024, 0.2, keep_ffn=True),
+            {**row("d_s0", "d", 0, 0.2), "memory_layers": []}, {**row("d_s1", "d", 0, 0.4), "memory_layers": []}]
+    lines = placement_lines(rows)
+    assert set(lines) == {"p1 L2 d64: memory in place of the FFN of layer 1", "p1 L2 d64: memory beside the FFN of layer 1"}
+    ((size, a, b),) = lines["p1 L2 d64: memory in place of the FFN of layer 1"]
+    assert size == 4096 and a == pytest.approx(0.7) and b == pytest.approx(0.07)
+    assert [p[0] for p in lines["p1 L2 d64: memory beside the FFN of layer 1"]] == [1024, 4096]
+    ((group, (a, b, n)),) = dense_levels(rows).items()
+    assert group == "d" and a == pytest.approx(0.3) and n == 2
 
 
 def test_guess_em_is_the_most_common_value_rate(tmp_path):
@@ -117,3 +180,26 @@ def test_guess_em_is_the_most_common_value_rate(tmp_path):
     path.write_text("".join(json.dumps({"attribute": a, "answers": [v]}) + "\n" for a, v in rows))
     assert guess_em(str(path), 0) == pytest.approx(5 / 7)
     assert guess_em(str(path), 3) == pytest.approx(2 / 3)  # the first 3, with the whole file's most common values
+
+
+def test_the_final_sweep_has_seeded_pairs_and_three_sizes_per_placement():
+    from scripts.facts_experiment import matched_dense
+    from train.config import load_config
+
+    spec = load_sweep(os.path.join(ROOT, "configs", "sweeps", "facts_final.yaml"))
+    assert len(spec["runs"]) == 14
+    config = os.path.join(ROOT, spec["config"])
+    cfgs, sizes = {}, {}
+    for r in spec["runs"]:
+        ov = spec["overrides"] + list(r.get("overrides") or [])
+        if r.get("dense_of"):
+            twin = cfgs[r["dense_of"]]
+            ov += matched_dense(twin)
+        cfg = cfgs[r["name"]] = load_config(config, ov)  # validates every run's config
+        m = cfg.model.memory
+        if m.layers:
+            sizes.setdefault((tuple(m.layers), m.keep_ffn), set()).add(m.n_keys)
+    assert sizes == {((2,), False): {128, 256, 512}, ((1,), False): {128, 256, 512}, ((2,), True): {128, 256, 512}}
+    seeds = {(n, cfgs[n].train.seed, cfgs[n].data.seed) for n in ("mem_s0", "mem_s1", "mem_s2", "dense_s2")}
+    assert seeds == {("mem_s0", 0, 0), ("mem_s1", 1, 1), ("mem_s2", 2, 2), ("dense_s2", 2, 2)}
+    assert cfgs["mem_s0"].checkpoint.save_final and not cfgs["dense_s0"].model.memory.layers

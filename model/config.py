@@ -11,6 +11,7 @@ from .cli_config import check_choices
 MemoryBackend = Literal["auto", "reference", "triton"]
 ProjInit = Literal["fan_in", "init_std"]
 AttentionBackend = Literal["sdpa", "xformers"]
+ValueDtype = Literal["float32", "bfloat16"]
 
 
 @dataclass
@@ -38,6 +39,10 @@ class MemoryConfig:
     # Under autocast in training, read the fp32 value table through one cast to the autocast dtype per forward
     # (fp32 master weights and optimizer; see model.memory.table_for_forward). False: lookups read fp32 rows.
     cast_values: bool = True
+    # Storage dtype of the value table (parameter and gradient). bfloat16: lookups read it without a cast, its
+    # gradient is half the bytes to sum, clip and step, and the value optimizer keeps an fp32 master copy in its
+    # state (train/value_optim.py); checkpoints then hold bf16 values (the master is in the optimizer state).
+    value_dtype: ValueDtype = "float32"
 
     def resolved_layers(self, n_layers: int) -> List[int]:
         """Sorted block indices that get a memory layer."""

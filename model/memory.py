@@ -37,14 +37,19 @@ class ValuePool(nn.Module):
     holds all of it. Value parameters are found by this type (value_parameters), never by name.
     """
 
-    def __init__(self, n_slots: int, v_dim: int, init_std: float):
+    def __init__(self, n_slots: int, v_dim: int, init_std: float, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.init_std = init_std
-        self.weight = nn.Parameter(torch.empty(n_slots, v_dim))
+        self.weight = nn.Parameter(torch.empty(n_slots, v_dim, dtype=dtype))
         self.plan = None
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, std=self.init_std)
+        if self.weight.dtype == torch.float32:
+            nn.init.normal_(self.weight, std=self.init_std)
+        else:
+            # Drawn in fp32 and rounded: the same random stream, and the same table up to rounding, as the fp32 pool.
+            with torch.no_grad():
+                self.weight.copy_(torch.empty(self.weight.shape, device=self.weight.device).normal_(std=self.init_std))
 
 
 def value_pools(model: nn.Module) -> List[ValuePool]:
@@ -138,6 +143,12 @@ def value_init_std(cfg: ModelConfig) -> float:
     return m.value_init_std if m.value_init_std is not None else cfg.v_dim ** -0.5
 
 
+def value_pool(cfg: ModelConfig) -> ValuePool:
+    """The value table `cfg` describes (n_keys**2 rows of v_dim, in model.memory.value_dtype)."""
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.memory.value_dtype]
+    return ValuePool(cfg.memory.n_keys**2, cfg.v_dim, value_init_std(cfg), dtype)
+
+
 def _unit_rows(keys: torch.Tensor, eps: float) -> torch.Tensor:
     """Sub-key rows scaled to unit L2 norm, computed in fp32 (fp64 stays fp64)."""
     acc = torch.promote_types(keys.dtype, torch.float32)
@@ -157,7 +168,7 @@ class MemoryLayer(nn.Module):
         self.query_norm = RMSNorm(half, cfg.norm_eps) if m.qk_norm else None
         self.keys1 = nn.Parameter(torch.empty(m.heads, m.n_keys, half))
         self.keys2 = nn.Parameter(torch.empty(m.heads, m.n_keys, half))
-        self.values = ValuePool(m.n_keys**2, cfg.v_dim, value_init_std(cfg)) if own_values else None
+        self.values = value_pool(cfg) if own_values else None
         self.swilu_proj = nn.Linear(cfg.dim, cfg.v_dim, bias=False) if m.swilu else None
         self.value_proj = nn.Linear(cfg.v_dim, cfg.dim, bias=False)
         self.gate = nn.Linear(cfg.dim, 1, bias=False) if m.gate else None

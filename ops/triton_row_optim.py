@@ -4,6 +4,9 @@ One program per table row. Without a precomputed row statistic the program first
 decide whether the row was touched (one pass over the gradient, which is dense anyway); an untouched row then
 stops, writing nothing. A touched row is read and written once more (its gradient mostly from L2). No host sync:
 the set of touched rows never leaves the device.
+
+HAS_MASTER: `p_ptr` is the fp32 master copy and `w_ptr` the low-precision (bf16) table: the rule updates the master
+and writes both, the table as the master rounded, in the same pass.
 """
 import triton
 import triton.language as tl
@@ -25,8 +28,8 @@ def _row_stat(g_ptr, base, n_cols, SUM_SQ: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _lazy_adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, stat_ptr, n_cols, decay, beta1, beta2, eps, step_size, bias2_sqrt,
-                      HAS_STAT: tl.constexpr, BLOCK: tl.constexpr):
+def _lazy_adam_kernel(p_ptr, w_ptr, g_ptr, m_ptr, v_ptr, stat_ptr, n_cols, decay, beta1, beta2, eps, step_size,
+                      bias2_sqrt, HAS_STAT: tl.constexpr, HAS_MASTER: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = row * n_cols
     if HAS_STAT:
@@ -47,11 +50,13 @@ def _lazy_adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, stat_ptr, n_cols, decay, beta1
             tl.store(m_ptr + base + cols, m, mask=mask)
             tl.store(v_ptr + base + cols, v, mask=mask)
             tl.store(p_ptr + base + cols, p, mask=mask)
+            if HAS_MASTER:
+                tl.store(w_ptr + base + cols, p.to(w_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _rowwise_adagrad_kernel(p_ptr, g_ptr, acc_ptr, stat_ptr, n_cols, inv_full_cols, decay, lr, eps,
-                            HAS_STAT: tl.constexpr, BLOCK: tl.constexpr):
+def _rowwise_adagrad_kernel(p_ptr, w_ptr, g_ptr, acc_ptr, stat_ptr, n_cols, inv_full_cols, decay, lr, eps,
+                            HAS_STAT: tl.constexpr, HAS_MASTER: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = row * n_cols
     if HAS_STAT:
@@ -67,7 +72,10 @@ def _rowwise_adagrad_kernel(p_ptr, g_ptr, acc_ptr, stat_ptr, n_cols, inv_full_co
             mask = cols < n_cols
             g = tl.load(g_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
             p = tl.load(p_ptr + base + cols, mask=mask, other=0.0)
-            tl.store(p_ptr + base + cols, p * decay - scale * g, mask=mask)
+            p = p * decay - scale * g
+            tl.store(p_ptr + base + cols, p, mask=mask)
+            if HAS_MASTER:
+                tl.store(w_ptr + base + cols, p.to(w_ptr.dtype.element_ty), mask=mask)
 
 
 def _block(n_cols: int) -> int:
@@ -79,27 +87,31 @@ def _check(param, *same):
 
 
 def lazy_adam_rows(param, grad, exp_avg, exp_avg_sq, row_stat=None, *, lr, beta1, beta2, eps, weight_decay,
-                   step: int) -> None:
-    _check(param, grad, exp_avg, exp_avg_sq)
+                   step: int, master=None) -> None:
+    _check(param, grad, exp_avg, exp_avg_sq, *([master] if master is not None else []))
     n_rows, n_cols = param.shape
     if n_rows == 0 or n_cols == 0:
         return
     bias1, bias2_sqrt = 1 - beta1 ** step, (1 - beta2 ** step) ** 0.5
     block = _block(n_cols)
     stat = row_stat.float().contiguous() if row_stat is not None else param  # unused pointer when no statistic
-    _lazy_adam_kernel[(n_rows,)](param, grad, exp_avg, exp_avg_sq, stat, n_cols, 1 - lr * weight_decay, beta1, beta2,
-                                 eps, lr / bias1, bias2_sqrt, HAS_STAT=row_stat is not None, BLOCK=block,
-                                 num_warps=max(1, min(8, block // 128)))
+    p, w = (param, param) if master is None else (master, param)
+    _lazy_adam_kernel[(n_rows,)](p, w, grad, exp_avg, exp_avg_sq, stat, n_cols, 1 - lr * weight_decay, beta1, beta2,
+                                 eps, lr / bias1, bias2_sqrt, HAS_STAT=row_stat is not None,
+                                 HAS_MASTER=master is not None, BLOCK=block, num_warps=max(1, min(8, block // 128)))
 
 
-def rowwise_adagrad_rows(param, grad, row_acc, row_stat=None, *, lr, eps, weight_decay, n_cols=None) -> None:
-    _check(param, grad)
+def rowwise_adagrad_rows(param, grad, row_acc, row_stat=None, *, lr, eps, weight_decay, n_cols=None,
+                         master=None) -> None:
+    _check(param, grad, *([master] if master is not None else []))
     assert row_acc.shape == param.shape[:1], "row_optim: the row accumulator needs one value per row"
     n_rows, local_cols = param.shape
     if n_rows == 0 or local_cols == 0:
         return
     block = _block(local_cols)
     stat = row_stat.float().contiguous() if row_stat is not None else param
-    _rowwise_adagrad_kernel[(n_rows,)](param, grad, row_acc, stat, local_cols, 1.0 / (n_cols or local_cols),
-                                       1 - lr * weight_decay, lr, eps, HAS_STAT=row_stat is not None, BLOCK=block,
+    p, w = (param, param) if master is None else (master, param)
+    _rowwise_adagrad_kernel[(n_rows,)](p, w, grad, row_acc, stat, local_cols, 1.0 / (n_cols or local_cols),
+                                       1 - lr * weight_decay, lr, eps, HAS_STAT=row_stat is not None,
+                                       HAS_MASTER=master is not None, BLOCK=block,
                                        num_warps=max(1, min(8, block // 128)))

@@ -49,7 +49,8 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     # foreach=False keeps the CPU path deterministic and simple; fused kernels are a GPU speed-up.
     fused = all(p.is_cuda for p in model.parameters())
     kwargs = dict(betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
-    if cfg.value_optimizer != "adamw":  # the value table's row-sparse rule (train/value_optim.py)
+    # the value table's row-sparse rule, or fp32 master weights for a bf16 table (train/value_optim.py)
+    if cfg.value_optimizer != "adamw" or any(p.dtype != torch.float32 for p in value_parameters(model)):
         return RowSparseValueAdamW(param_groups(model, cfg), cfg.value_optimizer, **kwargs)
     return torch.optim.AdamW(param_groups(model, cfg), **kwargs)
 

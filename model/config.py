@@ -43,6 +43,10 @@ class MemoryConfig:
     # gradient is half the bytes to sum, clip and step, and the value optimizer keeps an fp32 master copy in its
     # state (train/value_optim.py); checkpoints then hold bf16 values (the master is in the optimizer state).
     value_dtype: ValueDtype = "float32"
+    # With a bf16 table in training on one process: each lookup adds its value gradient into the table's .grad
+    # (one table-sized buffer for every layer, only touched rows written after the first) instead of autograd's
+    # per-layer gradients and their sum (ops/lookup_into_grad.py). No effect on an fp32 or column-sharded table.
+    accumulate_value_grad: bool = True
 
     def resolved_layers(self, n_layers: int) -> List[int]:
         """Sorted block indices that get a memory layer."""

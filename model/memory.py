@@ -138,6 +138,12 @@ def table_for_forward(weight: torch.Tensor, rows_read: int, enabled: bool = True
     return weight
 
 
+# Eager even inside a compiled block: the backward writes the table's .grad, a side effect outside the graph.
+@torch.compiler.disable
+def _lookup_into_grad(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor, backend: str) -> torch.Tensor:
+    return ops.memory_lookup_into_grad(indices, weights, table, backend)
+
+
 def value_init_std(cfg: ModelConfig) -> float:
     m = cfg.memory
     return m.value_init_std if m.value_init_std is not None else cfg.v_dim ** -0.5
@@ -163,6 +169,7 @@ class MemoryLayer(nn.Module):
         self.qk_norm, self.backend, self.eps = m.qk_norm, m.backend, cfg.norm_eps
         self.proj_init = m.proj_init
         self.cast_values = m.cast_values
+        self.accumulate_value_grad = m.accumulate_value_grad
         half = m.k_dim // 2
         self.query_proj = nn.Linear(cfg.dim, m.heads * m.k_dim, bias=True)
         self.query_norm = RMSNorm(half, cfg.norm_eps) if m.qk_norm else None
@@ -233,6 +240,9 @@ class MemoryLayer(nn.Module):
         weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
         if self.value_plan is not None:
             y = self.value_plan.lookup(slots.flatten(1), weights.flatten(1), values, self.backend)
+        elif (self.accumulate_value_grad and values.dtype != torch.float32 and torch.is_grad_enabled()
+              and ops.can_accumulate(values)):
+            y = _lookup_into_grad(slots.flatten(1), weights.flatten(1), values, self.backend)
         else:
             y = ops.memory_lookup(slots.flatten(1), weights.flatten(1), values, backend=self.backend)
         y = y.to(x.dtype)  # e.g. a bf16 table in an fp32 model

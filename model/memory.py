@@ -141,7 +141,11 @@ def table_for_forward(weight: torch.Tensor, rows_read: int, enabled: bool = True
 # Eager even inside a compiled block: the backward writes the table's .grad, a side effect outside the graph.
 @torch.compiler.disable
 def _lookup_into_grad(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor, backend: str) -> torch.Tensor:
-    return ops.memory_lookup_into_grad(indices, weights, table, backend)
+    """The lookup adding its value gradient into table.grad (ops.memory_lookup_into_grad) when the table allows it
+    (a leaf parameter without hooks, not sharded), else the plain lookup."""
+    if ops.can_accumulate(table):
+        return ops.memory_lookup_into_grad(indices, weights, table, backend)
+    return ops.memory_lookup(indices, weights, table, backend=backend)
 
 
 def value_init_std(cfg: ModelConfig) -> float:
@@ -240,8 +244,7 @@ class MemoryLayer(nn.Module):
         weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
         if self.value_plan is not None:
             y = self.value_plan.lookup(slots.flatten(1), weights.flatten(1), values, self.backend)
-        elif (self.accumulate_value_grad and values.dtype != torch.float32 and torch.is_grad_enabled()
-              and ops.can_accumulate(values)):
+        elif self.accumulate_value_grad and values.dtype != torch.float32 and torch.is_grad_enabled():
             y = _lookup_into_grad(slots.flatten(1), weights.flatten(1), values, self.backend)
         else:
             y = ops.memory_lookup(slots.flatten(1), weights.flatten(1), values, backend=self.backend)

@@ -18,6 +18,10 @@ fp32 master weights: a table stored in low precision (bf16) passes `master`, its
 updates the master and writes each touched row of `param` as the master's row rounded to param's dtype; the gradient
 may be bf16 too (read as fp32). Without `master`, `param` is updated in place in its own dtype.
 
+`grad_scale` (a device scalar, e.g. the gradient-clipping factor's inverse): the gradient is used divided by it, as
+torch's fused AdamW does with its `grad_scale`, so the table's gradient needs no separate scaling pass. A given
+`row_stat` must already be of the scaled gradient.
+
 backend: "auto" (Triton on CUDA when the kernel imports: one program per row, rows that were not touched exit
 after reading their gradient, no host sync), "reference" (index_select / index_copy_ over the touched rows; one
 host sync to count them), "triton".
@@ -55,12 +59,14 @@ def _write_rows(param, master, rows, p) -> None:
 
 @torch.no_grad()
 def lazy_adam_reference(param, grad, exp_avg, exp_avg_sq, row_stat=None, *, lr, beta1, beta2, eps, weight_decay,
-                        step: int, master=None) -> None:
+                        step: int, master=None, grad_scale=None) -> None:
     rows = _rows(touched_stat("lazy_adam", grad) if row_stat is None else row_stat)
     if rows.numel() == 0:
         return
     # rows gathered in fp32 and written back in each tensor's own dtype
     g = grad.index_select(0, rows).float()
+    if grad_scale is not None:
+        g = g / grad_scale
     m = exp_avg.index_select(0, rows).float().lerp_(g, 1 - beta1)
     v = exp_avg_sq.index_select(0, rows).float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
     exp_avg.index_copy_(0, rows, m.to(exp_avg.dtype))
@@ -75,8 +81,10 @@ def lazy_adam_reference(param, grad, exp_avg, exp_avg_sq, row_stat=None, *, lr, 
 
 @torch.no_grad()
 def rowwise_adagrad_reference(param, grad, row_acc, row_stat=None, *, lr, eps, weight_decay,
-                              n_cols: Optional[int] = None, master=None) -> None:
+                              n_cols: Optional[int] = None, master=None, grad_scale=None) -> None:
     stat = touched_stat("rowwise_adagrad", grad) if row_stat is None else row_stat
+    if grad_scale is not None and row_stat is None:
+        stat = stat / (grad_scale.float() * grad_scale.float())
     rows = _rows(stat)
     if rows.numel() == 0:
         return
@@ -84,7 +92,10 @@ def rowwise_adagrad_reference(param, grad, row_acc, row_stat=None, *, lr, eps, w
     row_acc.index_copy_(0, rows, acc.to(row_acc.dtype))
     p = (param if master is None else master).index_select(0, rows).float()
     p.mul_(1 - lr * weight_decay)
-    p.sub_(grad.index_select(0, rows).float() * (lr / (acc.sqrt() + eps)).unsqueeze(1))
+    g = grad.index_select(0, rows).float()
+    if grad_scale is not None:
+        g = g / grad_scale
+    p.sub_(g * (lr / (acc.sqrt() + eps)).unsqueeze(1))
     _write_rows(param, master, rows, p)
 
 
@@ -117,9 +128,10 @@ def _triton_kernel(op: str, backend: str, param, grad, master, *state: torch.Ten
 
 
 def lazy_adam_rows(param, grad, exp_avg, exp_avg_sq, row_stat=None, *, lr, beta1, beta2, eps, weight_decay,
-                   step: int, master=None, backend: str = "auto") -> None:
+                   step: int, master=None, grad_scale=None, backend: str = "auto") -> None:
     """In place on touched rows of param [N, D], exp_avg, exp_avg_sq ([N, D]) and master; `step` counts from 1."""
-    kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step, master=master)
+    kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step, master=master,
+              grad_scale=grad_scale)
     kernel = _triton_kernel("lazy_adam_rows", backend, param, grad, master, exp_avg, exp_avg_sq)
     if kernel is not None:
         return kernel(param, grad, exp_avg, exp_avg_sq, row_stat, **kw)
@@ -127,9 +139,9 @@ def lazy_adam_rows(param, grad, exp_avg, exp_avg_sq, row_stat=None, *, lr, beta1
 
 
 def rowwise_adagrad_rows(param, grad, row_acc, row_stat=None, *, lr, eps, weight_decay,
-                         n_cols: Optional[int] = None, master=None, backend: str = "auto") -> None:
+                         n_cols: Optional[int] = None, master=None, grad_scale=None, backend: str = "auto") -> None:
     """In place on touched rows of param [N, D], row_acc [N] and master; n_cols: the full row's width (default D)."""
-    kw = dict(lr=lr, eps=eps, weight_decay=weight_decay, n_cols=n_cols, master=master)
+    kw = dict(lr=lr, eps=eps, weight_decay=weight_decay, n_cols=n_cols, master=master, grad_scale=grad_scale)
     kernel = _triton_kernel("rowwise_adagrad_rows", backend, param, grad, master, row_acc)
     if kernel is not None:
         return kernel(param, grad, row_acc, row_stat, **kw)

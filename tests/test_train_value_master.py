@@ -203,3 +203,52 @@ def test_bf16_checkpoint_loads_for_evaluation_and_export(tmp_path):
     out = export_checkpoint(str(ckpt), str(tmp_path / "export"))
     exported, _ = load_model(str(out))
     assert torch.equal(exported.values.weight, model.values.weight)
+
+
+# ------------------------------------------------------------------------------------------ clip factor in the step
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("rule", ["lazy_adam", "rowwise_adagrad"])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_grad_scale_divides_the_gradient(rule, backend, bf16):
+    """grad_scale s (a device scalar) on gradient g steps as g / s would: the clip factor needs no pass of its own."""
+    dev = device_of(backend)
+    start = torch.randn(N, D, generator=torch.Generator().manual_seed(6))
+    dtype = BF16 if bf16 else torch.float32
+    scale = torch.tensor(3.0, device=dev)
+    out = []
+    for scaled in (True, False):
+        table = start.to(dtype).to(dev, copy=True)
+        master = table.float() if bf16 else None
+        state = fresh_state(rule, dev)
+        for step, grad in enumerate(sparse_grads(3), 1):
+            grad = grad.to(dev)
+            kw = dict(lr=LR, eps=EPS, weight_decay=WD, master=master, backend=backend)
+            g, extra = (grad, dict(grad_scale=scale)) if scaled else (grad / 3.0, {})
+            if rule == "lazy_adam":
+                row_optim.lazy_adam_rows(table, g, *state, beta1=BETAS[0], beta2=BETAS[1], step=step, **kw, **extra)
+            else:
+                row_optim.rowwise_adagrad_rows(table, g, *state, **kw, **extra)
+        out.append((master if bf16 else table).cpu())
+    torch.testing.assert_close(out[0], out[1], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(out[0], start)
+
+
+@pytest.mark.parametrize("choice", ["sparse_adam", "rowwise_adagrad"])
+def test_optimizer_grad_scale_reaches_the_value_rows(choice):
+    """optimizer.grad_scale, which torch's fused AdamW divides the other groups' gradients by, divides the value
+    table's gradient too."""
+    from test_train_value_optim import groups, two_group_params
+
+    out = []
+    for scaled in (True, False):
+        dense, values = two_group_params()
+        opt = RowSparseValueAdamW(groups(dense, values), choice, betas=BETAS, eps=EPS, fused=True)
+        if scaled:
+            opt.grad_scale = torch.tensor(4.0)
+        for grad in sparse_grads(3):
+            dense.grad = torch.ones(5, 4) / (1 if scaled else 4)
+            values.grad = grad / (1 if scaled else 4)
+            opt.step()
+        out.append((dense.detach().clone(), values.detach().clone()))
+    torch.testing.assert_close(out[0][0], out[1][0])
+    torch.testing.assert_close(out[0][1], out[1][1], rtol=1e-5, atol=1e-6)

@@ -18,6 +18,10 @@ first step (so weights loaded before it, e.g. checkpoint.init_from, seed it) and
 a resume continues exactly). Each step updates the master (fp32 moments or accumulator, bf16 gradient read as fp32)
 and writes the touched rows of the table as the master rounded to bf16.
 
+Gradient clipping inside the step: `optimizer.grad_scale` (a device scalar, None by default), which torch's fused
+AdamW divides the other groups' gradients by, is honoured by the row rules too (the kernels divide as they read), so
+a clip factor set there needs no separate pass over the value table's gradient.
+
 Column-sharded value tables (DTensor, Replicate over replicas and Shard(1) over the memory-parallel ranks): each
 rank updates its column slice; the per-row statistic that decides "touched" (and Adagrad's row mean square) is
 all-reduced over the sharded mesh dims first (N floats), so every rank agrees on the touched rows and on the full
@@ -124,6 +128,9 @@ class RowSparseValueAdamW(torch.optim.AdamW):
         state["step"] += 1
         param, grad = _local(p), _local(p.grad)
         master = _local(state["master"]) if "master" in state else None
+        grad_scale = getattr(self, "grad_scale", None)  # torch's fused AdamW contract: gradients / grad_scale
+        if grad_scale is not None:
+            grad_scale = _local(grad_scale).to(device=param.device, dtype=torch.float32).reshape(())
         row_stat = None
         dims = _sharded_dims(p)
         if self.every_row:
@@ -134,15 +141,19 @@ class RowSparseValueAdamW(torch.optim.AdamW):
             op = dist.ReduceOp.MAX if self.rule == "lazy_adam" else dist.ReduceOp.SUM
             for d in dims:
                 dist.all_reduce(row_stat, op=op, group=p.device_mesh.get_group(d))
+            if grad_scale is not None and self.rule == "rowwise_adagrad":
+                row_stat = row_stat / grad_scale.square()  # the statistic of the scaled gradient
         lr = float(group["lr"])
         if self.rule == "lazy_adam":
             beta1, beta2 = group["betas"]
             row_optim.lazy_adam_rows(param, grad, _local(state["exp_avg"]), _local(state["exp_avg_sq"]), row_stat,
                                      lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
-                                     weight_decay=group["weight_decay"], step=int(state["step"].item()), master=master)
+                                     weight_decay=group["weight_decay"], step=int(state["step"].item()), master=master,
+                                     grad_scale=grad_scale)
         else:
             row_optim.rowwise_adagrad_rows(param, grad, _local(state["row_acc"]), row_stat, lr=lr, eps=group["eps"],
-                                           weight_decay=group["weight_decay"], n_cols=p.shape[1], master=master)
+                                           weight_decay=group["weight_decay"], n_cols=p.shape[1], master=master,
+                                           grad_scale=grad_scale)
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> Dict[str, int]:

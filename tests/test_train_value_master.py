@@ -252,3 +252,15 @@ def test_optimizer_grad_scale_reaches_the_value_rows(choice):
         out.append((dense.detach().clone(), values.detach().clone()))
     torch.testing.assert_close(out[0][0], out[1][0])
     torch.testing.assert_close(out[0][1], out[1][1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("value_optimizer", ["adamw", "rowwise_adagrad"])
+def test_bf16_table_with_master_on_column_shards(value_optimizer):
+    """A bf16 table split by columns (MP = 2): each rank's master is its column slice (a DTensor like the table) and
+    the shards together equal the single process (which uses the same autograd gradient sum here)."""
+    from test_train_distributed import assert_same, reference, run_distributed
+
+    opt = [f"optim.value_optimizer={value_optimizer}", "model.memory.value_dtype=bfloat16",
+           "model.memory.accumulate_value_grad=false"]
+    assert_same(run_distributed(2, ["dist.memory_parallel=2"] + opt), reference(2, overrides=opt))

@@ -264,3 +264,10 @@ def test_bf16_table_with_master_on_column_shards(value_optimizer):
     opt = [f"optim.value_optimizer={value_optimizer}", "model.memory.value_dtype=bfloat16",
            "model.memory.accumulate_value_grad=false"]
     assert_same(run_distributed(2, ["dist.memory_parallel=2"] + opt), reference(2, overrides=opt))
+
+
+def test_bad_value_dtype_is_rejected_by_name():
+    from train.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.memory.value_dtype.*float16"):
+        load_config(os.path.join(ROOT, "configs", "tiny.yaml"), STEP_SMALL + ["model.memory.value_dtype=float16"])

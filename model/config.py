@@ -12,6 +12,7 @@ MemoryBackend = Literal["auto", "reference", "triton"]
 ProjInit = Literal["fan_in", "init_std"]
 AttentionBackend = Literal["sdpa", "xformers"]
 ResidualDtype = Literal["fp32", "autocast"]
+ValueDtype = Literal["float32", "bfloat16"]
 
 
 @dataclass
@@ -42,6 +43,14 @@ class MemoryConfig:
     # Under autocast in training, read the fp32 value table through one cast to the autocast dtype per forward
     # (fp32 master weights and optimizer; see model.memory.table_for_forward). False: lookups read fp32 rows.
     cast_values: bool = True
+    # Storage dtype of the value table (parameter and gradient). bfloat16: lookups read it without a cast, its
+    # gradient is half the bytes to sum, clip and step, and the value optimizer keeps an fp32 master copy in its
+    # state (train/value_optim.py); checkpoints then hold bf16 values (the master is in the optimizer state).
+    value_dtype: ValueDtype = "float32"
+    # With a bf16 table in training on one process: each lookup adds its value gradient into the table's .grad
+    # (one table-sized buffer for every layer, only touched rows written after the first) instead of autograd's
+    # per-layer gradients and their sum (ops/lookup_into_grad.py). No effect on an fp32 or column-sharded table.
+    accumulate_value_grad: bool = True
 
     def resolved_layers(self, n_layers: int) -> List[int]:
         """Sorted block indices that get a memory layer."""

@@ -37,14 +37,19 @@ class ValuePool(nn.Module):
     holds all of it. Value parameters are found by this type (value_parameters), never by name.
     """
 
-    def __init__(self, n_slots: int, v_dim: int, init_std: float):
+    def __init__(self, n_slots: int, v_dim: int, init_std: float, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.init_std = init_std
-        self.weight = nn.Parameter(torch.empty(n_slots, v_dim))
+        self.weight = nn.Parameter(torch.empty(n_slots, v_dim, dtype=dtype))
         self.plan = None
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, std=self.init_std)
+        if self.weight.dtype == torch.float32:
+            nn.init.normal_(self.weight, std=self.init_std)
+        else:
+            # Drawn in fp32 and rounded: the same random stream, and the same table up to rounding, as the fp32 pool.
+            with torch.no_grad():
+                self.weight.copy_(torch.empty(self.weight.shape, device=self.weight.device).normal_(std=self.init_std))
 
 
 def value_pools(model: nn.Module) -> List[ValuePool]:
@@ -133,9 +138,25 @@ def table_for_forward(weight: torch.Tensor, rows_read: int, enabled: bool = True
     return weight
 
 
+# Eager even inside a compiled block: the backward writes the table's .grad, a side effect outside the graph.
+@torch.compiler.disable
+def _lookup_into_grad(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor, backend: str) -> torch.Tensor:
+    """The lookup adding its value gradient into table.grad (ops.memory_lookup_into_grad) when the table allows it
+    (a leaf parameter without hooks, not sharded), else the plain lookup."""
+    if ops.can_accumulate(table):
+        return ops.memory_lookup_into_grad(indices, weights, table, backend)
+    return ops.memory_lookup(indices, weights, table, backend=backend)
+
+
 def value_init_std(cfg: ModelConfig) -> float:
     m = cfg.memory
     return m.value_init_std if m.value_init_std is not None else cfg.v_dim ** -0.5
+
+
+def value_pool(cfg: ModelConfig) -> ValuePool:
+    """The value table `cfg` describes (n_keys**2 rows of v_dim, in model.memory.value_dtype)."""
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.memory.value_dtype]
+    return ValuePool(cfg.memory.n_keys**2, cfg.v_dim, value_init_std(cfg), dtype)
 
 
 def _unit_rows(keys: torch.Tensor, eps: float) -> torch.Tensor:
@@ -152,12 +173,13 @@ class MemoryLayer(nn.Module):
         self.qk_norm, self.backend, self.eps = m.qk_norm, m.backend, cfg.norm_eps
         self.proj_init = m.proj_init
         self.cast_values = m.cast_values
+        self.accumulate_value_grad = m.accumulate_value_grad
         half = m.k_dim // 2
         self.query_proj = nn.Linear(cfg.dim, m.heads * m.k_dim, bias=True)
         self.query_norm = RMSNorm(half, cfg.norm_eps) if m.qk_norm else None
         self.keys1 = nn.Parameter(torch.empty(m.heads, m.n_keys, half))
         self.keys2 = nn.Parameter(torch.empty(m.heads, m.n_keys, half))
-        self.values = ValuePool(m.n_keys**2, cfg.v_dim, value_init_std(cfg)) if own_values else None
+        self.values = value_pool(cfg) if own_values else None
         self.swilu_proj = nn.Linear(cfg.dim, cfg.v_dim, bias=False) if m.swilu else None
         self.value_proj = nn.Linear(cfg.v_dim, cfg.dim, bias=False)
         self.gate = nn.Linear(cfg.dim, 1, bias=False) if m.gate else None
@@ -222,6 +244,8 @@ class MemoryLayer(nn.Module):
         weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
         if self.value_plan is not None:
             y = self.value_plan.lookup(slots.flatten(1), weights.flatten(1), values, self.backend)
+        elif self.accumulate_value_grad and values.dtype != torch.float32 and torch.is_grad_enabled():
+            y = _lookup_into_grad(slots.flatten(1), weights.flatten(1), values, self.backend)
         else:
             y = ops.memory_lookup(slots.flatten(1), weights.flatten(1), values, backend=self.backend)
         y = y.to(x.dtype)  # e.g. a bf16 table in an fp32 model

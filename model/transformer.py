@@ -13,7 +13,7 @@ from .attention import Attention, KVCache
 from .config import ModelConfig
 from .ffn import FeedForward
 from .init import init_module
-from .memory import CastTable, MemoryLayer, ValuePool, table_for_forward, value_init_std
+from .memory import CastTable, MemoryLayer, ValuePool, table_for_forward, value_pool
 from .norms import RMSNorm
 from .rope import RotaryEmbedding
 
@@ -73,7 +73,7 @@ class Transformer(nn.Module):
             self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
             self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
             shared = bool(memory_layers) and cfg.memory.share_values
-            self.values = ValuePool(cfg.memory.n_keys**2, cfg.v_dim, value_init_std(cfg)) if shared else None
+            self.values = value_pool(cfg) if shared else None
             self.layers = nn.ModuleList(Block(cfg, i, i in memory_layers) for i in range(cfg.n_layers))
             self.norm = RMSNorm(cfg.dim, cfg.norm_eps, keep_dtype=cfg.residual_dtype != "fp32")
             self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)

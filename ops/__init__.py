@@ -14,6 +14,7 @@ import torch
 from . import reference
 from .cast import cast_table
 from .cross_entropy import linear_cross_entropy
+from .lookup_into_grad import can_accumulate, memory_lookup_into_grad
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -22,6 +23,7 @@ BACKENDS = ("auto", "reference", "triton")
 _TRITON_OPS = {
     "product_key_search": ("ops.triton_search", "product_key_search"),
     "memory_lookup": ("ops.triton_lookup", "memory_lookup"),
+    "lookup_backward": ("ops.triton_lookup", "lookup_backward"),
     "lazy_adam_rows": ("ops.triton_row_optim", "lazy_adam_rows"),
     "rowwise_adagrad_rows": ("ops.triton_row_optim", "rowwise_adagrad_rows"),
 }
@@ -93,4 +95,5 @@ def memory_lookup(indices, weights, values, backend: str = "auto"):
 
 _preload_triton()
 
-__all__ = ["BACKENDS", "product_key_search", "memory_lookup", "linear_cross_entropy", "cast_table"]
+__all__ = ["BACKENDS", "product_key_search", "memory_lookup", "linear_cross_entropy", "cast_table",
+           "memory_lookup_into_grad", "can_accumulate"]

@@ -108,26 +108,53 @@ class _MemoryLookup(torch.autograd.Function):
     def backward(ctx, grad_out):
         indices, weights, values = ctx.saved_tensors
         chunk = ctx.chunk
-        acc = _acc_dtype(values.dtype)
         grad_w = grad_v = None
         if ctx.needs_input_grad[1]:
-            grad_w = torch.empty_like(weights)
-            for t0 in range(0, indices.shape[0], chunk):
-                v = values[indices[t0 : t0 + chunk]].to(acc)
-                g = grad_out[t0 : t0 + chunk].to(acc)
-                grad_w[t0 : t0 + chunk] = torch.einsum("td,tsd->ts", g, v).to(weights.dtype)
+            grad_w = weight_grad(grad_out, indices, weights, values, chunk)
         if ctx.needs_input_grad[2]:
-            # Accumulate only over the rows that were read: cost O(tokens), not O(table) (bar the zero fill).
-            rows, inverse = torch.unique(indices, return_inverse=True)
-            partial = torch.zeros(rows.shape[0], values.shape[1], dtype=acc, device=values.device)
-            for t0 in range(0, indices.shape[0], chunk):
-                w = weights[t0 : t0 + chunk].to(acc)  # [c, S]
-                g = grad_out[t0 : t0 + chunk].to(acc)  # [c, D]
-                contrib = w[:, :, None] * g[:, None, :]  # [c, S, D]
-                partial.index_add_(0, inverse[t0 : t0 + chunk].reshape(-1), contrib.reshape(-1, values.shape[1]))
-            grad_v = torch.zeros_like(values)
-            grad_v[rows] = partial.to(values.dtype)
+            grad_v = value_grad(grad_out, indices, weights, values, chunk)
         return None, grad_w, grad_v, None
+
+
+def weight_grad(grad_out, indices, weights, values, chunk: int) -> torch.Tensor:
+    """The lookup's gradient w.r.t. its weights: <grad_out[t], values[indices[t, s]]>, in weights.dtype."""
+    acc = _acc_dtype(values.dtype)
+    grad_w = torch.empty_like(weights)
+    for t0 in range(0, indices.shape[0], chunk):
+        v = values[indices[t0 : t0 + chunk]].to(acc)
+        g = grad_out[t0 : t0 + chunk].to(acc)
+        grad_w[t0 : t0 + chunk] = torch.einsum("td,tsd->ts", g, v).to(weights.dtype)
+    return grad_w
+
+
+def value_grad(grad_out, indices, weights, values, chunk: int, accumulate_into: Optional[torch.Tensor] = None):
+    """The lookup's value gradient: dense [N, D] in values.dtype, or added in place to `accumulate_into` (only the
+    touched rows are read and written; one rounding to its dtype per row)."""
+    acc = _acc_dtype(values.dtype)
+    # Accumulate only over the rows that were read: cost O(tokens), not O(table) (bar the zero fill).
+    rows, inverse = torch.unique(indices, return_inverse=True)
+    partial = torch.zeros(rows.shape[0], values.shape[1], dtype=acc, device=values.device)
+    for t0 in range(0, indices.shape[0], chunk):
+        w = weights[t0 : t0 + chunk].to(acc)  # [c, S]
+        g = grad_out[t0 : t0 + chunk].to(acc)  # [c, D]
+        contrib = w[:, :, None] * g[:, None, :]  # [c, S, D]
+        partial.index_add_(0, inverse[t0 : t0 + chunk].reshape(-1), contrib.reshape(-1, values.shape[1]))
+    if accumulate_into is not None:
+        accumulate_into[rows] = (accumulate_into[rows].to(acc) + partial).to(accumulate_into.dtype)
+        return accumulate_into
+    grad_v = torch.zeros_like(values)
+    grad_v[rows] = partial.to(values.dtype)
+    return grad_v
+
+
+def lookup_backward(grad_out, indices, weights, values, compute_gw: bool = True, accumulate_into=None,
+                    chunk_tokens: Optional[int] = None):
+    """The lookup's backward without autograd: (grad_weights [T, S] or None, grad_values), the value gradient dense
+    or added to `accumulate_into` (see value_grad)."""
+    chunk = _chunk_tokens(indices.shape[1], values.shape[1], chunk_tokens)
+    indices = indices.long()
+    grad_w = weight_grad(grad_out, indices, weights, values, chunk) if compute_gw else None
+    return grad_w, value_grad(grad_out, indices, weights, values, chunk, accumulate_into)
 
 
 def memory_lookup(

@@ -61,7 +61,7 @@ def _segment_bwd_kernel(
     w_ptr, g_ptr, v_ptr, gw_ptr, gv_ptr, rows_out_ptr, untouched_ptr,
     P, S, D, stride_g, stride_v, stride_gv,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
-    COMPUTE_GW: tl.constexpr, SPARSE: tl.constexpr, ZERO_UNTOUCHED: tl.constexpr,
+    COMPUTE_GW: tl.constexpr, SPARSE: tl.constexpr, ZERO_UNTOUCHED: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
     seg = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -96,6 +96,8 @@ def _segment_bwd_kernel(
             if pid_d == 0:
                 tl.store(rows_out_ptr + seg, r)
         else:
+            if ACCUMULATE:  # add to the gradient already there (one rounding to its dtype)
+                row_grad += tl.load(gv_ptr + r * stride_gv + d, mask=dmask, other=0.0).to(tl.float32)
             tl.store(gv_ptr + r * stride_gv + d, row_grad.to(gv_ptr.dtype.element_ty), mask=dmask)
     else:
         if SPARSE:  # padding entries of the compact form: row -1, gradient 0
@@ -192,9 +194,11 @@ def bwd_config(P: int, M: int, D: int, elem_bytes: int = 2):
 
 
 def lookup_backward(grad_out, indices, weights, values, compute_gw: bool = True,
-                    sparse: bool = False, config=None):
+                    sparse: bool = False, config=None, accumulate_into=None):
     """Returns (grad_w fp32 [T, S] or None, grad_V) with grad_V dense [N, D], or for sparse=True the compact
     form (rows [M] int64 padded with -1, row_grads [M, D] padded with 0, nseg [1]); M = min(T*S, N).
+    accumulate_into: a dense [N, D] gradient to add this lookup's value gradient to, in place (returned as grad_V);
+    only the touched rows are read and written.
 
     `values` gives N, D and the default gradient dtype; its rows are read only for grad_w (compute_gw).
     grad_out may be a strided column view (unit stride along D)."""
@@ -203,6 +207,10 @@ def lookup_backward(grad_out, indices, weights, values, compute_gw: bool = True,
     dev = grad_out.device
     gv_dtype = values.dtype
     P = T * S
+    if accumulate_into is not None and (sparse or accumulate_into.shape != (N, D) or accumulate_into.stride(1) != 1):
+        raise ValueError("lookup_backward: accumulate_into must be a dense [N, D] gradient with unit column stride")
+    if accumulate_into is not None and (P == 0 or D == 0):
+        return (torch.zeros((T, S), dtype=torch.float32, device=dev) if compute_gw else None), accumulate_into
     if P == 0 or D == 0:
         gw = torch.zeros((T, S), dtype=torch.float32, device=dev) if compute_gw else None
         if sparse:
@@ -217,6 +225,10 @@ def lookup_backward(grad_out, indices, weights, values, compute_gw: bool = True,
         gv = torch.empty((M, D), dtype=gv_dtype, device=dev)
         rows_out = torch.empty(M, dtype=torch.int64, device=dev)
         untouched, grid = nseg, M  # untouched: unused
+    elif accumulate_into is not None:
+        gv = accumulate_into
+        rows_out = nseg  # unused
+        untouched, grid = nseg, M  # one program per possible segment; untouched rows are not written
     else:
         gv = torch.empty((N, D), dtype=gv_dtype, device=dev)
         rows_out = nseg  # unused
@@ -227,7 +239,8 @@ def lookup_backward(grad_out, indices, weights, values, compute_gw: bool = True,
         sorted_rows, perm, seg_start, nseg,
         weights, grad_out, values, gw_part if compute_gw else gv, gv, rows_out, untouched,
         P, S, D, grad_out.stride(0), values.stride(0), gv.stride(0),
-        BLOCK_P=block_p, BLOCK_D=block_d, COMPUTE_GW=compute_gw, SPARSE=sparse, ZERO_UNTOUCHED=not sparse,
+        BLOCK_P=block_p, BLOCK_D=block_d, COMPUTE_GW=compute_gw, SPARSE=sparse,
+        ZERO_UNTOUCHED=not sparse and accumulate_into is None, ACCUMULATE=accumulate_into is not None,
         num_warps=warps,
     )
     gw = None

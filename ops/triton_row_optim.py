@@ -4,6 +4,13 @@ One program per table row. Without a precomputed row statistic the program first
 decide whether the row was touched (one pass over the gradient, which is dense anyway); an untouched row then
 stops, writing nothing. A touched row is read and written once more (its gradient mostly from L2). No host sync:
 the set of touched rows never leaves the device.
+
+HAS_MASTER: `p_ptr` is the fp32 master copy and `w_ptr` the low-precision (bf16) table: the rule updates the master
+and writes both, the table as the master rounded, in the same pass.
+
+HAS_SCALE: every gradient is divided by the device scalar at `scale_ptr` as it is read (the clip factor, torch's
+fused AdamW's `grad_scale` contract), so clipping needs no separate pass over the table's gradient; a precomputed
+row statistic is taken as already scaled.
 """
 import triton
 import triton.language as tl
@@ -25,19 +32,25 @@ def _row_stat(g_ptr, base, n_cols, SUM_SQ: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _lazy_adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, stat_ptr, n_cols, decay, beta1, beta2, eps, step_size, bias2_sqrt,
-                      HAS_STAT: tl.constexpr, BLOCK: tl.constexpr):
+def _lazy_adam_kernel(p_ptr, w_ptr, g_ptr, m_ptr, v_ptr, stat_ptr, scale_ptr, n_cols, decay, beta1, beta2, eps,
+                      step_size, bias2_sqrt, HAS_STAT: tl.constexpr, HAS_MASTER: tl.constexpr,
+                      HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = row * n_cols
     if HAS_STAT:
         stat = tl.load(stat_ptr + row)
     else:
-        stat = _row_stat(g_ptr, base, n_cols, False, BLOCK)
+        stat = _row_stat(g_ptr, base, n_cols, False, BLOCK)  # max |g|: > 0 whatever the (positive) scale
+    scale = 1.0
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr).to(tl.float32)
     if stat > 0:
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < n_cols
             g = tl.load(g_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SCALE:
+                g = g / scale
             p = tl.load(p_ptr + base + cols, mask=mask, other=0.0)
             m = tl.load(m_ptr + base + cols, mask=mask, other=0.0)
             v = tl.load(v_ptr + base + cols, mask=mask, other=0.0)
@@ -47,27 +60,38 @@ def _lazy_adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, stat_ptr, n_cols, decay, beta1
             tl.store(m_ptr + base + cols, m, mask=mask)
             tl.store(v_ptr + base + cols, v, mask=mask)
             tl.store(p_ptr + base + cols, p, mask=mask)
+            if HAS_MASTER:
+                tl.store(w_ptr + base + cols, p.to(w_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _rowwise_adagrad_kernel(p_ptr, g_ptr, acc_ptr, stat_ptr, n_cols, inv_full_cols, decay, lr, eps,
-                            HAS_STAT: tl.constexpr, BLOCK: tl.constexpr):
+def _rowwise_adagrad_kernel(p_ptr, w_ptr, g_ptr, acc_ptr, stat_ptr, scale_ptr, n_cols, inv_full_cols, decay, lr, eps,
+                            HAS_STAT: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_SCALE: tl.constexpr,
+                            BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = row * n_cols
+    scale = 1.0
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr).to(tl.float32)
     if HAS_STAT:
         stat = tl.load(stat_ptr + row)
     else:
         stat = _row_stat(g_ptr, base, n_cols, True, BLOCK)
+        if HAS_SCALE:
+            stat = stat / (scale * scale)
     if stat > 0:
         acc = tl.load(acc_ptr + row) + stat * inv_full_cols
         tl.store(acc_ptr + row, acc)
-        scale = lr / (tl.sqrt(acc) + eps)
+        step = lr / (tl.sqrt(acc) + eps) / scale  # the gradient's scale folded into the row's step
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < n_cols
             g = tl.load(g_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
             p = tl.load(p_ptr + base + cols, mask=mask, other=0.0)
-            tl.store(p_ptr + base + cols, p * decay - scale * g, mask=mask)
+            p = p * decay - step * g
+            tl.store(p_ptr + base + cols, p, mask=mask)
+            if HAS_MASTER:
+                tl.store(w_ptr + base + cols, p.to(w_ptr.dtype.element_ty), mask=mask)
 
 
 def _block(n_cols: int) -> int:
@@ -79,27 +103,34 @@ def _check(param, *same):
 
 
 def lazy_adam_rows(param, grad, exp_avg, exp_avg_sq, row_stat=None, *, lr, beta1, beta2, eps, weight_decay,
-                   step: int) -> None:
-    _check(param, grad, exp_avg, exp_avg_sq)
+                   step: int, master=None, grad_scale=None) -> None:
+    _check(param, grad, exp_avg, exp_avg_sq, *([master] if master is not None else []))
     n_rows, n_cols = param.shape
     if n_rows == 0 or n_cols == 0:
         return
     bias1, bias2_sqrt = 1 - beta1 ** step, (1 - beta2 ** step) ** 0.5
     block = _block(n_cols)
     stat = row_stat.float().contiguous() if row_stat is not None else param  # unused pointer when no statistic
-    _lazy_adam_kernel[(n_rows,)](param, grad, exp_avg, exp_avg_sq, stat, n_cols, 1 - lr * weight_decay, beta1, beta2,
-                                 eps, lr / bias1, bias2_sqrt, HAS_STAT=row_stat is not None, BLOCK=block,
+    p, w = (param, param) if master is None else (master, param)
+    scale = grad_scale if grad_scale is not None else param  # unused pointer when no scale
+    _lazy_adam_kernel[(n_rows,)](p, w, grad, exp_avg, exp_avg_sq, stat, scale, n_cols, 1 - lr * weight_decay, beta1,
+                                 beta2, eps, lr / bias1, bias2_sqrt, HAS_STAT=row_stat is not None,
+                                 HAS_MASTER=master is not None, HAS_SCALE=grad_scale is not None, BLOCK=block,
                                  num_warps=max(1, min(8, block // 128)))
 
 
-def rowwise_adagrad_rows(param, grad, row_acc, row_stat=None, *, lr, eps, weight_decay, n_cols=None) -> None:
-    _check(param, grad)
+def rowwise_adagrad_rows(param, grad, row_acc, row_stat=None, *, lr, eps, weight_decay, n_cols=None,
+                         master=None, grad_scale=None) -> None:
+    _check(param, grad, *([master] if master is not None else []))
     assert row_acc.shape == param.shape[:1], "row_optim: the row accumulator needs one value per row"
     n_rows, local_cols = param.shape
     if n_rows == 0 or local_cols == 0:
         return
     block = _block(local_cols)
     stat = row_stat.float().contiguous() if row_stat is not None else param
-    _rowwise_adagrad_kernel[(n_rows,)](param, grad, row_acc, stat, local_cols, 1.0 / (n_cols or local_cols),
-                                       1 - lr * weight_decay, lr, eps, HAS_STAT=row_stat is not None, BLOCK=block,
+    p, w = (param, param) if master is None else (master, param)
+    scale = grad_scale if grad_scale is not None else param  # unused pointer when no scale
+    _rowwise_adagrad_kernel[(n_rows,)](p, w, grad, row_acc, stat, scale, local_cols, 1.0 / (n_cols or local_cols),
+                                       1 - lr * weight_decay, lr, eps, HAS_STAT=row_stat is not None,
+                                       HAS_MASTER=master is not None, HAS_SCALE=grad_scale is not None, BLOCK=block,
                                        num_warps=max(1, min(8, block // 128)))

@@ -79,9 +79,6 @@ class OptimConfig:
                 raise ValueError(f"{prefix}.{key}: must be >= 0, got {getattr(self, key)}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"{prefix}.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
-        if self.clip_in_optimizer and self.value_optimizer != "adamw":
-            raise ValueError(f"{prefix}.clip_in_optimizer: needs {prefix}.value_optimizer=adamw (the row-sparse value "
-                             f"rules take no gradient scale), got {self.value_optimizer}")
 
 
 @dataclass

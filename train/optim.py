@@ -50,7 +50,8 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     # the optimizer needs the fused kernel's gradient scale, which CPUs have too.
     fused = cfg.clip_in_optimizer or all(p.is_cuda for p in model.parameters())
     kwargs = dict(betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
-    if cfg.value_optimizer != "adamw":  # the value table's row-sparse rule (train/value_optim.py)
+    # the value table's row-sparse rule, or fp32 master weights for a bf16 table (train/value_optim.py)
+    if cfg.value_optimizer != "adamw" or any(p.dtype != torch.float32 for p in value_parameters(model)):
         return RowSparseValueAdamW(param_groups(model, cfg), cfg.value_optimizer, **kwargs)
     return torch.optim.AdamW(param_groups(model, cfg), **kwargs)
 
@@ -59,7 +60,8 @@ def set_clip_scale(optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor, ma
     """Clip in the next optimizer.step(): the fused AdamW divides every gradient by its `grad_scale` as it reads
     it (the input torch.amp.GradScaler uses to unscale), here max(1, norm / max_norm): gradients * min(1,
     max_norm / norm), as clip_grad_norm would have multiplied them, without that separate pass."""
-    if not (type(optimizer) is torch.optim.AdamW and all(g.get("fused") for g in optimizer.param_groups)):
+    # RowSparseValueAdamW is an AdamW: its value rows divide by the same grad_scale (train/value_optim.py)
+    if not (isinstance(optimizer, torch.optim.AdamW) and all(g.get("fused") for g in optimizer.param_groups)):
         raise TypeError(f"optim.clip_in_optimizer: needs torch's fused AdamW, got {type(optimizer).__name__}")
     optimizer.grad_scale = ((grad_norm.float() + 1e-6) / max_norm).clamp(min=1.0) if max_norm > 0 else None
 

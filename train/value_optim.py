@@ -10,6 +10,17 @@ param_groups (and the same "values" group, at its own rate) as with plain AdamW:
   Value weight decay (optim.value_weight_decay, off by default) is decoupled and applied to touched rows only: a
   row no token reads is not shrunk either, as a lazy optimizer leaves it alone entirely. The group's learning
   rate follows the scheduler like AdamW's (optim.value_lr_scheduled).
+  - adamw, only for a table stored in low precision (model.memory.value_dtype=bfloat16; an fp32 table steps through
+    torch's AdamW with the other groups): lazy Adam's kernel with every row counted as touched, which is AdamW.
+
+fp32 master weights: a value table stored in bf16 gets state "master", its fp32 copy, made from the table at the
+first step (so weights loaded before it, e.g. checkpoint.init_from, seed it) and saved with the optimizer state (so
+a resume continues exactly). Each step updates the master (fp32 moments or accumulator, bf16 gradient read as fp32)
+and writes the touched rows of the table as the master rounded to bf16.
+
+Gradient clipping inside the step: `optimizer.grad_scale` (a device scalar, None by default), which torch's fused
+AdamW divides the other groups' gradients by, is honoured by the row rules too (the kernels divide as they read), so
+a clip factor set there needs no separate pass over the value table's gradient.
 
 Column-sharded value tables (DTensor, Replicate over replicas and Shard(1) over the memory-parallel ranks): each
 rank updates its column slice; the per-row statistic that decides "touched" (and Adagrad's row mean square) is
@@ -25,8 +36,9 @@ import torch.distributed as dist
 
 from ops import row_optim
 
-# optim.value_optimizer (train/config.py ValueOptimizer) -> its row rule in ops/row_optim.py; adamw has none
-_RULE = {"sparse_adam": "lazy_adam", "rowwise_adagrad": "rowwise_adagrad"}
+# optim.value_optimizer (train/config.py ValueOptimizer) -> its row rule in ops/row_optim.py; adamw is lazy Adam
+# over every row (used here only for a low-precision table, which needs the master copy)
+_RULE = {"adamw": "lazy_adam", "sparse_adam": "lazy_adam", "rowwise_adagrad": "rowwise_adagrad"}
 
 
 def _sharded_dims(p: torch.Tensor) -> List[int]:
@@ -47,9 +59,9 @@ class RowSparseValueAdamW(torch.optim.AdamW):
 
     def __init__(self, params, value_optimizer: str, **adamw_kwargs):
         if value_optimizer not in _RULE:
-            raise ValueError(f"optim.value_optimizer: must be one of adamw, {', '.join(_RULE)}, "
-                             f"got {value_optimizer!r}")
+            raise ValueError(f"optim.value_optimizer: must be one of {', '.join(_RULE)}, got {value_optimizer!r}")
         self.rule = _RULE[value_optimizer]
+        self.every_row = value_optimizer == "adamw"
         super().__init__(params, **adamw_kwargs)
 
     def _value_groups(self) -> List[Dict]:
@@ -76,13 +88,28 @@ class RowSparseValueAdamW(torch.optim.AdamW):
                     self._step_rows(p, group)
         return loss
 
+    def load_state_dict(self, state_dict) -> None:
+        # torch casts every floating state tensor to its parameter's dtype on load: a bf16 table's fp32 master,
+        # moments and row accumulator would lose their low bits (and the resume its exactness). Keep them fp32.
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        keep = {}
+        for sid, p in zip(saved_ids, params):
+            if p.dtype != torch.float32 and sid in state_dict["state"]:
+                keep[p] = {k: v for k, v in state_dict["state"][sid].items()
+                           if k != "step" and isinstance(v, torch.Tensor) and v.is_floating_point()}
+        super().load_state_dict(state_dict)
+        for p, tensors in keep.items():
+            for k, v in tensors.items():
+                self.state[p][k] = v.to(device=p.device, dtype=torch.float32)
+
     def _init_state(self, p: torch.Tensor) -> Dict:
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0)
-            if self.rule == "lazy_adam":
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if self.rule == "lazy_adam":  # fp32 moments whatever the table's dtype
+                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
             else:
                 acc = torch.zeros(p.shape[0], dtype=torch.float32, device=_local(p).device)
                 if hasattr(p, "device_mesh"):
@@ -90,6 +117,8 @@ class RowSparseValueAdamW(torch.optim.AdamW):
 
                     acc = DTensor.from_local(acc, p.device_mesh, [Replicate()] * p.device_mesh.ndim, run_check=False)
                 state["row_acc"] = acc
+        if p.dtype != torch.float32 and "master" not in state:
+            state["master"] = p.detach().to(torch.float32, copy=True)
         return state
 
     def _step_rows(self, p: torch.Tensor, group: Dict) -> None:
@@ -98,23 +127,33 @@ class RowSparseValueAdamW(torch.optim.AdamW):
             state["step"] = state["step"].cpu()
         state["step"] += 1
         param, grad = _local(p), _local(p.grad)
+        master = _local(state["master"]) if "master" in state else None
+        grad_scale = getattr(self, "grad_scale", None)  # torch's fused AdamW contract: gradients / grad_scale
+        if grad_scale is not None:
+            grad_scale = _local(grad_scale).to(device=param.device, dtype=torch.float32).reshape(())
         row_stat = None
         dims = _sharded_dims(p)
-        if dims:
+        if self.every_row:
+            row_stat = torch.ones(param.shape[0], dtype=torch.float32, device=param.device)
+        elif dims:
             # the full row's statistic: every column shard must see the same touched rows (and row mean square)
             row_stat = row_optim.touched_stat(self.rule, grad)
             op = dist.ReduceOp.MAX if self.rule == "lazy_adam" else dist.ReduceOp.SUM
             for d in dims:
                 dist.all_reduce(row_stat, op=op, group=p.device_mesh.get_group(d))
+            if grad_scale is not None and self.rule == "rowwise_adagrad":
+                row_stat = row_stat / grad_scale.square()  # the statistic of the scaled gradient
         lr = float(group["lr"])
         if self.rule == "lazy_adam":
             beta1, beta2 = group["betas"]
             row_optim.lazy_adam_rows(param, grad, _local(state["exp_avg"]), _local(state["exp_avg_sq"]), row_stat,
                                      lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
-                                     weight_decay=group["weight_decay"], step=int(state["step"].item()))
+                                     weight_decay=group["weight_decay"], step=int(state["step"].item()), master=master,
+                                     grad_scale=grad_scale)
         else:
             row_optim.rowwise_adagrad_rows(param, grad, _local(state["row_acc"]), row_stat, lr=lr, eps=group["eps"],
-                                           weight_decay=group["weight_decay"], n_cols=p.shape[1])
+                                           weight_decay=group["weight_decay"], n_cols=p.shape[1], master=master,
+                                           grad_scale=grad_scale)
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> Dict[str, int]:

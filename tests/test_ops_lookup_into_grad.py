@@ -1,0 +1,141 @@
+"""Lookups that add their value gradient into the table's .grad (ops.memory_lookup_into_grad) against autograd's
+per-layer gradients and their sum: 1-3 layers sharing a table, rows read several times and rows never read, both
+backends (the Triton kernel interpreted on CPU), fp32 (bit-identical: the same additions) and bf16 (one rounding
+per row instead of one per layer and one per add)."""
+import pytest
+import torch
+
+import ops
+from model import MemoryConfig, ModelConfig, Transformer
+
+N, D, T, S = 40, 24, 7, 6
+
+
+def device_of(backend):
+    return torch.device("cuda" if backend == "triton" and torch.cuda.is_available() else "cpu")
+
+
+def layer_inputs(n_layers, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_layers):
+        idx = torch.randint(0, N // 2, (T, S), generator=g)  # rows >= N/2 never read; duplicates within a layer
+        out.append((idx, torch.rand(T, S, generator=g), torch.randn(T, D, generator=g)))
+    return out
+
+
+def grads(n_layers, backend, dtype, into_grad, seed=0, table0=None, passes=1):
+    dev = device_of(backend)
+    table = torch.nn.Parameter(table0.clone().to(dev, dtype))
+    w_grads = []
+    for _ in range(passes):
+        loss = 0
+        ws = []
+        for idx, w, g in layer_inputs(n_layers, seed):
+            w = w.to(dev).requires_grad_()
+            ws.append(w)
+            fn = ops.memory_lookup_into_grad if into_grad else ops.memory_lookup
+            out = fn(idx.to(dev), w, table, backend=backend)
+            loss = loss + (out.float() * g.to(dev)).sum()
+        loss.backward()
+        w_grads.append([w.grad.cpu() for w in ws])
+    return table.grad.cpu(), w_grads
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("n_layers", [1, 2, 3])
+def test_fp32_equals_autograd_sum_bit_for_bit(n_layers, backend):
+    table0 = torch.randn(N, D, generator=torch.Generator().manual_seed(9))
+    got, got_w = grads(n_layers, backend, torch.float32, True, table0=table0)
+    ref, ref_w = grads(n_layers, backend, torch.float32, False, table0=table0)
+    assert torch.equal(got, ref)
+    for a, b in zip(got_w[0], ref_w[0]):
+        assert torch.equal(a, b)
+    assert not got[N // 2:].any()  # unread rows: zero
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("n_layers", [1, 3])
+def test_bf16_close_to_exact_sum_and_no_worse_than_autograd(n_layers, backend):
+    table0 = torch.randn(N, D, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16).float()
+    exact, _ = grads(n_layers, "reference", torch.float64, False, table0=table0)
+    got, _ = grads(n_layers, backend, torch.bfloat16, True, table0=table0)
+    ref, _ = grads(n_layers, backend, torch.bfloat16, False, table0=table0)
+    assert got.dtype == torch.bfloat16
+    err, ref_err = (got.double() - exact).norm(), (ref.double() - exact).norm()
+    assert err <= 2**-7 * exact.norm()
+    if backend == "reference" or torch.cuda.is_available():  # the Triton interpreter truncates to bf16
+        assert err <= ref_err * 1.01 + 1e-12
+    if n_layers == 1:
+        assert torch.equal(got, ref)  # the first backward writes the gradient as the plain lookup does
+    assert not got[N // 2:].any()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_second_backward_adds_to_the_gradient(backend):
+    """Gradient accumulation over micro-batches: a second backward adds to .grad, as autograd would."""
+    table0 = torch.randn(N, D, generator=torch.Generator().manual_seed(9))
+    once, _ = grads(2, backend, torch.float32, True, table0=table0)
+    twice, _ = grads(2, backend, torch.float32, True, table0=table0, passes=2)
+    ref, _ = grads(2, backend, torch.float32, False, table0=table0, passes=2)
+    # the same sums in another order (autograd adds the step's layer sum to .grad; here each layer adds)
+    torch.testing.assert_close(twice, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(twice, 2 * once, rtol=1e-6, atol=1e-6)
+
+
+def test_only_for_leaf_parameters_without_hooks():
+    table = torch.nn.Parameter(torch.randn(N, D))
+    assert ops.can_accumulate(table)
+    assert not ops.can_accumulate(table.detach().requires_grad_())  # not a Parameter
+    table.register_hook(lambda g: g * 0)
+    assert not ops.can_accumulate(table)  # the hook would never see the gradient
+    with pytest.raises(ValueError, match="leaf parameter without hooks"):
+        ops.memory_lookup_into_grad(torch.zeros(T, S, dtype=torch.long), torch.rand(T, S), table)
+
+
+def _model(accumulate):
+    m = MemoryConfig(layers=[0, 1], n_keys=8, heads=2, knn=4, k_dim=8, value_dtype="bfloat16",
+                     accumulate_value_grad=accumulate)
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(vocab_size=41, dim=16, n_layers=2, n_heads=2, max_seq_len=32, memory=m))
+
+
+def test_model_uses_it_for_a_bf16_table_and_falls_back_for_hooks(monkeypatch):
+    tokens = torch.randint(0, 41, (2, 9), generator=torch.Generator().manual_seed(1))
+    calls = []
+    real = ops.memory_lookup_into_grad
+    monkeypatch.setattr(ops, "memory_lookup_into_grad", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = {}
+    for accumulate in (True, False):
+        model = _model(accumulate)
+        model(tokens[:, :-1], targets=tokens[:, 1:]).backward()
+        out[accumulate] = {n: p.grad for n, p in model.named_parameters()}
+        assert len(calls) == (2 if accumulate else 0)  # both memory layers
+        calls.clear()
+    for name, g in out[False].items():
+        assert (out[True][name].float() - g.float()).norm() <= 1e-2 * g.float().norm() + 1e-6, name
+    model = _model(True)
+    model.values.weight.register_hook(lambda g: g * 0)  # e.g. train.trainable_rows
+    model(tokens[:, :-1], targets=tokens[:, 1:]).backward()
+    assert calls == [] and not model.values.weight.grad.any()
+    with torch.no_grad():
+        model(tokens)  # evaluation: the plain lookup
+    assert calls == []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_layers", [1, 3])
+def test_gpu_kernel_matches_reference(n_layers):
+    g = torch.Generator().manual_seed(0)
+    n, d, t, s = 1 << 16, 1024, 4096, 128
+    table = torch.nn.Parameter((torch.randn(n, d, generator=g) * 0.03).to(torch.bfloat16).cuda())
+    ref = torch.nn.Parameter(table.detach().double())
+    for _ in range(n_layers):
+        idx = torch.randint(0, n // 2, (t, s), generator=g).cuda()
+        w = torch.rand(t, s, generator=g).cuda()
+        go = torch.randn(t, d, generator=g).cuda()
+        (ops.memory_lookup_into_grad(idx, w, table, backend="triton").float() * go).sum().backward()
+        (ops.memory_lookup(idx, w.double(), ref, backend="reference") * go.double()).sum().backward()
+    err = (table.grad.double() - ref.grad).norm()
+    assert err <= 2**-8 * ref.grad.norm()
+    assert not table.grad[n // 2:].any()

@@ -109,7 +109,9 @@ def write_plots(out: str, rows: List[dict]) -> List[str]:
     plt.close(fig)
     paths.append(path)
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    # Left: the whole run (log-log: the early fall spans decades). Right: the last 60% of training on linear axes,
+    # smoothed over 5 logged steps, where memorising the facts separates the runs.
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     group_color: Dict[str, str] = {}  # the seeds of a group share a color and one legend entry
     for r in rows:
         metrics = r.get("metrics_file") or os.path.join(out, "runs", r["run"], "metrics.jsonl")
@@ -117,16 +119,24 @@ def write_plots(out: str, rows: List[dict]) -> List[str]:
             continue
         xs, ys = loss_curve(metrics, r["flops_per_token"])
         group = r.get("group") or r["run"]
-        if xs:
-            first = group not in group_color
-            color = group_color.setdefault(group, colors[len(group_color) % len(colors)])
-            ax.plot(xs, ys, linestyle="-" if r.get("memory_values") else "--", color=color, linewidth=1,
-                    label=group if first else None)
-    ax.set_xscale("log")
-    ax.set_xlabel("training FLOPs (tokens x FLOPs per token, model/flops.py)")
-    ax.set_ylabel("training loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
+        if not xs:
+            continue
+        first = group not in group_color
+        color = group_color.setdefault(group, colors[len(group_color) % len(colors)])
+        style = dict(linestyle="-" if r.get("memory_values") else "--", color=color, linewidth=1)
+        axes[0].plot(xs, ys, label=group if first else None, **style)
+        tail = [i for i, x in enumerate(xs) if x >= 0.4 * xs[-1]]
+        smooth = [sum(ys[max(0, i - 4):i + 1]) / len(ys[max(0, i - 4):i + 1]) for i in tail]
+        axes[1].plot([xs[i] for i in tail], smooth, **style)
+    axes[0].set_xscale("log")
+    axes[0].set_yscale("log")
+    axes[0].set_title("whole run")
+    axes[1].set_title("last 60% of training (mean of 5 logged steps)")
+    for ax in axes:
+        ax.set_xlabel("training FLOPs (tokens x FLOPs per token, model/flops.py)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("training loss (facts + general text)")
+    axes[0].legend(fontsize=6, ncol=2)
     path = os.path.join(out, "loss_vs_flops.png")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -173,7 +173,9 @@ class MemoryLayer(nn.Module):
         self.qk_norm, self.backend, self.eps = m.qk_norm, m.backend, cfg.norm_eps
         self.proj_init = m.proj_init
         self.cast_values = m.cast_values
-        self.accumulate_value_grad = m.accumulate_value_grad
+        # Only a table stored in low precision: an fp32 table read through its per-forward bf16 cast keeps the
+        # plain lookup (no graph break inside the compiled block for a path that could not accumulate anyway).
+        self.accumulate_value_grad = m.accumulate_value_grad and m.value_dtype != "float32"
         half = m.k_dim // 2
         self.query_proj = nn.Linear(cfg.dim, m.heads * m.k_dim, bias=True)
         self.query_norm = RMSNorm(half, cfg.norm_eps) if m.qk_norm else None
@@ -244,7 +246,7 @@ class MemoryLayer(nn.Module):
         weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
         if self.value_plan is not None:
             y = self.value_plan.lookup(slots.flatten(1), weights.flatten(1), values, self.backend)
-        elif self.accumulate_value_grad and values.dtype != torch.float32 and torch.is_grad_enabled():
+        elif self.accumulate_value_grad and torch.is_grad_enabled():
             y = _lookup_into_grad(slots.flatten(1), weights.flatten(1), values, self.backend)
         else:
             y = ops.memory_lookup(slots.flatten(1), weights.flatten(1), values, backend=self.backend)

@@ -25,6 +25,7 @@ from ops.column_parallel import CollectiveTimer, column_parallel_lookup
 from .memory import memory_layers, value_pools
 
 MESH_DIMS = ("mp_replica", "mp")
+REDUCE_BLOCK_ELEMENTS = 1 << 26  # 256 MiB of fp32 per block when a low-precision value gradient is reduced
 
 
 class ColumnParallelValues:
@@ -69,10 +70,22 @@ class ColumnParallelValues:
         the gradient shard (no table copy). No collective with one replica.
         """
         local = grad.to_local() if hasattr(grad, "to_local") else grad
-        if self.mesh.size(0) > 1:
-            with self.timer.measure(local.device) if self.timer is not None else contextlib.nullcontext():
-                dist.all_reduce(local, group=self.mesh.get_group("mp_replica"))
-        local.mul_(1.0 / self.mesh.size())
+        if self.mesh.size(0) == 1:
+            local.mul_(1.0 / self.mesh.size())
+            return
+        group = self.mesh.get_group("mp_replica")
+        with self.timer.measure(local.device) if self.timer is not None else contextlib.nullcontext():
+            if local.dtype == torch.float32:
+                dist.all_reduce(local, group=group)
+                local.mul_(1.0 / self.mesh.size())
+                return
+            # A bf16 table's gradient: summed in fp32 (a ring all-reduce in bf16 rounds at every hop) and rounded
+            # once, a block of rows at a time so that the fp32 copy stays small beside the table.
+            rows = max(1, REDUCE_BLOCK_ELEMENTS // max(1, local.shape[-1]))
+            for block in local.split(rows):
+                acc = block.float()
+                dist.all_reduce(acc, group=group)
+                block.copy_(acc.mul_(1.0 / self.mesh.size()))
 
 
 def parallelize_values(model: nn.Module, mesh, timer: Optional[CollectiveTimer] = None) -> ColumnParallelValues:

@@ -123,6 +123,26 @@ def test_model_uses_it_for_a_bf16_table_and_falls_back_for_hooks(monkeypatch):
     assert calls == []
 
 
+def test_an_fp32_table_keeps_the_plain_lookup_under_autocast(monkeypatch):
+    # Read through its per-forward bf16 cast, an fp32 table must not enter the into-grad path: it could not
+    # accumulate there anyway, and the path is a graph break inside every compiled memory block.
+    import model.memory as memory
+
+    calls = []
+    real = memory._lookup_into_grad
+    monkeypatch.setattr(memory, "_lookup_into_grad", lambda *a, **k: calls.append(1) or real(*a, **k))
+    m = MemoryConfig(layers=[0, 1], n_keys=8, heads=2, knn=4, k_dim=8, accumulate_value_grad=True)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=41, dim=16, n_layers=2, n_heads=2, max_seq_len=32, memory=m))
+    tokens = torch.randint(0, 41, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(tokens[:, :-1], targets=tokens[:, 1:]).backward()
+    assert calls == [] and model.values.weight.grad.dtype == torch.float32
+    model = _model(True)  # the bf16 table does take it, once per memory layer
+    model(tokens[:, :-1], targets=tokens[:, 1:]).backward()
+    assert len(calls) == 2
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("n_layers", [1, 3])
 def test_gpu_kernel_matches_reference(n_layers):

@@ -119,6 +119,17 @@ def test_speed_modes_resume_exactly(tmp_path):
     assert [cut[s] for s in range(4, 7)] == [full[s] for s in range(4, 7)]
 
 
+def test_clip_in_optimizer_can_be_switched_on_at_resume(tmp_path):
+    """A warned key: the resumed run must get the fused optimizer it needs, not the saved groups' kernel choice."""
+    def cfg(*extra):
+        return load_config(TINY, RUN_SMALL + ["train.device=cpu", "optim.grad_clip=0.1", f"run_dir={tmp_path}",
+                                              "checkpoint.every=3"] + list(extra))
+
+    run(cfg("train.steps=3"))
+    run(cfg("train.steps=5", "optim.clip_in_optimizer=true"))
+    assert sorted(_losses(tmp_path)) == list(range(1, 6))
+
+
 @pytest.mark.slow
 def test_whole_model_compile_keeps_names_and_losses():
     """train.compile_scope=model compiles the Transformer in place: no wrapper module anywhere (parameter names and

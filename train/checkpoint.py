@@ -254,6 +254,12 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
     except _LOAD_ERRORS as e:
         raise CheckpointError(f"DCP cannot load the model/optimizer state: {_short(e)}") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    # torch takes every param-group setting from the saved groups, kernel choices included; how the optimizer runs
+    # (fused / foreach) is the current config's choice (e.g. optim.clip_in_optimizer needs the fused kernel)
+    for group in optimizer.param_groups:
+        for key in ("fused", "foreach"):
+            if key in optimizer.defaults:
+                group[key] = optimizer.defaults[key]
     if os.path.exists(rng_path):  # absent when resuming at a larger world size: keep the seeded RNG
         try:
             set_rng_state(torch.load(rng_path, weights_only=False))

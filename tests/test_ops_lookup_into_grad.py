@@ -159,3 +159,23 @@ def test_gpu_kernel_matches_reference(n_layers):
     err = (table.grad.double() - ref.grad).norm()
     assert err <= 2**-8 * ref.grad.norm()
     assert not table.grad[n // 2:].any()
+
+
+
+def test_micro_batches_under_activation_checkpointing_add_once_each():
+    # Recomputation re-runs the forward, not the into-grad backward: each micro-batch's rows are added exactly once,
+    # the second micro-batch's onto the first's (as the trainer accumulates them).
+    from train.parallelize import apply_activation_checkpointing
+
+    def table_grad(accumulate, micro_batches):
+        model = _model(accumulate)
+        apply_activation_checkpointing(model)
+        g = torch.Generator().manual_seed(2)
+        for _ in range(micro_batches):
+            tokens = torch.randint(0, 41, (2, 9), generator=g)
+            model(tokens[:, :-1], targets=tokens[:, 1:]).backward()
+        return model.values.weight.grad.float()
+
+    got, want = table_grad(True, 2), table_grad(False, 2)
+    assert (got - want).norm() <= 1e-2 * want.norm()
+    assert (table_grad(True, 1) - want).norm() > 0.2 * want.norm()  # a dropped micro-batch would show

@@ -146,11 +146,13 @@ def test_bf16_table_is_the_rounded_fp32_table_and_trains():
     assert type(opt) is RowSparseValueAdamW  # adamw (the default) on a bf16 table needs the master
     sched = build_scheduler(opt, cfg.optim, cfg.train.steps)
     batch = torch.randint(0, cfg.model.vocab_size, (2, cfg.data.seq_len + 1), generator=torch.Generator().manual_seed(0))
+    model(batch[:, :-1], targets=batch[:, 1:]).backward()
+    assert model.values.weight.grad.dtype == BF16  # (train_step ends with the gradients set to None)
+    model.zero_grad(set_to_none=True)
     first = None
     for _ in range(4):
         loss, _ = train_step(model, opt, sched, [batch], cfg, rt)
         first = float(loss) if first is None else first
-        assert model.values.weight.grad is None or model.values.weight.grad.dtype == BF16
     assert float(loss) < first
     master = opt.state[model.values.weight]["master"]
     assert torch.equal(model.values.weight.detach(), master.to(BF16))
@@ -210,11 +212,12 @@ def test_bf16_checkpoint_loads_for_evaluation_and_export(tmp_path):
 @pytest.mark.parametrize("rule", ["lazy_adam", "rowwise_adagrad"])
 @pytest.mark.parametrize("bf16", [False, True])
 def test_grad_scale_divides_the_gradient(rule, backend, bf16):
-    """grad_scale s (a device scalar) on gradient g steps as g / s would: the clip factor needs no pass of its own."""
+    """grad_scale s (a device scalar) on gradient g steps as g / s would: the clip factor needs no pass of its own.
+    The factor changes every step, as a clip factor does (Adam is blind to a constant one)."""
     dev = device_of(backend)
     start = torch.randn(N, D, generator=torch.Generator().manual_seed(6))
     dtype = BF16 if bf16 else torch.float32
-    scale = torch.tensor(3.0, device=dev)
+    scales = [3.0, 1.5, 6.0]
     out = []
     for scaled in (True, False):
         table = start.to(dtype).to(dev, copy=True)
@@ -223,7 +226,8 @@ def test_grad_scale_divides_the_gradient(rule, backend, bf16):
         for step, grad in enumerate(sparse_grads(3), 1):
             grad = grad.to(dev)
             kw = dict(lr=LR, eps=EPS, weight_decay=WD, master=master, backend=backend)
-            g, extra = (grad, dict(grad_scale=scale)) if scaled else (grad / 3.0, {})
+            s = scales[step - 1]
+            g, extra = (grad, dict(grad_scale=torch.tensor(s, device=dev))) if scaled else (grad / s, {})
             if rule == "lazy_adam":
                 row_optim.lazy_adam_rows(table, g, *state, beta1=BETAS[0], beta2=BETAS[1], step=step, **kw, **extra)
             else:
@@ -236,18 +240,18 @@ def test_grad_scale_divides_the_gradient(rule, backend, bf16):
 @pytest.mark.parametrize("choice", ["sparse_adam", "rowwise_adagrad"])
 def test_optimizer_grad_scale_reaches_the_value_rows(choice):
     """optimizer.grad_scale, which torch's fused AdamW divides the other groups' gradients by, divides the value
-    table's gradient too."""
+    table's gradient too. The factor changes every step, as a clip factor does (Adam is blind to a constant one)."""
     from test_train_value_optim import groups, two_group_params
 
     out = []
     for scaled in (True, False):
         dense, values = two_group_params()
         opt = RowSparseValueAdamW(groups(dense, values), choice, betas=BETAS, eps=EPS, fused=True)
-        if scaled:
-            opt.grad_scale = torch.tensor(4.0)
-        for grad in sparse_grads(3):
-            dense.grad = torch.ones(5, 4) / (1 if scaled else 4)
-            values.grad = grad / (1 if scaled else 4)
+        for s, grad in zip([4.0, 1.5, 6.0], sparse_grads(3)):
+            if scaled:
+                opt.grad_scale = torch.tensor(s)
+            dense.grad = torch.randn(5, 4, generator=torch.Generator().manual_seed(int(s * 2))) / (1 if scaled else s)
+            values.grad = grad / (1 if scaled else s)
             opt.step()
         out.append((dense.detach().clone(), values.detach().clone()))
     torch.testing.assert_close(out[0][0], out[1][0])

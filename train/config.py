@@ -56,9 +56,9 @@ class OptimConfig:
     # Cosine decays to lr * min_lr_ratio at the last step.
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    # Clip inside the optimizer's update: the fused AdamW divides each gradient by the clip factor as it reads
-    # it (its grad_scale input), instead of a separate pass multiplying every gradient. The same update up to
-    # rounding. Uses the fused AdamW on any device; one process and value_optimizer=adamw only.
+    # Clip inside the optimizer's update: the fused AdamW (and the value rules of train/value_optim.py) divide
+    # each gradient by the clip factor as they read it (the grad_scale input), instead of a separate pass
+    # multiplying every gradient. The same update up to rounding. Uses the fused AdamW on any device; one process.
     clip_in_optimizer: bool = False
 
     @property

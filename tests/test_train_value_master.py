@@ -270,6 +270,20 @@ def test_bf16_table_with_master_on_column_shards(value_optimizer):
     assert_same(run_distributed(2, ["dist.memory_parallel=2"] + opt), reference(2, overrides=opt))
 
 
+@pytest.mark.slow
+def test_bf16_table_gradient_summed_over_replicas():
+    """MP = 1 on 2 ranks: the whole bf16 table on each rank, its gradient summed over the two replicas (in fp32,
+    rounded once) equals the single process over both ranks' batches."""
+    from test_train_distributed import assert_same, reference, run_distributed
+
+    opt = ["model.memory.value_dtype=bfloat16", "model.memory.accumulate_value_grad=false"]
+    (losses, params), (ref_losses, ref_params) = run_distributed(2, ["dist.memory_parallel=1"] + opt), reference(
+        2, overrides=opt)
+    # the bf16 table itself: within one bf16 rounding (the replicas' sum rounds once, the single process per add)
+    torch.testing.assert_close(params.pop("values.weight"), ref_params.pop("values.weight"), rtol=2**-7, atol=1e-6)
+    assert_same((losses, params), (ref_losses, ref_params))
+
+
 def test_bad_value_dtype_is_rejected_by_name():
     from train.config import ConfigError
 

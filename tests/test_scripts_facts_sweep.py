@@ -203,3 +203,30 @@ def test_the_final_sweep_has_seeded_pairs_and_three_sizes_per_placement():
     seeds = {(n, cfgs[n].train.seed, cfgs[n].data.seed) for n in ("mem_s0", "mem_s1", "mem_s2", "dense_s2")}
     assert seeds == {("mem_s0", 0, 0), ("mem_s1", 1, 1), ("mem_s2", 2, 2), ("dense_s2", 2, 2)}
     assert cfgs["mem_s0"].checkpoint.save_final and not cfgs["dense_s0"].model.memory.layers
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(ROOT, "configs", "sweeps"))
+                                        if f.startswith("facts_")))
+def test_every_facts_sweep_file_validates(name):
+    """Every run of every shipped facts sweep is a valid config (a typo fails here, not minutes into a GPU call);
+    a dense twin gets at least its memory run's FLOPs per token."""
+    from model.flops import flops_per_token
+    from scripts.facts_experiment import matched_dense
+    from train.config import load_config
+
+    spec = load_sweep(os.path.join(ROOT, "configs", "sweeps", name))
+    config = os.path.join(ROOT, spec["config"])
+    cfgs, own = {}, {}
+    for r in spec["runs"]:  # as facts_sweep builds them: a twin starts from its memory run's overrides
+        if r.get("dense_of"):
+            ov = own[r["dense_of"]] + list(r.get("overrides") or [])
+            ov += matched_dense(load_config(config, ov))
+        else:
+            ov = spec["overrides"] + list(r.get("overrides") or [])
+        own[r["name"]] = ov
+        cfg = cfgs[r["name"]] = load_config(config, ov)
+        if r.get("dense_of"):
+            twin = cfgs[r["dense_of"]]
+            assert not cfg.model.memory.layers
+            assert (flops_per_token(cfg.model, cfg.data.seq_len).total
+                    >= flops_per_token(twin.model, twin.data.seq_len).total)

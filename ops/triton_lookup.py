@@ -209,10 +209,10 @@ def lookup_backward(grad_out, indices, weights, values, compute_gw: bool = True,
     P = T * S
     if accumulate_into is not None and (sparse or accumulate_into.shape != (N, D) or accumulate_into.stride(1) != 1):
         raise ValueError("lookup_backward: accumulate_into must be a dense [N, D] gradient with unit column stride")
-    if accumulate_into is not None and (P == 0 or D == 0):
-        return (torch.zeros((T, S), dtype=torch.float32, device=dev) if compute_gw else None), accumulate_into
     if P == 0 or D == 0:
         gw = torch.zeros((T, S), dtype=torch.float32, device=dev) if compute_gw else None
+        if accumulate_into is not None:  # nothing to add
+            return gw, accumulate_into
         if sparse:
             return gw, (torch.empty(0, dtype=torch.int64, device=dev), torch.empty((0, D), dtype=gv_dtype, device=dev),
                         torch.zeros(1, dtype=torch.int64, device=dev))

@@ -1,17 +1,20 @@
 """RMSNorm, computed in fp32."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
 
-def _normalized(xf: torch.Tensor, eps: float) -> torch.Tensor:
-    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-
-
-def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / rms(x) over the last dim, in fp32 (fp64 stays fp64), cast back to x.dtype."""
-    return _normalized(x.to(torch.promote_types(x.dtype, torch.float32)), eps).to(x.dtype)
+def rms_normalize(x: torch.Tensor, eps: float, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x / rms(x) over the last dim, in fp32 (fp64 stays fp64), times `weight` (when given) before one cast back to
+    x.dtype."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.to(xf.dtype)
+    return y.to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -30,6 +33,5 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.keep_dtype:
-            xf = x.to(torch.promote_types(x.dtype, torch.float32))
-            return (_normalized(xf, self.eps) * self.weight.to(xf.dtype)).to(x.dtype)
+            return rms_normalize(x, self.eps, self.weight)
         return rms_normalize(x, self.eps) * self.weight

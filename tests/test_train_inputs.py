@@ -57,8 +57,9 @@ def test_run_dir_without_checkpoints_warns_only(tmp_path):
 
 def test_summary_says_above_or_below():
     none = {"skipped": 0}
-    assert "25.0% below it" in format_summary(10, 3.0, 4.0, none)
-    above = format_summary(10, 5.0, 4.0, {"skipped": 3, "skipped_bad_json": 2, "skipped_empty_text": 1})
+    below = format_summary(10, 3.0, 4.0, none, 0.125)
+    assert "25.0% below it" in below and "evaluation 12.5% of the time" in below
+    above = format_summary(10, 5.0, 4.0, {"skipped": 3, "skipped_bad_json": 2, "skipped_empty_text": 1}, 0.0)
     assert "25.0% above it" in above and "below" not in above
     assert "3 bad training records skipped (bad_json 2, empty_text 1)" in above
 

@@ -65,6 +65,21 @@ def test_mfu_and_group_metrics_in_metrics_jsonl(tmp_path):
     assert summary["step"] == 2 and summary["flops_per_token"] == HAND_FLOPS_PER_TOKEN
 
 
+def test_evaluation_time_and_share_are_logged(tmp_path):
+    cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"),
+                      RUN_SMALL + [f"run_dir={tmp_path}", "train.steps=3", "train.val_every=1", "checkpoint.every=0"])
+    summary = run(cfg)
+    evals = [r for r in _records(tmp_path) if "val/loss" in r]
+    assert [r["step"] for r in evals] == [1, 2, 3]  # every step before the last, then the final evaluation
+    assert all(r["eval/seconds"] > 0 for r in evals)
+    shares = [r["eval/share"] for r in evals]
+    assert all(0 < s < 1 for s in shares)
+    # cumulative: all evaluation seconds so far over the wall time so far; the summary, taken after the final
+    # evaluation, has the same seconds over a longer time
+    assert summary["eval_seconds"] == pytest.approx(sum(r["eval/seconds"] for r in evals), rel=1e-9)
+    assert 0 < summary["eval_share"] <= shares[-1]
+
+
 def test_peak_flops_from_gpu_name_or_config():
     assert peak_flops_of("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_flops_of("NVIDIA H200") == 989e12

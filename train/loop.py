@@ -141,6 +141,9 @@ class Trainer:
         self.tokens_per_step = cfg.train.batch_size * cfg.data.seq_len * cfg.train.grad_accum * rt.dp_size
         self.batches = iter(state.loader)
         self.window = StepWindow(rt.memory_comm)
+        # Evaluation's share of this process's training time (validation and QA): what frequent evaluation costs.
+        self.t_start = time.perf_counter()
+        self.eval_seconds = 0.0
 
     def train(self) -> Dict[str, Any]:
         cfg, state = self.cfg, self.state
@@ -203,20 +206,27 @@ class Trainer:
     def evaluate(self, final: bool = False, qa: bool = False) -> float:
         """Validation NLL every time; QA tasks every eval.every steps and at the end. Returns val loss."""
         cfg, rt, model, step = self.cfg, self.rt, self.state.model, self.state.step
+        t_eval = time.perf_counter()
         metrics = validation_metrics(model, self.val_batches, self.tokenizer, amp_dtype=rt.dtype)
         record = {"step": step, **metrics}
         if self.eval_tasks and (final or qa):
-            t_eval = time.perf_counter()
             with eager_for_eval(cfg):  # generation's cache positions and layer indices would recompile blocks
                 results = run_tasks(model, self.tokenizer, cfg.eval, step=step, tasks=self.eval_tasks,
                                     amp_dtype=rt.dtype, out_path=os.path.join(cfg.run_dir, "eval.jsonl"))
             record.update(flatten(results))
-            record["eval/seconds"] = time.perf_counter() - t_eval
             self.log.print(format_table(results))
+        now = time.perf_counter()
+        self.eval_seconds += now - t_eval
+        record["eval/seconds"] = now - t_eval
+        record["eval/share"] = self.eval_share(now)
         self.log.log(record)
         self.log.print(f"step {step} | val loss {metrics['val/loss']:.4f} | "
                        f"val bpb {metrics.get('val/bpb', float('nan')):.4f}")
         return metrics["val/loss"]
+
+    def eval_share(self, now: float) -> float:
+        """Fraction of this process's wall time since training (re)started spent in evaluation."""
+        return self.eval_seconds / max(now - self.t_start, 1e-9)
 
     def save(self) -> None:
         state = self.state
@@ -235,9 +245,10 @@ class Trainer:
         bad_records = skipped_totals(all_rank_states(state.loader))
         summary = {"step": step, "val_loss": final_val, "unigram_entropy": entropy,
                    "skipped_records": bad_records["skipped"], "tokens": state.tokens_seen, "params": state.n_params,
-                   "flops_per_token": self.step_flops}
+                   "flops_per_token": self.step_flops, "eval_seconds": self.eval_seconds,
+                   "eval_share": self.eval_share(time.perf_counter())}
         self.log.log({"step": step, "unigram_entropy": entropy, **{f"data/{k}": v for k, v in bad_records.items()}})
         if self.rt.is_main:
             write_summary(cfg.run_dir, summary)
-        self.log.print(format_summary(step, final_val, entropy, bad_records))
+        self.log.print(format_summary(step, final_val, entropy, bad_records, summary["eval_share"]))
         return summary

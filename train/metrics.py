@@ -52,14 +52,16 @@ def write_summary(run_dir: str, summary: Dict[str, Any]) -> None:
     os.replace(path + ".tmp", path)
 
 
-def format_summary(step: int, val_loss: float, entropy: float, skipped: Dict[str, int]) -> str:
-    """The closing line: final validation loss against the unigram entropy, and the bad records skipped."""
+def format_summary(step: int, val_loss: float, entropy: float, skipped: Dict[str, int], eval_share: float) -> str:
+    """The closing line: final validation loss against the unigram entropy, the bad records skipped, and the
+    share of the run's time spent evaluating."""
     gap = 100 * (val_loss - entropy) / entropy
     side = f"{-gap:.1f}% below it" if gap <= 0 else f"{gap:.1f}% above it: not yet better than token frequencies"
     reasons = ", ".join(f"{k[len('skipped_'):]} {v}" for k, v in skipped.items() if k != "skipped")
     bad = f"{skipped.get('skipped', 0)} bad training records skipped" + (f" ({reasons})" if reasons else "")
     return (f"done: {step} steps | final val loss {val_loss:.4f} nats/token | unigram entropy {entropy:.4f} "
-            f"(a model that learned only token frequencies) | {side} | {bad}")
+            f"(a model that learned only token frequencies) | {side} | {bad} | evaluation {100 * eval_share:.1f}% of "
+            f"the time")
 
 
 def truncate_after(path: str, step: int) -> None:

@@ -127,14 +127,14 @@ def _gather_worker(rank, world, files, port, out):
 def test_all_rank_states_gathers_over_torch_distributed(tmp_path):
     import socket
 
-    import torch.multiprocessing as mp
+    from _dist_helpers import start_ranks
 
     files, _ = _corpus(tmp_path, 3, n_docs=30)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = str(tmp_path / "states.json")
-    mp.spawn(_gather_worker, args=(2, files, port, out), nprocs=2)
+    start_ranks(_gather_worker, (2, files, port, out), 2)
     states = json.load(open(out))
     assert [s["rank"] for s in states] == [0, 1] and states[0] != states[1]
     single = build_loader(_cfg(files), TOK, rank=0, world_size=1, batch_size=2)

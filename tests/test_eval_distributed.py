@@ -7,11 +7,11 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from data import load_tokenizer
 from eval import EvalConfig, run_tasks, validation_nll
 from eval.synthetic_facts import generate
+from _dist_helpers import start_ranks
 from _eval_helpers import tiny_model as _tiny_model
 
 
@@ -68,7 +68,7 @@ def _worker(rank, world, init_file, syn_dir, out_dir):
 def test_two_ranks_match_one(tmp_path):
     syn = tmp_path / "syn"
     generate(str(syn), 4, 0)
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(syn), str(tmp_path)), nprocs=2, join=True)
+    start_ranks(_worker, (2, str(tmp_path / "init"), str(syn), str(tmp_path)), 2)
     tok, model = load_tokenizer("byte"), tiny_model()
     single_val = validation_nll(model, batches(), tok)
     single = run_tasks(model, tok, eval_cfg(syn))

@@ -6,7 +6,7 @@ import tempfile
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _dist_helpers import start_ranks
 
 T, S, N, D = 5, 6, 7, 8  # tokens per rank, slots per token, table rows, value dim
 
@@ -52,8 +52,7 @@ def test_column_parallel_lookup_equals_single_device():
     world = 2
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "r")
-        mp.start_processes(_worker, args=(world, os.path.join(tmp, "init"), out), nprocs=world,
-                           start_method="spawn", join=True)
+        start_ranks(_worker, (world, os.path.join(tmp, "init"), out), world)
         results = [torch.load(f"{out}.{r}") for r in range(world)]
 
     idx, w, v, dy = _inputs(world)

@@ -12,7 +12,7 @@ import tempfile
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _dist_helpers import start_ranks
 from _train_helpers import STEP_SMALL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,8 +87,7 @@ def _worker(rank, world, init_file, overrides, out, grad_accum=1, probe=None):
 def run_distributed(world, overrides, grad_accum=1, probe=None):
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.pt")
-        mp.start_processes(_worker, args=(world, os.path.join(tmp, "init"), overrides, out, grad_accum, probe),
-                           nprocs=world, start_method="spawn", join=True)
+        start_ranks(_worker, (world, os.path.join(tmp, "init"), overrides, out, grad_accum, probe), world)
         return torch.load(out)
 
 

@@ -177,11 +177,10 @@ def _grad_norm_worker(rank, world, init_file, out, overrides):
 def test_grad_norm_parts_sharded_equal_one_process(tmp_path):
     # FSDP-sharded dense parameters and a column-sharded value table (two meshes, two reductions) give the norms
     # of one process on the same global batch
-    import torch.multiprocessing as mp
+    from _dist_helpers import start_ranks
 
     out = str(tmp_path / "norms.pt")
-    mp.start_processes(_grad_norm_worker, args=(2, str(tmp_path / "init"), out, ["dist.memory_parallel=2"]),
-                       nprocs=2, start_method="spawn", join=True)
+    start_ranks(_grad_norm_worker, (2, str(tmp_path / "init"), out, ["dist.memory_parallel=2"]), 2)
     os.environ.pop("WORLD_SIZE", None)
     ref = _grad_norms(2, 0, [])
     assert torch.load(out) == [pytest.approx(r, rel=1e-4) for r in ref]

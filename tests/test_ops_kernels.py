@@ -109,6 +109,21 @@ def test_lookup_multi_column_chunks():
     torch.testing.assert_close(gv, rgv)
 
 
+def test_lookup_forward_wide_rows_few_slots():
+    # bf16 rows of 2048 columns and 5 slots: the 2-rows-per-step forward tile (two 1024-column chunks, a partial
+    # last step), checked against the reference
+    from ops.triton_lookup import fwd_config, lookup_forward
+
+    assert fwd_config(5, 2048, 2)[:2] == (2, 1024)
+    gen = torch.Generator().manual_seed(3)
+    T, S, N, D = 3, 5, 7, 2048
+    idx = torch.randint(0, N, (T, S), generator=gen).to(DEV)
+    w = torch.randn(T, S, generator=gen).to(DEV)
+    v = torch.randn(N, D, generator=gen).to(torch.bfloat16).to(DEV)
+    out = lookup_forward(idx, w, v)
+    torch.testing.assert_close(out.float(), reference.memory_lookup(idx, w, v).float(), **_tol(torch.bfloat16))
+
+
 def test_lookup_sparse_form_matches_dense():
     gen = torch.Generator().manual_seed(2)
     T, S, N, D = 4, 3, 50, 24

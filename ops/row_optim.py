@@ -18,6 +18,14 @@ fp32 master weights: a table stored in low precision (bf16) passes `master`, its
 updates the master and writes each touched row of `param` as the master's row rounded to param's dtype; the gradient
 may be bf16 too (read as fp32). Without `master`, `param` is updated in place in its own dtype.
 
+Stochastic rounding instead of a master: `rounding_seed` (an int, e.g. from the step count) with a bf16 table and no
+`master`. The rule computes in fp32 from the bf16 table and state and writes each result rounded to a bf16 neighbour
+at random, up with probability (x - lower) / ulp: unbiased, so updates far below the table's rounding still move it in
+expectation (round-to-nearest would drop them). Lazy Adam's moments may then be bf16 too (also rounded at random):
+4 bytes of state per element instead of the master's and fp32 moments' 12. `rng_col0`: the first column's index in
+the full table (a column shard), so every shard and replica draws the bits the whole table would at its columns.
+The two backends draw different random bits (Triton: Philox; reference: a 64-bit hash), each counter-based.
+
 `grad_scale` (a device scalar, e.g. the gradient-clipping factor's inverse): the gradient is used divided by it, as
 torch's fused AdamW does with its `grad_scale`, so the table's gradient needs no separate scaling pass. A given
 `row_stat` must already be of the scaled gradient.
@@ -50,38 +58,75 @@ def _rows(stat: torch.Tensor) -> torch.Tensor:
     return (stat > 0).nonzero().squeeze(1)
 
 
-def _write_rows(param, master, rows, p) -> None:
+def _mix64(k: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 64-bit finalizer on int64 (wrapping products; shifts masked to act as logical shifts)."""
+    k = k ^ ((k >> 33) & ((1 << 31) - 1))
+    k = k * -49064778989728563  # 0xff51afd7ed558ccd as int64
+    k = k ^ ((k >> 33) & ((1 << 31) - 1))
+    k = k * -4265267296055464877  # 0xc4ceb9fe1a85ec53
+    return k ^ ((k >> 33) & ((1 << 31) - 1))
+
+
+def random_bits16(seed: int, rows: torch.Tensor, cols: torch.Tensor, stream: int) -> torch.Tensor:
+    """[len(rows), len(cols)] int32 in [0, 2^16): a counter-based hash of (seed, stream, row, column), so any subset
+    of rows or a column shard (cols = its global column indices) draws what the whole table would there."""
+    key = (rows.long()[:, None] << 32) | cols.long()[None, :]
+    salt = _mix64(torch.tensor([int(seed) * 4 + stream], dtype=torch.int64, device=rows.device))
+    return (_mix64(key ^ salt) & 0xFFFF).to(torch.int32)
+
+
+def round_stochastic(x: torch.Tensor, bits16: torch.Tensor) -> torch.Tensor:
+    """fp32 -> bf16, rounded to one of the two neighbours, up with probability (x - lower) / ulp given uniform
+    16-bit `bits16`: added below bf16's last mantissa bit, then truncated (sign-magnitude: negatives alike)."""
+    bits = x.float().contiguous().view(torch.int32)
+    return ((bits + bits16) & -65536).view(torch.float32).to(torch.bfloat16)
+
+
+def _rounder(rounding_seed: Optional[int], rows: torch.Tensor, n_cols: int, col0: int):
+    """(x fp32 [rows, cols], target tensor, stream) -> x in the target's dtype: rounded at random when a seed is
+    given and the target is bf16."""
+    def rounded(x, like, stream):
+        if rounding_seed is None or like.dtype != torch.bfloat16:
+            return x.to(like.dtype)
+        cols = torch.arange(col0, col0 + n_cols, device=x.device)
+        return round_stochastic(x, random_bits16(rounding_seed, rows, cols, stream))
+    return rounded
+
+
+def _write_rows(param, master, rows, p, rounded) -> None:
     """The updated fp32 rows `p` into the master (when there is one) and the stored table."""
     if master is not None:
         master.index_copy_(0, rows, p.to(master.dtype))
-    param.index_copy_(0, rows, p.to(param.dtype))
+    param.index_copy_(0, rows, rounded(p, param, 0))
 
 
 @torch.no_grad()
 def lazy_adam_reference(param, grad, exp_avg, exp_avg_sq, row_stat=None, *, lr, beta1, beta2, eps, weight_decay,
-                        step: int, master=None, grad_scale=None) -> None:
+                        step: int, master=None, grad_scale=None, rounding_seed=None, rng_col0: int = 0) -> None:
     rows = _rows(touched_stat("lazy_adam", grad) if row_stat is None else row_stat)
     if rows.numel() == 0:
         return
+    rounded = _rounder(rounding_seed, rows, param.shape[1], rng_col0)
     # rows gathered in fp32 and written back in each tensor's own dtype
     g = grad.index_select(0, rows).float()
     if grad_scale is not None:
         g = g / grad_scale
     m = exp_avg.index_select(0, rows).float().lerp_(g, 1 - beta1)
     v = exp_avg_sq.index_select(0, rows).float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    exp_avg.index_copy_(0, rows, m.to(exp_avg.dtype))
-    exp_avg_sq.index_copy_(0, rows, v.to(exp_avg_sq.dtype))
+    exp_avg.index_copy_(0, rows, rounded(m, exp_avg, 1))
+    exp_avg_sq.index_copy_(0, rows, rounded(v, exp_avg_sq, 2))
     # torch.optim.AdamW's single-tensor formula, op for op: with every row touched the two agree exactly
     bias1, bias2_sqrt = 1 - beta1 ** step, (1 - beta2 ** step) ** 0.5
     p = (param if master is None else master).index_select(0, rows).float()
     p.mul_(1 - lr * weight_decay)
     p.addcdiv_(m, (v.sqrt() / bias2_sqrt).add_(eps), value=-lr / bias1)
-    _write_rows(param, master, rows, p)
+    _write_rows(param, master, rows, p, rounded)
 
 
 @torch.no_grad()
 def rowwise_adagrad_reference(param, grad, row_acc, row_stat=None, *, lr, eps, weight_decay,
-                              n_cols: Optional[int] = None, master=None, grad_scale=None) -> None:
+                              n_cols: Optional[int] = None, master=None, grad_scale=None, rounding_seed=None,
+                              rng_col0: int = 0) -> None:
     stat = touched_stat("rowwise_adagrad", grad) if row_stat is None else row_stat
     if grad_scale is not None and row_stat is None:
         stat = stat / (grad_scale.float() * grad_scale.float())
@@ -96,13 +141,18 @@ def rowwise_adagrad_reference(param, grad, row_acc, row_stat=None, *, lr, eps, w
     if grad_scale is not None:
         g = g / grad_scale
     p.sub_(g * (lr / (acc.sqrt() + eps)).unsqueeze(1))
-    _write_rows(param, master, rows, p)
+    _write_rows(param, master, rows, p, _rounder(rounding_seed, rows, param.shape[1], rng_col0))
 
 
 _LOW = (torch.bfloat16, torch.float16)
 
 
-def _triton_kernel(op: str, backend: str, param, grad, master, *state: torch.Tensor):
+def _check_rounding(op: str, param, master, rounding_seed) -> None:
+    if rounding_seed is not None and (master is not None or param.dtype != torch.bfloat16):
+        raise ValueError(f"ops.{op}: stochastic rounding (rounding_seed) is for a bf16 table without a master")
+
+
+def _triton_kernel(op: str, backend: str, param, grad, master, stochastic: bool, *state: torch.Tensor):
     """The Triton function for `op` when `backend` picks it for these tensors, else None (the reference)."""
     from . import _triton_impl
 
@@ -111,13 +161,18 @@ def _triton_kernel(op: str, backend: str, param, grad, master, *state: torch.Ten
     if backend == "reference":
         return None
     tensors = [t for t in (param, grad, master, *state) if t is not None]
-    fp32 = [t for t in (master, *state) if t is not None] + ([param] if master is None else [])
-    fits = (all(t.is_contiguous() for t in tensors) and all(t.dtype == torch.float32 for t in fp32)
-            and grad.dtype in (torch.float32, *_LOW) and (master is None or param.dtype in _LOW))
+    if stochastic:  # bf16 table, state fp32 or bf16
+        fits = all(t.dtype in (torch.float32, torch.bfloat16) for t in (grad, *state))
+    else:
+        fp32 = [t for t in (master, *state) if t is not None] + ([param] if master is None else [])
+        fits = (all(t.dtype == torch.float32 for t in fp32) and grad.dtype in (torch.float32, *_LOW)
+                and (master is None or param.dtype in _LOW))
+    fits = fits and all(t.is_contiguous() for t in tensors)
     if backend == "triton":
         if not fits:
             raise RuntimeError(f"ops.{op}: the Triton kernel needs contiguous tables, gradients and state, fp32 but "
-                               f"for a bf16/fp16 gradient and a bf16/fp16 table with an fp32 master")
+                               f"for a bf16/fp16 gradient and a bf16/fp16 table with an fp32 master (or a bf16 "
+                               f"table and fp32/bf16 state with stochastic rounding)")
         return _triton_impl(op)
     if not (fits and param.is_cuda):
         return None
@@ -128,21 +183,27 @@ def _triton_kernel(op: str, backend: str, param, grad, master, *state: torch.Ten
 
 
 def lazy_adam_rows(param, grad, exp_avg, exp_avg_sq, row_stat=None, *, lr, beta1, beta2, eps, weight_decay,
-                   step: int, master=None, grad_scale=None, backend: str = "auto") -> None:
+                   step: int, master=None, grad_scale=None, rounding_seed=None, rng_col0: int = 0,
+                   backend: str = "auto") -> None:
     """In place on touched rows of param [N, D], exp_avg, exp_avg_sq ([N, D]) and master; `step` counts from 1."""
+    _check_rounding("lazy_adam_rows", param, master, rounding_seed)
     kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step, master=master,
-              grad_scale=grad_scale)
-    kernel = _triton_kernel("lazy_adam_rows", backend, param, grad, master, exp_avg, exp_avg_sq)
+              grad_scale=grad_scale, rounding_seed=rounding_seed, rng_col0=rng_col0)
+    kernel = _triton_kernel("lazy_adam_rows", backend, param, grad, master, rounding_seed is not None, exp_avg,
+                            exp_avg_sq)
     if kernel is not None:
         return kernel(param, grad, exp_avg, exp_avg_sq, row_stat, **kw)
     return lazy_adam_reference(param, grad, exp_avg, exp_avg_sq, row_stat, **kw)
 
 
 def rowwise_adagrad_rows(param, grad, row_acc, row_stat=None, *, lr, eps, weight_decay,
-                         n_cols: Optional[int] = None, master=None, grad_scale=None, backend: str = "auto") -> None:
+                         n_cols: Optional[int] = None, master=None, grad_scale=None, rounding_seed=None,
+                         rng_col0: int = 0, backend: str = "auto") -> None:
     """In place on touched rows of param [N, D], row_acc [N] and master; n_cols: the full row's width (default D)."""
-    kw = dict(lr=lr, eps=eps, weight_decay=weight_decay, n_cols=n_cols, master=master, grad_scale=grad_scale)
-    kernel = _triton_kernel("rowwise_adagrad_rows", backend, param, grad, master, row_acc)
+    _check_rounding("rowwise_adagrad_rows", param, master, rounding_seed)
+    kw = dict(lr=lr, eps=eps, weight_decay=weight_decay, n_cols=n_cols, master=master, grad_scale=grad_scale,
+              rounding_seed=rounding_seed, rng_col0=rng_col0)
+    kernel = _triton_kernel("rowwise_adagrad_rows", backend, param, grad, master, rounding_seed is not None, row_acc)
     if kernel is not None:
         return kernel(param, grad, row_acc, row_stat, **kw)
     return rowwise_adagrad_reference(param, grad, row_acc, row_stat, **kw)

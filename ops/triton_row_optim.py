@@ -11,6 +11,10 @@ and writes both, the table as the master rounded, in the same pass.
 HAS_SCALE: every gradient is divided by the device scalar at `scale_ptr` as it is read (the clip factor, torch's
 fused AdamW's `grad_scale` contract), so clipping needs no separate pass over the table's gradient; a precomputed
 row statistic is taken as already scaled.
+
+STOCHASTIC: no master; the bf16 table (and lazy Adam's bf16 moments) are written with stochastic rounding, the
+random bits from Philox keyed by `seed` and counted by (row, rng_col0 + column), so a column shard draws the bits the
+whole table would at its columns and replicas of a shard draw the same ones.
 """
 import triton
 import triton.language as tl
@@ -32,9 +36,25 @@ def _row_stat(g_ptr, base, n_cols, SUM_SQ: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _round_stochastic(x, bits):
+    """fp32 -> the fp32 value of a bf16 neighbour of x, the upper one with probability (x - lower) / ulp: adding 16
+    random bits below bf16's last mantissa bit and truncating (sign-magnitude, so this works for negatives too)."""
+    xi = x.to(tl.uint32, bitcast=True)
+    xi = (xi + (bits & 0xFFFF)) & 0xFFFF0000
+    return xi.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _random_bits(seed, row, cols, rng_col0):
+    c0 = (cols + rng_col0).to(tl.uint32)
+    c1 = (row + cols * 0).to(tl.uint32)
+    return tl.philox(seed, c0, c1, c0 * 0, c0 * 0)
+
+
+@triton.jit(do_not_specialize=["seed"])
 def _lazy_adam_kernel(p_ptr, w_ptr, g_ptr, m_ptr, v_ptr, stat_ptr, scale_ptr, n_cols, decay, beta1, beta2, eps,
-                      step_size, bias2_sqrt, HAS_STAT: tl.constexpr, HAS_MASTER: tl.constexpr,
-                      HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+                      step_size, bias2_sqrt, seed, rng_col0, HAS_STAT: tl.constexpr, HAS_MASTER: tl.constexpr,
+                      HAS_SCALE: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = row * n_cols
     if HAS_STAT:
@@ -51,23 +71,28 @@ def _lazy_adam_kernel(p_ptr, w_ptr, g_ptr, m_ptr, v_ptr, stat_ptr, scale_ptr, n_
             g = tl.load(g_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
             if HAS_SCALE:
                 g = g / scale
-            p = tl.load(p_ptr + base + cols, mask=mask, other=0.0)
-            m = tl.load(m_ptr + base + cols, mask=mask, other=0.0)
-            v = tl.load(v_ptr + base + cols, mask=mask, other=0.0)
+            p = tl.load(p_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
+            m = tl.load(m_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
             m = m + (1 - beta1) * (g - m)
             v = v * beta2 + (1 - beta2) * (g * g)
             p = p * decay - step_size * (m / (tl.sqrt(v) / bias2_sqrt + eps))
-            tl.store(m_ptr + base + cols, m, mask=mask)
-            tl.store(v_ptr + base + cols, v, mask=mask)
-            tl.store(p_ptr + base + cols, p, mask=mask)
+            if STOCHASTIC:
+                r_p, r_m, r_v, _ = _random_bits(seed, row, cols, rng_col0)
+                m = _round_stochastic(m, r_m)
+                v = _round_stochastic(v, r_v)
+                p = _round_stochastic(p, r_p)
+            tl.store(m_ptr + base + cols, m.to(m_ptr.dtype.element_ty), mask=mask)
+            tl.store(v_ptr + base + cols, v.to(v_ptr.dtype.element_ty), mask=mask)
+            tl.store(p_ptr + base + cols, p.to(p_ptr.dtype.element_ty), mask=mask)
             if HAS_MASTER:
                 tl.store(w_ptr + base + cols, p.to(w_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _rowwise_adagrad_kernel(p_ptr, w_ptr, g_ptr, acc_ptr, stat_ptr, scale_ptr, n_cols, inv_full_cols, decay, lr, eps,
-                            HAS_STAT: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_SCALE: tl.constexpr,
-                            BLOCK: tl.constexpr):
+                            seed, rng_col0, HAS_STAT: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_SCALE: tl.constexpr,
+                            STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = row * n_cols
     scale = 1.0
@@ -87,9 +112,12 @@ def _rowwise_adagrad_kernel(p_ptr, w_ptr, g_ptr, acc_ptr, stat_ptr, scale_ptr, n
             cols = start + tl.arange(0, BLOCK)
             mask = cols < n_cols
             g = tl.load(g_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
-            p = tl.load(p_ptr + base + cols, mask=mask, other=0.0)
+            p = tl.load(p_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
             p = p * decay - step * g
-            tl.store(p_ptr + base + cols, p, mask=mask)
+            if STOCHASTIC:
+                r_p, _, _, _ = _random_bits(seed, row, cols, rng_col0)
+                p = _round_stochastic(p, r_p)
+            tl.store(p_ptr + base + cols, p.to(p_ptr.dtype.element_ty), mask=mask)
             if HAS_MASTER:
                 tl.store(w_ptr + base + cols, p.to(w_ptr.dtype.element_ty), mask=mask)
 
@@ -103,7 +131,7 @@ def _check(param, *same):
 
 
 def lazy_adam_rows(param, grad, exp_avg, exp_avg_sq, row_stat=None, *, lr, beta1, beta2, eps, weight_decay,
-                   step: int, master=None, grad_scale=None) -> None:
+                   step: int, master=None, grad_scale=None, rounding_seed=None, rng_col0: int = 0) -> None:
     _check(param, grad, exp_avg, exp_avg_sq, *([master] if master is not None else []))
     n_rows, n_cols = param.shape
     if n_rows == 0 or n_cols == 0:
@@ -114,13 +142,14 @@ def lazy_adam_rows(param, grad, exp_avg, exp_avg_sq, row_stat=None, *, lr, beta1
     p, w = (param, param) if master is None else (master, param)
     scale = grad_scale if grad_scale is not None else param  # unused pointer when no scale
     _lazy_adam_kernel[(n_rows,)](p, w, grad, exp_avg, exp_avg_sq, stat, scale, n_cols, 1 - lr * weight_decay, beta1,
-                                 beta2, eps, lr / bias1, bias2_sqrt, HAS_STAT=row_stat is not None,
-                                 HAS_MASTER=master is not None, HAS_SCALE=grad_scale is not None, BLOCK=block,
+                                 beta2, eps, lr / bias1, bias2_sqrt, rounding_seed or 0, rng_col0,
+                                 HAS_STAT=row_stat is not None, HAS_MASTER=master is not None,
+                                 HAS_SCALE=grad_scale is not None, STOCHASTIC=rounding_seed is not None, BLOCK=block,
                                  num_warps=max(1, min(8, block // 128)))
 
 
 def rowwise_adagrad_rows(param, grad, row_acc, row_stat=None, *, lr, eps, weight_decay, n_cols=None,
-                         master=None, grad_scale=None) -> None:
+                         master=None, grad_scale=None, rounding_seed=None, rng_col0: int = 0) -> None:
     _check(param, grad, *([master] if master is not None else []))
     assert row_acc.shape == param.shape[:1], "row_optim: the row accumulator needs one value per row"
     n_rows, local_cols = param.shape
@@ -131,6 +160,8 @@ def rowwise_adagrad_rows(param, grad, row_acc, row_stat=None, *, lr, eps, weight
     p, w = (param, param) if master is None else (master, param)
     scale = grad_scale if grad_scale is not None else param  # unused pointer when no scale
     _rowwise_adagrad_kernel[(n_rows,)](p, w, grad, row_acc, stat, scale, local_cols, 1.0 / (n_cols or local_cols),
-                                       1 - lr * weight_decay, lr, eps, HAS_STAT=row_stat is not None,
-                                       HAS_MASTER=master is not None, HAS_SCALE=grad_scale is not None, BLOCK=block,
+                                       1 - lr * weight_decay, lr, eps, rounding_seed or 0, rng_col0,
+                                       HAS_STAT=row_stat is not None, HAS_MASTER=master is not None,
+                                       HAS_SCALE=grad_scale is not None, STOCHASTIC=rounding_seed is not None,
+                                       BLOCK=block,
                                        num_warps=max(1, min(8, block // 128)))

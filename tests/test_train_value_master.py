@@ -259,15 +259,27 @@ def test_optimizer_grad_scale_reaches_the_value_rows(choice):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("value_optimizer", ["adamw", "rowwise_adagrad"])
-def test_bf16_table_with_master_on_column_shards(value_optimizer):
+@pytest.mark.parametrize("value_optimizer, precision", [("adamw", "fp32_master"), ("rowwise_adagrad", "fp32_master"),
+                                                        ("adamw", "bf16_stochastic")])
+def test_bf16_table_with_master_on_column_shards(value_optimizer, precision):
     """A bf16 table split by columns (MP = 2): each rank's master is its column slice (a DTensor like the table) and
-    the shards together equal the single process (which uses the same autograd gradient sum here)."""
+    the shards together equal the single process (which uses the same autograd gradient sum here). Without a master
+    (stochastic rounding) each shard draws the random bits of its global columns: the same table again."""
     from test_train_distributed import assert_same, reference, run_distributed
 
     opt = [f"optim.value_optimizer={value_optimizer}", "model.memory.value_dtype=bfloat16",
-           "model.memory.accumulate_value_grad=false"]
-    assert_same(run_distributed(2, ["dist.memory_parallel=2"] + opt), reference(2, overrides=opt))
+           "model.memory.accumulate_value_grad=false", f"optim.value_precision={precision}"]
+    got, ref = run_distributed(2, ["dist.memory_parallel=2"] + opt), reference(2, overrides=opt)
+    if precision == "fp32_master":
+        assert_same(got, ref)
+        return
+    # Rounding-level differences of the two layouts' gradients flip a rounding decision now and then, and the model
+    # follows: the table must still agree element for element nearly everywhere (a shard drawing another column's
+    # bits, e.g. from a wrong first column, disagrees on a large share of the half it holds).
+    values, ref_values = got[1].pop("values.weight"), ref[1].pop("values.weight")
+    differ = (values != ref_values).float().mean().item()
+    assert differ < 0.02  # measured 0.0015; 0.18 with every shard drawing from column 0
+    assert_same(got, ref, atol=1e-3)
 
 
 @pytest.mark.slow

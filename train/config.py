@@ -27,6 +27,7 @@ NonFinite = Literal["stop", "skip"]
 ReduceDtype = Literal["fp32", "bf16", "param"]
 DistBackend = Literal["auto", "nccl", "gloo"]
 ValueOptimizer = Literal["adamw", "sparse_adam", "rowwise_adagrad"]  # row rules: train/value_optim.py
+ValuePrecision = Literal["fp32_master", "bf16_stochastic"]  # a bf16 value table's update: train/value_optim.py
 CompileScope = Literal["blocks", "model"]  # what train.compile compiles: train/parallelize.py
 
 # What `python -m train` trains without config= (the same as `make train`).
@@ -52,6 +53,10 @@ class OptimConfig:
     # sparse_adam (lazy Adam: only rows read this step move) or rowwise_adagrad (one accumulator per row:
     # N floats of state instead of 2 * N * v_dim). The other parameters always use AdamW.
     value_optimizer: ValueOptimizer = "adamw"
+    # How a bf16 value table (model.memory.value_dtype=bfloat16) is updated: fp32_master (an fp32 copy and fp32
+    # moments in the optimizer, the table the master rounded: 12 bytes of state per element) or bf16_stochastic
+    # (no master, bf16 moments, the table and moments rounded stochastically: 4 bytes per element, a shorter pass).
+    value_precision: ValuePrecision = "fp32_master"
     warmup_steps: int = 100
     # Cosine decays to lr * min_lr_ratio at the last step.
     min_lr_ratio: float = 0.1
@@ -222,6 +227,9 @@ class TrainConfig:
             raise ConfigError(str(e)) from None
         if not self.run_dir:
             raise ConfigError("run_dir: must not be empty")
+        if self.optim.value_precision == "bf16_stochastic" and self.model.memory.value_dtype != "bfloat16":
+            raise ConfigError("optim.value_precision: bf16_stochastic updates a bf16 value table; set "
+                              f"model.memory.value_dtype=bfloat16 (got {self.model.memory.value_dtype})")
 
 
 def resolve_config_path(path: str) -> str:

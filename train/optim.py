@@ -52,7 +52,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     kwargs = dict(betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
     # the value table's row-sparse rule, or fp32 master weights for a bf16 table (train/value_optim.py)
     if cfg.value_optimizer != "adamw" or any(p.dtype != torch.float32 for p in value_parameters(model)):
-        return RowSparseValueAdamW(param_groups(model, cfg), cfg.value_optimizer, **kwargs)
+        return RowSparseValueAdamW(param_groups(model, cfg), cfg.value_optimizer, cfg.value_precision, **kwargs)
     return torch.optim.AdamW(param_groups(model, cfg), **kwargs)
 
 

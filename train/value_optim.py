@@ -18,6 +18,14 @@ first step (so weights loaded before it, e.g. checkpoint.init_from, seed it) and
 a resume continues exactly). Each step updates the master (fp32 moments or accumulator, bf16 gradient read as fp32)
 and writes the touched rows of the table as the master rounded to bf16.
 
+Stochastic rounding instead (optim.value_precision=bf16_stochastic, a bf16 table only): no master, moments in
+bf16 for the Adam rules, the table and moments rounded at random to bf16 as each step writes them (unbiased, so
+updates below bf16's resolution still count in expectation). State: 4 bytes per element instead of 12, and the
+optimizer pass moves 14 bytes per element instead of 28. The random bits are keyed by the step count (saved with
+the state) and the element's place in the full table: a resume continues exactly, every replica of a column shard
+writes the same values. A resume cannot switch precision (train/resume.py refuses optimizer changes);
+checkpoint.init_from starts a new run from the weights.
+
 Gradient clipping inside the step: `optimizer.grad_scale` (a device scalar, None by default), which torch's fused
 AdamW divides the other groups' gradients by, is honoured by the row rules too (the kernels divide as they read), so
 a clip factor set there needs no separate pass over the value table's gradient.
@@ -39,6 +47,24 @@ from ops import row_optim
 # optim.value_optimizer (train/config.py ValueOptimizer) -> its row rule in ops/row_optim.py; adamw is lazy Adam
 # over every row (used here only for a low-precision table, which needs the master copy)
 _RULE = {"adamw": "lazy_adam", "sparse_adam": "lazy_adam", "rowwise_adagrad": "rowwise_adagrad"}
+_PRECISIONS = ("fp32_master", "bf16_stochastic")  # optim.value_precision (train/config.py)
+
+
+def _rounding_seed(step: int) -> int:
+    """A different Philox key per step, from the step count alone (resumes draw the same bits), below 2^31."""
+    return (step * 0x9E3779B1 + 0x2545F491) % (2**31 - 1)
+
+
+def _first_column(p: torch.Tensor) -> int:
+    """Index in the full table of a column shard's first column (0 for a plain tensor): torch.chunk's split, as
+    DTensor's Shard places it, nested over the mesh dims in order."""
+    offset, size = 0, p.shape[1]
+    for d in _sharded_dims(p):
+        n, coord = p.device_mesh.size(d), p.device_mesh.get_coordinate()[d]
+        chunk = -(-size // n)
+        offset += min(coord * chunk, size)
+        size = max(0, min(chunk, size - coord * chunk))
+    return offset
 
 
 def _sharded_dims(p: torch.Tensor) -> List[int]:
@@ -57,12 +83,22 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 class RowSparseValueAdamW(torch.optim.AdamW):
     """torch.optim.AdamW whose "values" group steps with a row-sparse rule (see the module docstring)."""
 
-    def __init__(self, params, value_optimizer: str, **adamw_kwargs):
+    def __init__(self, params, value_optimizer: str, value_precision: str = "fp32_master", **adamw_kwargs):
         if value_optimizer not in _RULE:
             raise ValueError(f"optim.value_optimizer: must be one of {', '.join(_RULE)}, got {value_optimizer!r}")
+        if value_precision not in _PRECISIONS:
+            raise ValueError(f"optim.value_precision: must be one of {', '.join(_PRECISIONS)}, got {value_precision!r}")
         self.rule = _RULE[value_optimizer]
         self.every_row = value_optimizer == "adamw"
+        self.value_precision = value_precision
         super().__init__(params, **adamw_kwargs)
+
+    def _stochastic(self, p: torch.Tensor) -> bool:
+        return self.value_precision == "bf16_stochastic" and p.dtype == torch.bfloat16
+
+    def _state_dtype(self, p: torch.Tensor, key: str) -> torch.dtype:
+        """The dtype of state tensor `key` of parameter p: bf16 moments with stochastic rounding, else fp32."""
+        return torch.bfloat16 if self._stochastic(p) and key in ("exp_avg", "exp_avg_sq") else torch.float32
 
     def _value_groups(self) -> List[Dict]:
         return [g for g in self.param_groups if g.get("name") == "values"]
@@ -101,15 +137,16 @@ class RowSparseValueAdamW(torch.optim.AdamW):
         super().load_state_dict(state_dict)
         for p, tensors in keep.items():
             for k, v in tensors.items():
-                self.state[p][k] = v.to(device=p.device, dtype=torch.float32)
+                self.state[p][k] = v.to(device=p.device, dtype=self._state_dtype(p, k))
 
     def _init_state(self, p: torch.Tensor) -> Dict:
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0)
-            if self.rule == "lazy_adam":  # fp32 moments whatever the table's dtype
-                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            if self.rule == "lazy_adam":  # fp32 moments whatever the table's dtype, but for stochastic rounding
+                for key in ("exp_avg", "exp_avg_sq"):
+                    state[key] = torch.zeros_like(p, dtype=self._state_dtype(p, key),
+                                                  memory_format=torch.preserve_format)
             else:
                 acc = torch.zeros(p.shape[0], dtype=torch.float32, device=_local(p).device)
                 if hasattr(p, "device_mesh"):
@@ -117,7 +154,7 @@ class RowSparseValueAdamW(torch.optim.AdamW):
 
                     acc = DTensor.from_local(acc, p.device_mesh, [Replicate()] * p.device_mesh.ndim, run_check=False)
                 state["row_acc"] = acc
-        if p.dtype != torch.float32 and "master" not in state:
+        if p.dtype != torch.float32 and "master" not in state and not self._stochastic(p):
             state["master"] = p.detach().to(torch.float32, copy=True)
         return state
 
@@ -144,16 +181,20 @@ class RowSparseValueAdamW(torch.optim.AdamW):
             if grad_scale is not None and self.rule == "rowwise_adagrad":
                 row_stat = row_stat / grad_scale.square()  # the statistic of the scaled gradient
         lr = float(group["lr"])
+        step = int(state["step"].item())
+        rounding = {}
+        if self._stochastic(p):
+            rounding = dict(rounding_seed=_rounding_seed(step), rng_col0=_first_column(p))
         if self.rule == "lazy_adam":
             beta1, beta2 = group["betas"]
             row_optim.lazy_adam_rows(param, grad, _local(state["exp_avg"]), _local(state["exp_avg_sq"]), row_stat,
                                      lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
-                                     weight_decay=group["weight_decay"], step=int(state["step"].item()), master=master,
-                                     grad_scale=grad_scale)
+                                     weight_decay=group["weight_decay"], step=step, master=master,
+                                     grad_scale=grad_scale, **rounding)
         else:
             row_optim.rowwise_adagrad_rows(param, grad, _local(state["row_acc"]), row_stat, lr=lr, eps=group["eps"],
                                            weight_decay=group["weight_decay"], n_cols=p.shape[1], master=master,
-                                           grad_scale=grad_scale)
+                                           grad_scale=grad_scale, **rounding)
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> Dict[str, int]:

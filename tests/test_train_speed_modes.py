@@ -70,12 +70,15 @@ def test_clip_in_optimizer_without_clipping_scales_nothing():
     assert float(state.optimizer.grad_scale) == pytest.approx(4.0)
 
 
-def test_clip_in_optimizer_refuses_what_cannot_take_a_scale():
-    with pytest.raises(ConfigError, match="optim.clip_in_optimizer"):
-        check_layout(load_config(TINY, ["optim.clip_in_optimizer=true"]), world_size=2)
-    _, _, state = build()  # the default CPU optimizer is not fused
-    with pytest.raises(TypeError, match="fused AdamW"):
-        set_clip_scale(state.optimizer, torch.tensor(2.0), 1.0)
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [["dist.memory_parallel=2"], ["dist.memory_parallel=1"]])
+def test_clip_in_optimizer_on_sharded_gradients(layout):
+    """FSDP's sharded gradients and a column-sharded (or replicated) value table take the clip factor inside the
+    step as one process does with a separate clip pass: every step clipped by 10x or more."""
+    from test_train_distributed import assert_same, reference, run_distributed
+
+    clip = ["optim.grad_clip=0.05"]
+    assert_same(run_distributed(2, layout + clip + ["optim.clip_in_optimizer=true"]), reference(2, overrides=clip))
 
 
 def test_whole_model_compile_is_one_process_only():

@@ -63,7 +63,7 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     # Clip inside the optimizer's update: the fused AdamW (and the value rules of train/value_optim.py) divide
     # each gradient by the clip factor as they read it (the grad_scale input), instead of a separate pass
-    # multiplying every gradient. The same update up to rounding. Uses the fused AdamW on any device; one process.
+    # multiplying every gradient. The same update up to rounding. Uses the fused AdamW on any device.
     clip_in_optimizer: bool = False
 
     @property

@@ -37,9 +37,6 @@ def check_layout(cfg: TrainConfig, world_size: int) -> None:
     if world_size > 1 and cfg.train.compile and cfg.train.compile_scope == "model":
         raise ConfigError("train.compile_scope=model: one process only (FSDP and the column-parallel lookup are "
                           "compiled per block: train.compile_scope=blocks)")
-    if world_size > 1 and cfg.optim.clip_in_optimizer:
-        raise ConfigError("optim.clip_in_optimizer: one process only (sharded gradients are clipped by a separate "
-                          "pass: optim.clip_in_optimizer=false)")
     v_dim = cfg.model.memory.v_dim or cfg.model.dim
     if v_dim % d.memory_parallel:
         raise ConfigError(

@@ -175,11 +175,14 @@ def test_master_is_made_from_the_weights_present_at_the_first_step():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("value_optimizer", ["adamw", "rowwise_adagrad"])
-def test_resume_with_bf16_table_continues_exactly(tmp_path, value_optimizer):
+@pytest.mark.parametrize("value_optimizer, precision", [("adamw", "fp32_master"), ("rowwise_adagrad", "fp32_master"),
+                                                        ("adamw", "bf16_stochastic")])
+def test_resume_with_bf16_table_continues_exactly(tmp_path, value_optimizer, precision):
     """The master lives in the optimizer state: saved and loaded with it, so a resume equals the uninterrupted run
-    (a master remade from the bf16 table would lose its low bits and drift)."""
-    opt = [f"optim.value_optimizer={value_optimizer}", "model.memory.value_dtype=bfloat16"]
+    (a master remade from the bf16 table would lose its low bits and drift). Stochastic rounding draws its bits
+    from the step count, which is saved too."""
+    opt = [f"optim.value_optimizer={value_optimizer}", "model.memory.value_dtype=bfloat16",
+           f"optim.value_precision={precision}"]
     run(config(tmp_path / "full", "train.steps=12", "checkpoint.every=0", *opt))
     ref = losses(tmp_path / "full")
     interrupted = tmp_path / "interrupted"

@@ -14,12 +14,11 @@ import torch
 from _train_helpers import STEP_SMALL
 from ops import row_optim
 from test_train_loop import config, losses
+from test_train_value_master import tiny
 from test_train_value_optim import BETAS, EPS, READS, UNREAD, device_of, sparse_grads
-from train.builder import build_model
 from train.config import ConfigError, load_config
 from train.loop import run
 from train.optim import build_optimizer, build_scheduler
-from train.runtime import setup_runtime
 from train.step import train_step
 from train.value_optim import optimizer_state_bytes
 
@@ -123,12 +122,6 @@ def test_stochastic_rounding_needs_a_bf16_table_without_master():
 
 
 # ------------------------------------------------------------------------------------------ the optimizer object
-def tiny(*extra):
-    cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), STEP_SMALL + list(extra))
-    rt = setup_runtime(cfg)
-    return cfg, rt, build_model(cfg, rt)
-
-
 @pytest.mark.parametrize("value_optimizer", ["adamw", "rowwise_adagrad"])
 def test_state_is_bf16_without_master_and_the_model_trains(value_optimizer):
     cfg, rt, model = tiny("model.memory.value_dtype=bfloat16", "optim.value_precision=bf16_stochastic",

@@ -21,8 +21,15 @@ def scheduled_gc(every: int):
     gc.disable()
     gc.collect()  # start clean: model construction left garbage behind
 
+    first = [True]
+
     def after_step(step: int) -> None:
-        if step % every == 0:
+        if first[0]:
+            # this process's first step compiled the model (also after a resume): hundreds of thousands of objects,
+            # collected now rather than as a half-second pause inside a later step's timing window
+            first[0] = False
+            gc.collect()
+        elif step % every == 0:
             # young generations: quick. Every 10th time a full collection, so that cycles which died after being
             # promoted to the oldest generation are freed too (automatic collection would have found them).
             gc.collect(2 if step % (10 * every) == 0 else 1)

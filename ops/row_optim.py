@@ -24,7 +24,7 @@ at random, up with probability (x - lower) / ulp: unbiased, so updates far below
 expectation (round-to-nearest would drop them). Lazy Adam's moments may then be bf16 too (also rounded at random):
 4 bytes of state per element instead of the master's and fp32 moments' 12. `rng_col0`: the first column's index in
 the full table (a column shard), so every shard and replica draws the bits the whole table would at its columns.
-The two backends draw different random bits (Triton: Philox; reference: a 64-bit hash), each counter-based.
+Both backends draw the same bits (a 32-bit counter-based hash: random_bits16), cheap beside the update's arithmetic.
 
 `grad_scale` (a device scalar, e.g. the gradient-clipping factor's inverse): the gradient is used divided by it, as
 torch's fused AdamW does with its `grad_scale`, so the table's gradient needs no separate scaling pass. A given
@@ -58,21 +58,31 @@ def _rows(stat: torch.Tensor) -> torch.Tensor:
     return (stat > 0).nonzero().squeeze(1)
 
 
-def _mix64(k: torch.Tensor) -> torch.Tensor:
-    """MurmurHash3's 64-bit finalizer on int64 (wrapping products; shifts masked to act as logical shifts)."""
-    k = k ^ ((k >> 33) & ((1 << 31) - 1))
-    k = k * -49064778989728563  # 0xff51afd7ed558ccd as int64
-    k = k ^ ((k >> 33) & ((1 << 31) - 1))
-    k = k * -4265267296055464877  # 0xc4ceb9fe1a85ec53
-    return k ^ ((k >> 33) & ((1 << 31) - 1))
+_U32 = 0xFFFFFFFF
+
+
+def _fmix32(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finalizer on int64 tensors holding uint32 values (products masked to 32 bits)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _U32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _U32
+    return x ^ (x >> 16)
 
 
 def random_bits16(seed: int, rows: torch.Tensor, cols: torch.Tensor, stream: int) -> torch.Tensor:
-    """[len(rows), len(cols)] int32 in [0, 2^16): a counter-based hash of (seed, stream, row, column), so any subset
-    of rows or a column shard (cols = its global column indices) draws what the whole table would there."""
-    key = (rows.long()[:, None] << 32) | cols.long()[None, :]
-    salt = _mix64(torch.tensor([int(seed) * 4 + stream], dtype=torch.int64, device=rows.device))
-    return (_mix64(key ^ salt) & 0xFFFF).to(torch.int32)
+    """[len(rows), len(cols)] int32 in [0, 2^16): a counter-based hash of (seed, row, global column), so any subset
+    of rows or a column shard (cols = its global column indices) draws what the whole table would there. Streams 0
+    and 1 are the low and high halves of one 32-bit word, stream 2 the low half of a second; the Triton kernels
+    compute the same words (ops/triton_row_optim.py: _random_bits), bit for bit."""
+    s = _fmix32(torch.tensor(int(seed) & _U32, dtype=torch.int64, device=rows.device))
+    r = _fmix32((rows.long() & _U32) ^ s)
+    word = _fmix32((r[:, None] + ((cols.long()[None, :] * 0x9E3779B9) & _U32)) & _U32)
+    if stream == 1:
+        return (word >> 16).to(torch.int32)
+    if stream == 2:
+        word = _fmix32((word + 0x6A09E667) & _U32)
+    return (word & 0xFFFF).to(torch.int32)
 
 
 def round_stochastic(x: torch.Tensor, bits16: torch.Tensor) -> torch.Tensor:

@@ -13,9 +13,12 @@ fused AdamW's `grad_scale` contract), so clipping needs no separate pass over th
 row statistic is taken as already scaled.
 
 STOCHASTIC: no master; the bf16 table (and lazy Adam's bf16 moments) are written with stochastic rounding, the
-random bits from Philox keyed by `seed` and counted by (row, rng_col0 + column), so a column shard draws the bits the
-whole table would at its columns and replicas of a shard draw the same ones.
+random bits a hash of (`seed`, row, rng_col0 + column), so a column shard draws the bits the whole table would at its
+columns and replicas of a shard draw the same ones. The hash is MurmurHash3's 32-bit finalizer, the same words as
+ops/row_optim.random_bits16: about 20 integer operations per element for three 16-bit draws, where Philox's ten
+rounds cost several times that and made the every-row update compute-bound (BENCHMARKS.md).
 """
+import torch
 import triton
 import triton.language as tl
 
@@ -45,10 +48,39 @@ def _round_stochastic(x, bits):
 
 
 @triton.jit
+def _fmix32(x):
+    x ^= x >> 16
+    x *= 0x85EBCA6B
+    x ^= x >> 13
+    x *= 0xC2B2AE35
+    x ^= x >> 16
+    return x
+
+
+@triton.jit
 def _random_bits(seed, row, cols, rng_col0):
-    c0 = (cols + rng_col0).to(tl.uint32)
-    c1 = (row + cols * 0).to(tl.uint32)
-    return tl.philox(seed, c0, c1, c0 * 0, c0 * 0)
+    """16-bit draws for the table, the first and the second moment at (row, global columns): random_bits16's
+    streams 0, 1, 2."""
+    s = _fmix32(seed.to(tl.uint32))
+    r = _fmix32(row.to(tl.uint32) ^ s)
+    word = _fmix32(r + (cols + rng_col0).to(tl.uint32) * 0x9E3779B9)
+    second = _fmix32(word + 0x6A09E667)
+    return word & 0xFFFF, word >> 16, second & 0xFFFF
+
+
+@triton.jit
+def _random_bits_kernel(out_ptr, seed, n_cols, rng_col0, BLOCK: tl.constexpr):
+    """The three streams of one row into out [3, rows, n_cols] (int32): for tests against random_bits16."""
+    row = tl.program_id(0)
+    n_rows = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    b0, b1, b2 = _random_bits(seed, row, cols, rng_col0)
+    base = row.to(tl.int64) * n_cols
+    plane = n_rows.to(tl.int64) * n_cols
+    tl.store(out_ptr + base + cols, b0.to(tl.int32), mask=mask)
+    tl.store(out_ptr + plane + base + cols, b1.to(tl.int32), mask=mask)
+    tl.store(out_ptr + 2 * plane + base + cols, b2.to(tl.int32), mask=mask)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -78,7 +110,7 @@ def _lazy_adam_kernel(p_ptr, w_ptr, g_ptr, m_ptr, v_ptr, stat_ptr, scale_ptr, n_
             v = v * beta2 + (1 - beta2) * (g * g)
             p = p * decay - step_size * (m / (tl.sqrt(v) / bias2_sqrt + eps))
             if STOCHASTIC:
-                r_p, r_m, r_v, _ = _random_bits(seed, row, cols, rng_col0)
+                r_p, r_m, r_v = _random_bits(seed, row, cols, rng_col0)
                 m = _round_stochastic(m, r_m)
                 v = _round_stochastic(v, r_v)
                 p = _round_stochastic(p, r_p)
@@ -115,7 +147,7 @@ def _rowwise_adagrad_kernel(p_ptr, w_ptr, g_ptr, acc_ptr, stat_ptr, scale_ptr, n
             p = tl.load(p_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
             p = p * decay - step * g
             if STOCHASTIC:
-                r_p, _, _, _ = _random_bits(seed, row, cols, rng_col0)
+                r_p, _, _ = _random_bits(seed, row, cols, rng_col0)
                 p = _round_stochastic(p, r_p)
             tl.store(p_ptr + base + cols, p.to(p_ptr.dtype.element_ty), mask=mask)
             if HAS_MASTER:
@@ -124,6 +156,13 @@ def _rowwise_adagrad_kernel(p_ptr, w_ptr, g_ptr, acc_ptr, stat_ptr, scale_ptr, n
 
 def _block(n_cols: int) -> int:
     return min(1024, triton.next_power_of_2(max(n_cols, 16)))
+
+
+def random_bits(seed: int, n_rows: int, n_cols: int, rng_col0: int = 0, device="cuda"):
+    """[3, n_rows, n_cols] int32: the kernels' 16-bit draws of streams 0, 1, 2 (the table, the two moments)."""
+    out = torch.empty((3, n_rows, n_cols), dtype=torch.int32, device=device)
+    _random_bits_kernel[(n_rows,)](out, seed, n_cols, rng_col0, BLOCK=triton.next_power_of_2(max(n_cols, 16)))
+    return out
 
 
 def _check(param, *same):

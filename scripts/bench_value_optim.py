@@ -1,10 +1,15 @@
 """The value table's optimizer step alone: fused AdamW against the row-sparse rules (ops/row_optim.py), on one GPU.
 
     python scripts/bench_value_optim.py [--rows 1048576] [--dim 1024] [--touched 1.0,0.5,0.1] [--iters 20]
+    python scripts/bench_value_optim.py --bf16-table [--rows 1048576] [--dim 1024] [--iters 20]
 
 A random fp32 table and a gradient whose rows are non-zero with probability --touched (a lookup's gradient:
 rows not read are exactly zero). Prints ms per step for each rule and backend (Triton kernel, torch reference),
 and first checks on a small table that the Triton kernels match the reference and leave untouched rows alone.
+
+--bf16-table: the memory presets' value step instead (optim.value_precision=bf16_stochastic with AdamW: a bf16 table,
+bf16 gradient and moments, every row updated): the Triton kernel with stochastic rounding, and the table gradient's
+norm as torch._foreach_norm and as torch.linalg.vector_norm, each against its byte floor at the copy ceiling.
 """
 from __future__ import annotations
 
@@ -64,13 +69,52 @@ def check(dim: int) -> None:
         assert diff < 1e-5 and same
 
 
+def copy_ceiling_tbs() -> float:
+    src = torch.empty(1 << 30, device="cuda")
+    dst = torch.empty_like(src)
+    ms = timed_ms(lambda: dst.copy_(src), 20)
+    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e12
+
+
+@torch.no_grad()
+def bench_bf16_table(rows: int, dim: int, iters: int) -> None:
+    """The every-row bf16 update (bytes: read table, gradient, two moments; write table and moments: 14 per element)
+    and the gradient's norm (2 bytes per element read)."""
+    bf16 = torch.bfloat16
+    p = (torch.randn(rows, dim, device="cuda") * 0.03).to(bf16)
+    g = (torch.randn(rows, dim, device="cuda") * 1e-3).to(bf16)
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    every_row = torch.ones(rows, device="cuda")
+    scale = torch.tensor(1.5, device="cuda")
+    ceiling = copy_ceiling_tbs()
+    n = rows * dim
+    res = {}
+    fn = lambda: row_optim.lazy_adam_rows(p, g, m, v, every_row, lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8,  # noqa: E731
+                                          weight_decay=0.1, step=5, grad_scale=scale, rounding_seed=12345,
+                                          backend="triton")
+    res["update with stochastic rounding"] = (timed_ms(fn, iters), 14 * n)
+    res["gradient norm, torch._foreach_norm"] = (
+        timed_ms(lambda: torch._foreach_norm([g], 2.0, dtype=torch.float32), iters), 2 * n)
+    res["gradient norm, torch.linalg.vector_norm"] = (
+        timed_ms(lambda: torch.linalg.vector_norm(g, 2.0, dtype=torch.float32), iters), 2 * n)
+    print(f"bf16 table {rows} x {dim}, copy ceiling {ceiling:.2f} TB/s")
+    for k, (ms, nbytes) in res.items():
+        floor = nbytes / (ceiling * 1e12) * 1e3
+        print(f"  {k}: {ms:.2f} ms (floor {floor:.2f} ms, {ms / floor:.2f}x)", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=1 << 20)
     ap.add_argument("--dim", type=int, default=1024)
     ap.add_argument("--touched", default="1.0,0.5,0.1")
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--bf16-table", action="store_true", help="the bf16 table's stochastic-rounding step (see above)")
     args = ap.parse_args()
+    if args.bf16_table:
+        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+        bench_bf16_table(args.rows, args.dim, args.iters)
+        return
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, table {args.rows} x {args.dim} fp32")
     check(args.dim)
     p = torch.nn.Parameter(torch.randn(args.rows, args.dim, device="cuda") * 0.03)

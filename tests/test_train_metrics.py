@@ -90,7 +90,12 @@ def test_peak_flops_from_gpu_name_or_config():
     assert device_peak_flops(torch.device("cpu"), 2e12) == 2e12
 
 
-def test_grad_norm_parts_are_the_dense_and_value_norms():
+@pytest.mark.parametrize("large", [None, 1024])  # 1024: the big gradients take the single-reduction path
+def test_grad_norm_parts_are_the_dense_and_value_norms(large, monkeypatch):
+    if large is not None:
+        import train.grad_norm
+
+        monkeypatch.setattr(train.grad_norm, "_LARGE", large)
     cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), STEP_SMALL)
     os.environ.pop("WORLD_SIZE", None)
     model = build_model(cfg, setup_runtime(cfg))

@@ -115,6 +115,25 @@ def test_random_bits_follow_seed_row_and_global_column(backend):
     assert not torch.equal(run_on(slice(0, 64), 6), whole)
 
 
+@pytest.mark.parametrize("seed, col0", [(0, 0), (5, 0), (2**31 - 2, 96), (123456789, 1023)])
+def test_kernel_bits_equal_the_reference_bits(seed, col0):
+    """The Triton kernels' draws are the reference's (random_bits16), bit for bit, for every stream; and they look
+    uniform: each of the 16 bits is set about half of the time."""
+    from ops import triton_row_optim
+
+    dev = device_of("triton")
+    n_rows, n_cols = 64, 48
+    got = triton_row_optim.random_bits(seed, n_rows, n_cols, col0, device=dev).cpu()
+    rows, cols = torch.arange(n_rows), torch.arange(col0, col0 + n_cols)
+    for stream in range(3):
+        assert torch.equal(got[stream], row_optim.random_bits16(seed, rows, cols, stream)), f"stream {stream}"
+    for stream in range(3):
+        bits = (got[stream][..., None] >> torch.arange(16)) & 1
+        assert (bits.float().mean(dim=(0, 1)) - 0.5).abs().max() < 0.05  # 3072 draws per bit: std 0.009
+    # the streams are not copies of one another
+    assert not torch.equal(got[0], got[1]) and not torch.equal(got[0], got[2])
+
+
 def test_stochastic_rounding_needs_a_bf16_table_without_master():
     with pytest.raises(ValueError, match="bf16 table without a master"):
         row_optim.lazy_adam_rows(torch.zeros(2, 2), torch.ones(2, 2), torch.zeros(2, 2), torch.zeros(2, 2), lr=1e-3,
@@ -185,3 +204,10 @@ def test_kernel_on_gpu_is_unbiased_and_leaves_unread_rows():
     read = table[: n // 2].float()
     assert abs((read < 1).float().mean().item() - 0.25) < 0.005
     assert torch.equal(table[n // 2:], torch.ones_like(table[n // 2:]))
+    # compiled for the GPU, the kernels draw the reference's bits
+    from ops import triton_row_optim
+
+    rows, cols = torch.arange(n), torch.arange(512, 512 + d)
+    got = triton_row_optim.random_bits(77, n, d, 512).cpu()
+    for stream in range(3):
+        assert torch.equal(got[stream], row_optim.random_bits16(77, rows, cols, stream)), f"stream {stream}"

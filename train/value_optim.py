@@ -51,7 +51,7 @@ _PRECISIONS = ("fp32_master", "bf16_stochastic")  # optim.value_precision (train
 
 
 def _rounding_seed(step: int) -> int:
-    """A different Philox key per step, from the step count alone (resumes draw the same bits), below 2^31."""
+    """A different rounding seed per step, from the step count alone (resumes draw the same bits), below 2^31."""
     return (step * 0x9E3779B1 + 0x2545F491) % (2**31 - 1)
 
 

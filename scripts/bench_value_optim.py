@@ -69,13 +69,6 @@ def check(dim: int) -> None:
         assert diff < 1e-5 and same
 
 
-def copy_ceiling_tbs() -> float:
-    src = torch.empty(1 << 30, device="cuda")
-    dst = torch.empty_like(src)
-    ms = timed_ms(lambda: dst.copy_(src), 20)
-    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e12
-
-
 @torch.no_grad()
 def bench_bf16_table(rows: int, dim: int, iters: int) -> None:
     """The every-row bf16 update (bytes: read table, gradient, two moments; write table and moments: 14 per element)
@@ -86,7 +79,9 @@ def bench_bf16_table(rows: int, dim: int, iters: int) -> None:
     m, v = torch.zeros_like(p), torch.zeros_like(p)
     every_row = torch.ones(rows, device="cuda")
     scale = torch.tensor(1.5, device="cuda")
-    ceiling = copy_ceiling_tbs()
+    from bench_memory import copy_ceiling  # this directory: the device-to-device copy's TB/s
+
+    ceiling = copy_ceiling()
     n = rows * dim
     res = {}
     fn = lambda: row_optim.lazy_adam_rows(p, g, m, v, every_row, lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8,  # noqa: E731

@@ -70,6 +70,12 @@ def test_clip_in_optimizer_without_clipping_scales_nothing():
     assert float(state.optimizer.grad_scale) == pytest.approx(4.0)
 
 
+def test_clip_in_optimizer_refuses_an_optimizer_without_a_grad_scale():
+    _, _, state = build()  # the default CPU optimizer is not fused
+    with pytest.raises(TypeError, match="fused AdamW"):
+        set_clip_scale(state.optimizer, torch.tensor(2.0), 1.0)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [["dist.memory_parallel=2"], ["dist.memory_parallel=1"]])
 def test_clip_in_optimizer_on_sharded_gradients(layout):

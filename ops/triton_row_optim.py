@@ -70,17 +70,18 @@ def _random_bits(seed, row, cols, rng_col0):
 
 @triton.jit
 def _random_bits_kernel(out_ptr, seed, n_cols, rng_col0, BLOCK: tl.constexpr):
-    """The three streams of one row into out [3, rows, n_cols] (int32): for tests against random_bits16."""
+    """The three streams of one row into out [3, rows, n_cols] (int32), column block by column block as the update
+    kernels draw them: for tests against random_bits16."""
     row = tl.program_id(0)
-    n_rows = tl.num_programs(0)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    b0, b1, b2 = _random_bits(seed, row, cols, rng_col0)
     base = row.to(tl.int64) * n_cols
-    plane = n_rows.to(tl.int64) * n_cols
-    tl.store(out_ptr + base + cols, b0.to(tl.int32), mask=mask)
-    tl.store(out_ptr + plane + base + cols, b1.to(tl.int32), mask=mask)
-    tl.store(out_ptr + 2 * plane + base + cols, b2.to(tl.int32), mask=mask)
+    plane = tl.num_programs(0).to(tl.int64) * n_cols
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        b0, b1, b2 = _random_bits(seed, row, cols, rng_col0)
+        tl.store(out_ptr + base + cols, b0.to(tl.int32), mask=mask)
+        tl.store(out_ptr + plane + base + cols, b1.to(tl.int32), mask=mask)
+        tl.store(out_ptr + 2 * plane + base + cols, b2.to(tl.int32), mask=mask)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -161,7 +162,7 @@ def _block(n_cols: int) -> int:
 def random_bits(seed: int, n_rows: int, n_cols: int, rng_col0: int = 0, device="cuda"):
     """[3, n_rows, n_cols] int32: the kernels' 16-bit draws of streams 0, 1, 2 (the table, the two moments)."""
     out = torch.empty((3, n_rows, n_cols), dtype=torch.int32, device=device)
-    _random_bits_kernel[(n_rows,)](out, seed, n_cols, rng_col0, BLOCK=triton.next_power_of_2(max(n_cols, 16)))
+    _random_bits_kernel[(n_rows,)](out, seed, n_cols, rng_col0, BLOCK=_block(n_cols))
     return out
 
 

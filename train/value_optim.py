@@ -37,17 +37,19 @@ row's statistic. The row accumulator is a DTensor replicated on the table's mesh
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, get_args
 
 import torch
 import torch.distributed as dist
 
 from ops import row_optim
 
+from .config import ValuePrecision
+
 # optim.value_optimizer (train/config.py ValueOptimizer) -> its row rule in ops/row_optim.py; adamw is lazy Adam
 # over every row (used here only for a low-precision table, which needs the master copy)
 _RULE = {"adamw": "lazy_adam", "sparse_adam": "lazy_adam", "rowwise_adagrad": "rowwise_adagrad"}
-_PRECISIONS = ("fp32_master", "bf16_stochastic")  # optim.value_precision (train/config.py)
+_PRECISIONS = get_args(ValuePrecision)
 
 
 def _rounding_seed(step: int) -> int:

@@ -15,6 +15,9 @@ def _softmax_xent_kernel(x_ptr, t_ptr, loss_ptr, V, stride, scale, BLOCK: tl.con
     row = tl.program_id(0).to(tl.int64)
     base = x_ptr + row * stride
     target = tl.load(t_ptr + row).to(tl.int32)
+    # Read before pass 1, whose reductions are block-wide barriers: pass 2 overwrites this logit, and a warp
+    # reading it after another warp's pass-2 store would see the gradient (Triton orders only shared memory).
+    x_t = tl.load(base + target).to(tl.float32)
     m = -float("inf")
     s = 0.0
     for v0 in range(0, V, BLOCK):
@@ -24,7 +27,6 @@ def _softmax_xent_kernel(x_ptr, t_ptr, loss_ptr, V, stride, scale, BLOCK: tl.con
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
         m = m_new
     lse = m + tl.log(s)
-    x_t = tl.load(base + target).to(tl.float32)
     tl.store(loss_ptr + row, lse - x_t)
     for v0 in range(0, V, BLOCK):
         cols = v0 + tl.arange(0, BLOCK)

@@ -139,6 +139,9 @@ def _rowwise_adagrad_kernel(p_ptr, w_ptr, g_ptr, acc_ptr, stat_ptr, scale_ptr, n
             stat = stat / (scale * scale)
     if stat > 0:
         acc = tl.load(acc_ptr + row) + stat * inv_full_cols
+        # Every warp loads the scalar and one thread stores it: without the barrier a warp that loads late can
+        # read the sum already stored and add the statistic twice. Triton orders shared memory, not global.
+        tl.debug_barrier()
         tl.store(acc_ptr + row, acc)
         step = lr / (tl.sqrt(acc) + eps) / scale  # the gradient's scale folded into the row's step
         for start in range(0, n_cols, BLOCK):

@@ -123,6 +123,27 @@ def test_given_row_statistic_decides_touched_rows(rule, backend):
     assert torch.equal(p[1], table[1]) and (state[0][1] == 1).all()
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("given_stat", [False, True])
+def test_adagrad_kernel_reads_each_rows_accumulator_once_on_gpu(given_stat):
+    """Each warp of a row's program reads the row's accumulator and one thread writes it back: a warp that read
+    after the write would add the row's statistic twice and take a smaller step on its part of the row. Many
+    rows, every one touched, several steps, so a missing barrier between the read and the write shows."""
+    g = torch.Generator().manual_seed(5)
+    n, d = 8192, 1024
+    start = torch.randn(n, d, generator=g).cuda()
+    out = {}
+    for backend in ("triton", "reference"):
+        p, acc = start.clone(), torch.zeros(n, device="cuda")
+        for step in range(6):
+            grad = torch.randn(n, d, generator=torch.Generator().manual_seed(10 + step)).cuda()
+            stat = row_optim.touched_stat("rowwise_adagrad", grad) if given_stat else None
+            row_optim.rowwise_adagrad_rows(p, grad, acc, stat, lr=LR, eps=EPS, weight_decay=WD, backend=backend)
+        out[backend] = p, acc
+    torch.testing.assert_close(out["triton"][1], out["reference"][1], rtol=1e-5, atol=0)
+    torch.testing.assert_close(out["triton"][0], out["reference"][0], rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------ the optimizer object
 def two_group_params(seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -186,11 +186,15 @@ def _untouched_rows(sorted_rows: torch.Tensor, n_rows: int) -> torch.Tensor:
 
 
 def bwd_config(P: int, M: int, D: int, elem_bytes: int = 2):
-    """(BLOCK_P, BLOCK_D, num_warps). The kernel is latency-bound (a chain of dependent loads per segment),
-    so occupancy matters most: 1 KiB column chunks (16 B per thread), few warps, <= 32 tile elements per
-    thread, BLOCK_P ~ half the mean number of pairs per touched row (launch-config sweeps: BENCHMARKS.md)."""
-    block_d = _col_block(D, max(16, 1024 // elem_bytes))
-    warps = max(1, min(4, block_d * elem_bytes // 512))
+    """(BLOCK_P, BLOCK_D, num_warps). A program waits out a chain of dependent loads (segment bounds -> row and
+    pair ids -> output-gradient rows) and every column chunk of a row repeats it, so chunks are wide (up to 2048
+    columns and 4 KiB, 32 B per thread) and rows of 1 KiB or more take one pair per loop step (a wider pair tile
+    costs registers, hence occupancy, more than it saves). Narrow rows have many pairs each: BLOCK_P ~ half the
+    mean number of pairs per touched row, <= 32 tile elements per thread (launch-config sweeps: BENCHMARKS.md)."""
+    block_d = _col_block(D, max(16, min(2048, 4096 // elem_bytes)))
+    warps = max(1, min(8, block_d * elem_bytes // 1024))
+    if block_d * elem_bytes >= 1024:
+        return 1, block_d, warps
     mean_seg = max(1, P // max(1, min(M, P)))
     block_p = max(1, min(_npow2(mean_seg) // 2, (32 * 32 * warps) // block_d))
     return block_p, block_d, warps

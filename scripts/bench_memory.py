@@ -1,6 +1,6 @@
 """Benchmark the memory-layer ops (Triton kernels vs the plain-PyTorch reference) on one CUDA GPU.
 
-    PYTHONUNBUFFERED=1 python scripts/bench_memory.py [--out DIR] [--sweep] [--no-reference] [--only NAME,...]
+    PYTHONUNBUFFERED=1 python scripts/bench_memory.py [--out DIR] [--sweep] [--bwd-sweep] [--no-reference] [--only NAME,...]
 
 Prints one table: ms (triton.testing.do_bench median) and effective TB/s for ours and the reference, against a
 device-to-device copy ceiling measured in the same run. Byte model per shape (the fewest bytes an exact
@@ -8,6 +8,8 @@ implementation must move): forward = value rows read (T*S*D) + indices/weights +
 value rows read again for the weight gradient (T*S*D), the output gradient, and the touched rows' gradient
 written (U*D, U = distinct rows). The dense value gradient also writes zeros to untouched rows; that extra
 is reported as its own column. Needs only torch + triton (no omegaconf).
+--sweep: launch configs at the headline shapes; --bwd-sweep: the lookup backward's (BLOCK_P, BLOCK_D, warps) at the
+trainers' shapes, dense and accumulated gradient (what ops/triton_lookup.bwd_config is fitted to).
 """
 import argparse
 import datetime
@@ -242,10 +244,46 @@ def sweep(out_lines):
          lambda cfg: triton_search.search_forward(qf, k1, k2, 32, config=cfg))
 
 
+# (T, S, D, value dtype): the 373M trainer's 16384 tokens, the issue's 32768, the 1.3B presets' 8192 and 65536
+# tokens of 2048 columns, 4096-column tables, short rows, an fp32 table
+BWD_SWEEP_SHAPES = [(16384, 128, 1024, torch.bfloat16), (32768, 128, 1024, torch.bfloat16),
+                    (8192, 128, 2048, torch.bfloat16), (65536, 128, 2048, torch.bfloat16),
+                    (8192, 128, 4096, torch.bfloat16), (4096, 32, 4096, torch.bfloat16),
+                    (262144, 128, 128, torch.bfloat16), (16384, 128, 1024, torch.float32)]
+
+
+def bwd_sweep(out_lines):
+    """lookup_backward alone (sort included) per launch config: the default, one pair per step at chunk widths of
+    8, 16 and 32 columns per thread, and two pairs per step; ms dense / ms accumulated into an existing gradient."""
+    for T, S, D, dtype in BWD_SWEEP_SHAPES:
+        idx, w, v, g = lookup_inputs(T, S, D, dtype=dtype)
+        wd, vd = w.detach(), v.detach()
+        acc = torch.zeros_like(vd)
+        e = vd.element_size()
+        default = triton_lookup.bwd_config(T * S, min(T * S, N_ROWS), D, e)
+        cfgs = [default]
+        for block_d in (512, 1024, 2048):
+            for per_thread in (8, 16, 32):
+                warps = block_d // (32 * per_thread)
+                if block_d <= D and 1 <= warps <= 8 and (1, block_d, warps) not in cfgs:
+                    cfgs.append((1, block_d, warps))
+        cfgs.append((2, default[1], default[2]))
+        line = f"bwd {T}x{S}x{D} {str(dtype)[6:]} default {default}:"
+        for cfg in cfgs:
+            dense = bench(lambda: triton_lookup.lookup_backward(g, idx, wd, vd, config=cfg), rep=40)
+            into = bench(lambda: triton_lookup.lookup_backward(g, idx, wd, vd, config=cfg, accumulate_into=acc), rep=40)
+            line += f" {cfg} {dense:.3f}/{into:.3f}"
+        out_lines.append(line)
+        print(line, flush=True)
+        del idx, w, v, g, wd, vd, acc
+        torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--bwd-sweep", action="store_true")
     ap.add_argument("--no-reference", dest="reference", action="store_false")
     ap.add_argument("--only", default="")
     args = ap.parse_args()
@@ -255,6 +293,8 @@ def main():
     sweep_lines = []
     if args.sweep:
         sweep(sweep_lines)
+    if args.bwd_sweep:
+        bwd_sweep(sweep_lines)
     ceiling = copy_ceiling()
     print(f"device-to-device copy ceiling: {ceiling:.2f} TB/s")
     rows = []

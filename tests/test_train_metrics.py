@@ -80,6 +80,13 @@ def test_evaluation_time_and_share_are_logged(tmp_path):
     assert 0 < summary["eval_share"] <= shares[-1]
 
 
+def test_progress_line_shows_a_small_value_norm():
+    from train.metrics import format_progress
+
+    line = format_progress({"step": 3, "loss": 7.0, "grad_norm": 1.25, "grad_norm/values": 4.2e-4}, 10)
+    assert "gnorm 1.250 (values 0.00042)" in line
+
+
 def test_peak_flops_from_gpu_name_or_config():
     assert peak_flops_of("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_flops_of("NVIDIA H200") == 989e12

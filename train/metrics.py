@@ -24,7 +24,8 @@ def format_progress(rec: Dict[str, Any], total_steps: int) -> str:
     if "grad_norm" in rec:
         gnorm = f"gnorm {rec['grad_norm']:.3f}"
         if "grad_norm/values" in rec:
-            gnorm += f" (values {rec['grad_norm/values']:.3f})"
+            # significant digits: a value table's norm is often ~1e-4, which three decimals would show as 0.000
+            gnorm += f" (values {rec['grad_norm/values']:.3g})"
         parts.append(gnorm)
     if "tokens_per_s" in rec:
         parts.append(f"{rec['tokens_per_s'] / 1000:.1f}k tok/s")

@@ -120,12 +120,12 @@ def _col_block(D: int, cap: int) -> int:
 
 
 def fwd_config(S: int, D: int, elem_bytes: int):
-    """(BLOCK_S, BLOCK_D, num_warps): up to 2 KiB contiguous per row chunk, ~4K elements per tile, except 2 rows per
-    step for wide rows (1024-column chunks) of tokens with 32 slots or fewer: a smaller tile keeps more programs
-    resident, which such short loops need more than rows in flight (the launch-config sweeps in BENCHMARKS.md)."""
+    """(BLOCK_S, BLOCK_D, num_warps): up to 2 KiB contiguous per row chunk and ~4K elements per tile, but only 2 rows
+    per step once chunks are 1 KiB or wider: a smaller tile keeps more programs resident, which hides the gathers'
+    latency better than more rows in flight per program (the launch-config sweeps in BENCHMARKS.md)."""
     block_d = _col_block(D, max(16, 2048 // elem_bytes))
     block_s = max(1, min(_npow2(S), 4096 // block_d))
-    if S <= 32 and block_d >= 1024:
+    if block_d * elem_bytes >= 1024:
         block_s = min(block_s, 2)
     warps = max(2, min(4, block_d * elem_bytes // 256))
     return block_s, block_d, warps

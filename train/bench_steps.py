@@ -59,8 +59,8 @@ def time_steps(setup: StepSetup, warmup: int, steps: int) -> float:
         for i in range(warmup):
             setup.step()
             after_step(i + 1)
-        # Compiling left hundreds of thousands of objects behind, uncollected in here: collect them now, as the
-        # trainer's first scheduled collection will, so the timed steps see the steady state.
+        # after_step collected the first (compiling) step's garbage; later warmup steps (recompiles) can leave
+        # more: collect it before the clock starts, so the timed steps see the steady state.
         gc.collect()
         setup.sync()
         t0 = time.perf_counter()

@@ -21,13 +21,14 @@ def scheduled_gc(every: int):
     gc.disable()
     gc.collect()  # start clean: model construction left garbage behind
 
-    first = [True]
+    compiled = False
 
     def after_step(step: int) -> None:
-        if first[0]:
+        nonlocal compiled
+        if not compiled:
             # this process's first step compiled the model (also after a resume): hundreds of thousands of objects,
             # collected now rather than as a half-second pause inside a later step's timing window
-            first[0] = False
+            compiled = True
             gc.collect()
         elif step % every == 0:
             # young generations: quick. Every 10th time a full collection, so that cycles which died after being

@@ -3,7 +3,9 @@
 backend: "auto" (Triton on CUDA tensors when the kernels import, else reference) | "reference" | "triton".
 The Triton kernels live in ops/triton_*.py. On a machine with CUDA they are imported with this package (see
 _preload_triton); without CUDA only when the triton backend is asked for, so CPU machines never need Triton.
-A kernel that fails to import leaves "auto" on the reference.
+A kernel that fails to import leaves "auto" on the reference. For bf16/fp16 queries on CUDA, "auto" searches with
+ops/cuda_search.py (a compiled top-k, built at first use; the Triton kernel when it cannot be built), "triton" with
+the Triton kernel (both exact for their scores, which may differ in the last bit).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ _TRITON_OPS = {
 
 
 _TRITON_LOADED: dict = {}  # op name -> its function, or the ImportError of the failed import (tried once)
+_CUDA_SEARCH: list = []  # ops.cuda_search once imported (CUDA machines); empty when it cannot import
 
 
 def _triton_impl(op: str):
@@ -58,6 +61,10 @@ def _preload_triton() -> None:
                 _triton_impl(op)
             except ImportError:
                 pass  # "auto" falls back to the reference; "triton" reports the error when it is used
+        try:
+            _CUDA_SEARCH.append(importlib.import_module("ops.cuda_search"))  # builds nothing until first used
+        except ImportError:
+            pass
 
 
 def _resolve(op: str, backend: str, device: torch.device):
@@ -85,6 +92,8 @@ def product_key_search(query, keys1, keys2, knn: int, backend: str = "auto"):
         # The Triton search is fast on tensor cores (bf16/fp16); its exact fp32 path (no tensor cores) is slower
         # than the reference's matmul + topk (BENCHMARKS.md, memory kernels), so fp32 queries use the reference.
         backend = "reference"
+    if backend == "auto" and _CUDA_SEARCH and _CUDA_SEARCH[0].applies(query, keys1, knn):
+        return _CUDA_SEARCH[0].product_key_search(query, keys1, keys2, knn)
     return _resolve("product_key_search", backend, query.device)(query, keys1, keys2, knn)
 
 

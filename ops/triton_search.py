@@ -151,11 +151,16 @@ def search_config(T: int, half: int, ieee: bool, knn_p: int):
     return 128, max(knn_p, 64), 8, 1
 
 
+def empty_results(query, knn: int):
+    """Uninitialised (scores [T, H, knn] fp32, indices [T, H, knn] int64) on the query's device."""
+    T, H = query.shape[0], query.shape[1]
+    return (query.new_empty((T, H, knn), dtype=torch.float32), query.new_empty((T, H, knn), dtype=torch.int64))
+
+
 def search_forward(query, keys1, keys2, knn: int, config=None):
     T, H, k_dim = query.shape
     NK, half = keys1.shape[1], keys1.shape[2]
-    scores = torch.empty((T, H, knn), dtype=torch.float32, device=query.device)
-    indices = torch.empty((T, H, knn), dtype=torch.int64, device=query.device)
+    scores, indices = empty_results(query, knn)
     if T == 0:
         return scores, indices
     ieee = query.dtype == torch.float32
@@ -280,8 +285,7 @@ def _search_op(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, kn
 
 @_search_op.register_fake
 def _(query, keys1, keys2, knn):
-    T, H, _ = query.shape
-    return (query.new_empty((T, H, knn), dtype=torch.float32), query.new_empty((T, H, knn), dtype=torch.int64))
+    return empty_results(query, knn)
 
 
 @torch.library.custom_op("mnemo::triton_pk_search_backward", mutates_args=())
@@ -307,17 +311,20 @@ def _backward(ctx, grad_scores, grad_indices):
     return (gq if need[0] else None), (gk1 if need[1] else None), (gk2 if need[2] else None), None
 
 
-_search_op.register_autograd(_backward, setup_context=_setup)
+def register_search_autograd(op) -> None:
+    """Give a search op (query, keys1, keys2, knn) -> (scores, indices) this module's backward: it depends only on
+    the chosen indices, not on how they were found (ops/cuda_search.py shares it)."""
+    op.register_autograd(_backward, setup_context=_setup)
 
 
-def product_key_search(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, knn: int):
-    """query [T, H, k_dim], keys1/keys2 [H, n_keys, k_dim//2] -> (scores [T, H, knn] fp32 sorted desc,
-    indices [T, H, knn] int64, slot = i1 * n_keys + i2). Exact top-knn; ties to the lower slot index.
-    fp32 inputs are scored with exact fp32 dots; bf16/fp16 queries with dots in the query's dtype (keys cast
-    to it) and fp32 accumulation."""
+register_search_autograd(_search_op)
+
+
+def check_search_args(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, knn: int) -> None:
+    """The shape, dtype and knn checks every search implementation makes before its kernel."""
     if query.dim() != 3 or query.shape[2] % 2:
         raise ValueError(f"product_key_search: query must be [T, H, k_dim] with k_dim even, got {tuple(query.shape)}")
-    T, H, k_dim = query.shape
+    _, H, k_dim = query.shape
     half = k_dim // 2
     if keys1.dim() != 3 or keys1.shape[0] != H or keys1.shape[2] != half or keys2.shape != keys1.shape:
         raise ValueError(f"product_key_search: query {tuple(query.shape)} needs keys [H={H}, n_keys, {half}], got "
@@ -329,4 +336,12 @@ def product_key_search(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Te
         raise ValueError(f"product_key_search: n_keys**2 must be < 2**31 (slots are packed in 31 bits), got {n_keys}")
     if query.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"product_key_search: query must be float32/bfloat16/float16, got {query.dtype}")
+
+
+def product_key_search(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, knn: int):
+    """query [T, H, k_dim], keys1/keys2 [H, n_keys, k_dim//2] -> (scores [T, H, knn] fp32 sorted desc,
+    indices [T, H, knn] int64, slot = i1 * n_keys + i2). Exact top-knn; ties to the lower slot index.
+    fp32 inputs are scored with exact fp32 dots; bf16/fp16 queries with dots in the query's dtype (keys cast
+    to it) and fp32 accumulation."""
+    check_search_args(query, keys1, keys2, knn)
     return _search_op(query.contiguous(), keys1.contiguous(), keys2.contiguous(), int(knn))

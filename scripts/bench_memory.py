@@ -93,7 +93,18 @@ def run_lookup(name, T, S, D, bwd, args, rows, ceiling, sparse=False, idx_dtype=
     torch.cuda.empty_cache()
 
 
-def run_search(name, T, bwd, args, rows, ceiling, dtype=torch.bfloat16, H=4, n_keys=1024, half=256, knn=32):
+def search_impl(kind):
+    """The search a row measures: "auto" (what the trainer runs: the compiled CUDA top-k where it builds) or
+    "triton" (the Triton kernel)."""
+    import ops
+
+    if kind == "triton":
+        return triton_search.product_key_search
+    return lambda q, k1, k2, knn: ops.product_key_search(q, k1, k2, knn, backend="auto")
+
+
+def run_search(name, T, bwd, args, rows, ceiling, dtype=torch.bfloat16, H=4, n_keys=1024, half=256, knn=32,
+               impl="triton"):
     torch.manual_seed(0)
     q = torch.randn(T, H, 2 * half, device="cuda", dtype=dtype).requires_grad_()
     k1 = torch.randn(H, n_keys, half, device="cuda").requires_grad_()
@@ -106,7 +117,7 @@ def run_search(name, T, bwd, args, rows, ceiling, dtype=torch.bfloat16, H=4, n_k
                 torch.autograd.grad(s, [q, k1, k2], torch.ones_like(s))
         return f
 
-    ms = bench(mk(triton_search.product_key_search))
+    ms = bench(mk(search_impl(impl)))
     ms_ref = bench(mk(reference.product_key_search), rep=50) if args.reference else None
     nbytes = q.numel() * q.element_size() + 2 * k1.numel() * 4 + T * H * knn * 12
     flops = 2 * T * H * 2 * n_keys * half
@@ -153,7 +164,7 @@ def run_search_parts(T, rows, H=4, n_keys=1024, half=256, knn=32):
                      note="rel. diff gq/gk1/gk2 " + "/".join(f"{r:.1e}" for r in rel)))
 
 
-def run_layer(name, T, args, rows, ceiling, dim=1024, H=4, n_keys=1024, k_dim=512, knn=32):
+def run_layer(name, T, args, rows, ceiling, dim=1024, H=4, n_keys=1024, k_dim=512, knn=32, impl="auto"):
     """Whole Memory+ layer fwd+bwd under bf16 autocast: query proj + search + softmax + lookup + swilu."""
     torch.manual_seed(0)
     dev = "cuda"
@@ -186,7 +197,7 @@ def run_layer(name, T, args, rows, ceiling, dim=1024, H=4, n_keys=1024, k_dim=51
             out = F.linear(F.silu(F.linear(x, f1)) * F.linear(x, f3), f2)
         torch.autograd.grad(out.float().sum(), [x, f1, f2, f3])
 
-    ms = bench(layer(triton_search.product_key_search, triton_lookup.memory_lookup))
+    ms = bench(layer(search_impl(impl), triton_lookup.memory_lookup))
     ms_ref = bench(layer(reference.product_key_search, reference.memory_lookup), rep=50) if args.reference else None
     rows.append(dict(name=name, ms=ms, ms_ref=ms_ref, bytes=0, zero_bytes=0, floor_ms=None,
                      note=f"SwiGLU FFN same dim: {bench(ffn):.2f} ms"))
@@ -308,11 +319,13 @@ def main():
         ("lookup fwd+bwd 4096x32x4096", lambda: run_lookup("lookup fwd+bwd 4096x32x4096", 4096, 32, 4096, True, args, rows, ceiling)),
         ("lookup fwd+bwd 4096x32x4096 sparse", lambda: run_lookup("lookup fwd+bwd 4096x32x4096 sparse", 4096, 32, 4096, True, args, rows, ceiling, sparse=True)),
         ("lookup fwd+bwd 262144x128x128", lambda: run_lookup("lookup fwd+bwd 262144x128x128", 262144, 128, 128, True, args, rows, ceiling)),
-        ("search fwd 32768x4 knn32", lambda: run_search("search fwd 32768x4 knn32", 32768, False, args, rows, ceiling)),
-        ("search fwd+bwd 32768x4 knn32", lambda: run_search("search fwd+bwd 32768x4 knn32", 32768, True, args, rows, ceiling)),
+        ("search fwd 32768x4 knn32", lambda: run_search("search fwd 32768x4 knn32", 32768, False, args, rows, ceiling, impl="auto")),
+        ("search fwd 32768x4 knn32 triton", lambda: run_search("search fwd 32768x4 knn32 triton", 32768, False, args, rows, ceiling)),
+        ("search fwd+bwd 32768x4 knn32", lambda: run_search("search fwd+bwd 32768x4 knn32", 32768, True, args, rows, ceiling, impl="auto")),
         ("search parts 32768x4 knn32", lambda: run_search_parts(32768, rows)),
         ("search fwd 32768x4 knn32 fp32", lambda: run_search("search fwd 32768x4 knn32 fp32", 32768, False, args, rows, ceiling, dtype=torch.float32)),
         ("memory layer fwd+bwd dim1024 32768", lambda: run_layer("memory layer fwd+bwd dim1024 32768", 32768, args, rows, ceiling)),
+        ("memory layer fwd+bwd dim1024 32768 triton search", lambda: run_layer("memory layer fwd+bwd dim1024 32768 triton search", 32768, args, rows, ceiling, impl="triton")),
     ]
     for name, fn in cases:
         if only and name not in only:

@@ -1,0 +1,283 @@
+"""Product-key search with a compiled CUDA top-k: cuBLAS scores, then one warp per (token, head) selects exactly.
+
+The contract and the backward are ops/triton_search.py's for bf16/fp16 queries: scores are the dots in the query's
+dtype with fp32 accumulation (here cuBLAS batched GEMMs with an fp32 output), and the top-knn are exact for those
+scores, ordered by score, then lower index, in both halves and among the candidate slots. cuBLAS may sum the dots in
+another order than the Triton kernel's tensor-core dots, so the two can round a score differently in its last bit and
+then pick differently between slots whose scores are that close. Why a second implementation: most of the
+Triton search's time is its bitonic top-k moving data through shared memory (BENCHMARKS.md), and Triton cannot keep
+a row in one warp's registers. Here a warp holds a row of sub-key scores (32 per lane for 1024 keys) and finds its
+32nd largest by a radix select on the scores' order-preserving bits (a warp-wide count per bit, stopping as soon as
+exactly 32 keys lie above the bits fixed so far), then compacts the 32 with ballots and sorts them with shuffles.
+The same select takes the top 32 of the candidate sums s1[a] + s2[b] with (a+1)(b+1) <= knn.
+
+Built on first use with torch.utils.cpp_extension.load_inline (needs nvcc and ninja; kept in torch's extension
+cache, so later processes only load it). ops.product_key_search's "auto" backend takes this path for CUDA
+bf16/fp16 queries with knn <= 32 and n_keys <= 2048; when the build fails it warns once and runs the Triton kernel
+(the same search up to the rounding above). Importing this module builds nothing.
+"""
+import functools
+import warnings
+
+import torch
+
+from .triton_search import _bmm_f32, check_search_args, empty_results, register_search_autograd
+from .triton_search import search_forward as triton_forward
+
+MAX_KNN = 32  # one result per lane
+MAX_KEYS = 2048  # 64 keys per lane in registers
+_SCORES_BUDGET = 1 << 29  # bytes of the two fp32 score buffers per chunk of tokens
+
+_CUDA = r"""
+#include <torch/extension.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <stdint.h>
+
+namespace {
+constexpr unsigned FULL = 0xffffffffu;
+
+// Unsigned order of the result == float order (-0 below +0, NaN above +inf), as the Triton kernel's packing.
+__device__ __forceinline__ uint32_t order_key(float f) {
+    const uint32_t b = __float_as_uint(f);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+__device__ __forceinline__ float from_key(uint32_t k) {
+    return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+// A selected element as one descending-sortable word: high half the score key, low half ~index (lower index wins
+// a tie). Candidate keys arrive already in this form.
+__device__ __forceinline__ uint64_t staged(uint32_t key, uint32_t position) {
+    return ((uint64_t)key << 32) | (uint32_t)~position;
+}
+__device__ __forceinline__ uint64_t staged(uint64_t key, uint32_t) { return key; }
+
+// Bitonic sort of one word per lane, descending across the warp.
+__device__ __forceinline__ uint64_t warp_sort_desc(uint64_t v, int lane) {
+#pragma unroll
+    for (int size = 2; size <= 32; size <<= 1) {
+#pragma unroll
+        for (int stride = size >> 1; stride > 0; stride >>= 1) {
+            const uint64_t other = __shfl_xor_sync(FULL, v, stride);
+            const bool descending = (lane & size) == 0;
+            const bool lower = (lane & stride) == 0;
+            const uint64_t hi = v > other ? v : other, lo = v > other ? other : v;
+            v = (lower == descending) ? hi : lo;
+        }
+    }
+    return v;
+}
+
+// The 32 largest of the warp's PER * 32 keys (element j * 32 + lane in k[j] of that lane), equal keys at the cut
+// taken in element order; lane l returns the l-th largest, staged. `stage` is 32 words of this warp's shared memory.
+template <typename K, int PER>
+__device__ __forceinline__ uint64_t top32(const K (&k)[PER], int lane, uint64_t* stage) {
+    constexpr int BITS = 8 * sizeof(K);
+    K thr = 0;
+    for (int bit = BITS - 1; bit >= 0; --bit) {
+        const K cand = thr | (K(1) << bit);
+        int count = 0;
+#pragma unroll
+        for (int j = 0; j < PER; ++j) count += k[j] >= cand;
+        count = __reduce_add_sync(FULL, count);
+        if (count >= 32) {
+            thr = cand;
+            if (count == 32) break;  // exactly 32 keys >= thr: they are the set
+        }
+    }
+    int above = 0;
+#pragma unroll
+    for (int j = 0; j < PER; ++j) above += k[j] > thr;
+    const int room = 32 - __reduce_add_sync(FULL, above);  // keys == thr to take, in element order
+    const uint32_t before = (1u << lane) - 1u;
+    int taken = 0, equal_seen = 0;
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+        const bool equal = k[j] == thr;
+        const uint32_t equal_mask = __ballot_sync(FULL, equal);
+        const bool take = k[j] > thr || (equal && equal_seen + __popc(equal_mask & before) < room);
+        const uint32_t take_mask = __ballot_sync(FULL, take);
+        if (take) stage[taken + __popc(take_mask & before)] = staged(k[j], j * 32 + lane);
+        taken += __popc(take_mask);
+        equal_seen += __popc(equal_mask);
+    }
+    __syncwarp();
+    const uint64_t mine = stage[lane];
+    __syncwarp();  // the stage is free for the next select
+    return warp_sort_desc(mine, lane);
+}
+
+// Candidate c of the rank pairs (a, b) with (a+1)(b+1) <= knn, a-major: rank a has knn / (a+1) pairs, starting at
+// `first` of lane a (an exclusive prefix sum over lanes). The largest a with first[a] <= c is found by a binary
+// search over lanes with shuffles (every lane searches for its own c). False past the last pair.
+__device__ __forceinline__ bool candidate_pair(int c, int knn, int first, int total, int& a, int& b) {
+    int lo = 0;
+#pragma unroll
+    for (int step = 16; step > 0; step >>= 1) {
+        const int probe = lo + step;
+        const int f = __shfl_sync(FULL, first, probe & 31);
+        if (probe < knn && f <= c) lo = probe;
+    }
+    a = lo;
+    b = c - __shfl_sync(FULL, first, lo);
+    return c < total;
+}
+
+// s1, s2: [H, T, NK] fp32 scores of the two halves; one warp per row t * H + h; out: [T, H, knn].
+template <int PER>
+__global__ void pk_select_kernel(const float* __restrict__ s1, const float* __restrict__ s2,
+                                 float* __restrict__ out_scores, int64_t* __restrict__ out_slots,
+                                 int T, int H, int NK, int knn) {
+    extern __shared__ uint64_t stages[];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int64_t row = (int64_t)blockIdx.x * (blockDim.x >> 5) + warp;
+    if (row >= (int64_t)T * H) return;  // whole warps only
+    const int64_t t = row / H, h = row % H;
+    uint64_t* stage = stages + warp * 32;
+    uint32_t k[PER];
+    const float* r1 = s1 + (h * T + t) * NK;
+#pragma unroll
+    for (int j = 0; j < PER; ++j) k[j] = j * 32 + lane < NK ? order_key(r1[j * 32 + lane]) : 0u;
+    const uint64_t best1 = top32<uint32_t, PER>(k, lane, stage);
+    const float* r2 = s2 + (h * T + t) * NK;
+#pragma unroll
+    for (int j = 0; j < PER; ++j) k[j] = j * 32 + lane < NK ? order_key(r2[j * 32 + lane]) : 0u;
+    const uint64_t best2 = top32<uint32_t, PER>(k, lane, stage);
+    // lane r holds rank r of each half; candidate c = (rank a of half 1, rank b of half 2)
+    const float v1 = from_key((uint32_t)(best1 >> 32)), v2 = from_key((uint32_t)(best2 >> 32));
+    const uint32_t i1 = ~(uint32_t)best1, i2 = ~(uint32_t)best2;
+    const int pairs = lane < knn ? knn / (lane + 1) : 0;
+    int first = pairs;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(FULL, first, o);
+        if (lane >= o) first += y;
+    }
+    const int total = __shfl_sync(FULL, first, 31);
+    first -= pairs;
+    uint64_t cand[4];
+#pragma unroll
+    for (int m = 0; m < 4; ++m) {
+        int a, b;
+        const bool valid = candidate_pair(m * 32 + lane, knn, first, total, a, b);
+        if (!valid) a = b = 0;
+        const float va = __shfl_sync(FULL, v1, a), vb = __shfl_sync(FULL, v2, b);
+        const uint32_t ia = __shfl_sync(FULL, i1, a), ib = __shfl_sync(FULL, i2, b);
+        cand[m] = valid ? staged(order_key(va + vb), ia * (uint32_t)NK + ib) : 0ull;
+    }
+    const uint64_t best = top32<uint64_t, 4>(cand, lane, stage);
+    if (lane < knn) {
+        out_scores[row * knn + lane] = from_key((uint32_t)(best >> 32));
+        out_slots[row * knn + lane] = (int64_t)(~(uint32_t)best);
+    }
+}
+
+template <int PER>
+void launch(const at::Tensor& s1, const at::Tensor& s2, at::Tensor& scores, at::Tensor& slots, int knn) {
+    const int H = s1.size(0), T = s1.size(1), NK = s1.size(2);
+    constexpr int WARPS = 4;
+    const int64_t rows = (int64_t)T * H;
+    const dim3 grid((unsigned)((rows + WARPS - 1) / WARPS)), block(32 * WARPS);
+    pk_select_kernel<PER><<<grid, block, WARPS * 32 * sizeof(uint64_t), at::cuda::getCurrentCUDAStream()>>>(
+        s1.data_ptr<float>(), s2.data_ptr<float>(), scores.data_ptr<float>(), slots.data_ptr<int64_t>(), T, H, NK, knn);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+}  // namespace
+
+void pk_select(at::Tensor s1, at::Tensor s2, at::Tensor scores, at::Tensor slots, int64_t knn) {
+    TORCH_CHECK(s1.is_cuda() && s1.scalar_type() == at::kFloat && s1.dim() == 3 && s1.is_contiguous(),
+                "pk_select: s1 must be a contiguous CUDA float32 [H, T, NK] tensor");
+    TORCH_CHECK(s2.sizes() == s1.sizes() && s2.scalar_type() == at::kFloat && s2.is_contiguous(), "pk_select: s2 like s1");
+    TORCH_CHECK(knn >= 1 && knn <= 32 && knn <= s1.size(2), "pk_select: knn must be in [1, min(32, NK)]");
+    TORCH_CHECK(scores.is_contiguous() && slots.is_contiguous() && scores.numel() == s1.size(0) * s1.size(1) * knn &&
+                slots.scalar_type() == at::kLong, "pk_select: outputs must be contiguous [T, H, knn] float32 / int64");
+    const c10::cuda::CUDAGuard guard(s1.device());
+    const int64_t nk = s1.size(2);
+    const int per = nk <= 32 ? 1 : nk <= 64 ? 2 : nk <= 128 ? 4 : nk <= 256 ? 8 : nk <= 512 ? 16 : nk <= 1024 ? 32 : 64;
+    TORCH_CHECK(nk <= 2048, "pk_select: at most 2048 sub-keys");
+    switch (per) {
+        case 1: launch<1>(s1, s2, scores, slots, (int)knn); break;
+        case 2: launch<2>(s1, s2, scores, slots, (int)knn); break;
+        case 4: launch<4>(s1, s2, scores, slots, (int)knn); break;
+        case 8: launch<8>(s1, s2, scores, slots, (int)knn); break;
+        case 16: launch<16>(s1, s2, scores, slots, (int)knn); break;
+        case 32: launch<32>(s1, s2, scores, slots, (int)knn); break;
+        default: launch<64>(s1, s2, scores, slots, (int)knn); break;
+    }
+}
+"""
+
+_CPP = "void pk_select(at::Tensor s1, at::Tensor s2, at::Tensor scores, at::Tensor slots, int64_t knn);"
+
+
+@functools.cache
+def _extension():
+    """The compiled selection (built by the first call on a machine, loaded from torch's extension cache after)."""
+    from torch.utils.cpp_extension import load_inline
+
+    return load_inline(name="mnemo_pk_select", cpp_sources=_CPP, cuda_sources=_CUDA, functions=["pk_select"],
+                       extra_cuda_cflags=["-O3"], verbose=False)
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the CUDA selection builds and loads here; a failure warns once and leaves the Triton kernel in use."""
+    try:
+        _extension()
+        return True
+    except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a build error: all mean "use Triton"
+        warnings.warn(f"ops.cuda_search: the CUDA top-k could not be built ({type(e).__name__}: {str(e)[:300]}); "
+                      "the product-key search runs the Triton kernel instead (slower)", stacklevel=2)
+        return False
+
+
+def applies(query: torch.Tensor, keys1: torch.Tensor, knn: int) -> bool:
+    """Whether this search serves these inputs (the rest go to the Triton kernel)."""
+    return (query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and 1 <= knn <= MAX_KNN
+            and keys1.dim() == 3 and knn <= keys1.shape[1] <= MAX_KEYS)
+
+
+def search_forward(query, keys1, keys2, knn: int):
+    """(scores [T, H, knn] fp32 desc, slots [T, H, knn] int64) for inputs that `applies` accepts."""
+    T, H, _ = query.shape
+    NK, half = keys1.shape[1], keys1.shape[2]
+    scores, slots = empty_results(query, knn)
+    if T == 0:
+        return scores, slots
+    k1 = keys1.to(query.dtype).transpose(1, 2)  # [H, half, NK]
+    k2 = keys2.to(query.dtype).transpose(1, 2)
+    ext = _extension()
+    chunk = max(1, _SCORES_BUDGET // (2 * H * NK * 4))
+    for t0 in range(0, T, chunk):
+        q = query[t0:t0 + chunk]
+        s1 = _bmm_f32(q[..., :half].transpose(0, 1), k1)  # [H, n, NK]
+        s2 = _bmm_f32(q[..., half:].transpose(0, 1), k2)
+        ext.pk_select(s1, s2, scores[t0:t0 + chunk], slots[t0:t0 + chunk], knn)
+    return scores, slots
+
+
+@torch.library.custom_op("mnemo::cuda_pk_search", mutates_args=())
+def _search_op(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, knn: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # Decided here, at run time (not while torch.compile traces): a machine without a compiler runs the Triton kernel.
+    if available():
+        return search_forward(query, keys1, keys2, knn)
+    return triton_forward(query, keys1, keys2, knn)
+
+
+@_search_op.register_fake
+def _(query, keys1, keys2, knn):
+    return empty_results(query, knn)
+
+
+register_search_autograd(_search_op)
+
+
+def product_key_search(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, knn: int):
+    """ops.triton_search.product_key_search's contract, for inputs that `applies` accepts."""
+    check_search_args(query, keys1, keys2, knn)
+    if not applies(query, keys1, knn):
+        raise ValueError(f"cuda_search: needs CUDA bf16/fp16 queries, knn <= {MAX_KNN} and n_keys <= {MAX_KEYS}; "
+                         f"got {query.device} {query.dtype}, knn {knn}, n_keys {keys1.shape[1]}")
+    return _search_op(query.contiguous(), keys1.contiguous(), keys2.contiguous(), int(knn))

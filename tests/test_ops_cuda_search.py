@@ -1,0 +1,153 @@
+"""The compiled CUDA product-key search (ops/cuda_search.py): an exact selection of its own scores (random rows, many
+ties, small and large key counts, knn 1..32, fp16) within rounding of the Triton kernel, the Triton backward, and the
+dispatch around it: nothing is built on CPU, a failed build warns once and the op runs the Triton kernel instead."""
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+import ops  # noqa: E402
+from ops import cuda_search, triton_search  # noqa: E402
+
+
+def _inputs(T, H, NK, half, dtype=torch.bfloat16, kind="random", device="cuda", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "ties":  # small integers: many equal scores inside a half and among the candidate sums
+        q = torch.randint(-2, 3, (T, H, 2 * half), generator=g).to(dtype)
+        k1 = torch.randint(-1, 2, (H, NK, half), generator=g).float()
+        k2 = torch.randint(-1, 2, (H, NK, half), generator=g).float()
+    else:
+        q = torch.randn(T, H, 2 * half, generator=g).to(dtype)
+        k1 = torch.randn(H, NK, half, generator=g) / half**0.5
+        k2 = torch.randn(H, NK, half, generator=g) / half**0.5
+    return q.to(device), k1.to(device), k2.to(device)
+
+
+def test_nothing_is_built_or_used_on_cpu(monkeypatch):
+    def no_build():
+        raise AssertionError("the CUDA search must not be built on CPU")
+
+    monkeypatch.setattr(cuda_search, "_extension", no_build)
+    q, k1, k2 = _inputs(9, 2, 16, 4, device="cpu")
+    assert not cuda_search.applies(q, k1, 4)
+    scores, slots = ops.product_key_search(q, k1, k2, 4)  # auto on CPU: the reference
+    assert scores.shape == slots.shape == (9, 2, 4)
+    with pytest.raises(ValueError, match="needs CUDA bf16/fp16 queries"):
+        cuda_search.product_key_search(q, k1, k2, 4)
+
+
+def test_applies_only_where_the_kernel_fits():
+    from types import SimpleNamespace
+
+    def fits(dtype=torch.bfloat16, n_keys=1024, knn=32, cuda=True):
+        query = SimpleNamespace(is_cuda=cuda, dtype=dtype)  # only its device and dtype are read
+        return cuda_search.applies(query, torch.empty(4, n_keys, 8, device="meta"), knn)
+
+    assert fits() and fits(torch.float16) and fits(n_keys=2048, knn=1) and fits(n_keys=32, knn=32)
+    assert not fits(cuda=False) and not fits(torch.float32)  # fp32 queries: exact fp32 dots elsewhere
+    assert not fits(knn=33) and not fits(n_keys=4096) and not fits(n_keys=16, knn=32)
+
+
+def test_a_failed_build_warns_once_and_the_op_runs_the_triton_kernel(monkeypatch):
+    calls = []
+
+    def failing_build():
+        calls.append(1)
+        raise RuntimeError("nvcc not found")
+
+    monkeypatch.setattr(cuda_search, "_extension", failing_build)
+    cuda_search.available.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="could not be built.*nvcc not found"):
+            assert not cuda_search.available()
+        assert not cuda_search.available() and calls == [1]  # tried once per process
+        # the op itself falls back to the Triton kernel (on CPU under the interpreter): its results and gradients
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        q, k1, k2 = _inputs(6, 2, 16, 8, device=dev, seed=3)
+        got = {}
+        for name, op in (("cuda", cuda_search._search_op), ("triton", triton_search._search_op)):
+            qq, kk1, kk2 = (t.clone().requires_grad_() for t in (q if dev == "cuda" else q.float(), k1, k2))
+            scores, slots = op(qq, kk1, kk2, 4)
+            (scores * torch.arange(4.0, device=dev)).sum().backward()
+            got[name] = (scores, slots, qq.grad, kk1.grad, kk2.grad)
+        for a, b in zip(got["cuda"], got["triton"]):
+            assert torch.equal(a, b)
+    finally:
+        cuda_search.available.cache_clear()
+
+
+CASES = [  # T, H, NK, half, knn, dtype, kind
+    (3000, 4, 1024, 256, 32, torch.bfloat16, "random"),
+    (3000, 4, 1024, 256, 32, torch.bfloat16, "ties"),
+    (513, 1, 2048, 64, 32, torch.bfloat16, "random"),
+    (77, 2, 40, 16, 5, torch.float16, "random"),
+    (77, 2, 40, 16, 5, torch.bfloat16, "ties"),
+    (130, 3, 32, 32, 32, torch.bfloat16, "random"),
+    (130, 3, 256, 32, 1, torch.bfloat16, "ties"),
+    (0, 2, 64, 16, 8, torch.bfloat16, "random"),
+]
+
+
+def _select_by_sorting(s1, s2, knn):
+    """The exact top-knn of given half scores [H, T, NK] by stable sorts (ops.reference's selection rule)."""
+    from ops.triton_search import _candidates
+
+    v1, i1 = torch.sort(s1.transpose(0, 1), dim=-1, descending=True, stable=True)
+    v2, i2 = torch.sort(s2.transpose(0, 1), dim=-1, descending=True, stable=True)
+    a, b = (x.long() for x in _candidates(knn, s1.device))
+    cand = v1[..., :knn][..., a] + v2[..., :knn][..., b]
+    slots = i1[..., :knn][..., a] * s1.shape[-1] + i2[..., :knn][..., b]
+    by_slot = slots.argsort(-1)
+    cand, slots = cand.gather(-1, by_slot), slots.gather(-1, by_slot)
+    scores, pos = torch.sort(cand, dim=-1, descending=True, stable=True)
+    return scores[..., :knn], slots.gather(-1, pos[..., :knn])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,H,NK,half,knn,dtype,kind", CASES)
+def test_gpu_exact_selection_close_to_the_triton_kernel(T, H, NK, half, knn, dtype, kind):
+    assert cuda_search.available()
+    q, k1, k2 = _inputs(T, H, NK, half, dtype, kind)
+    scores, slots = cuda_search.search_forward(q, k1, k2, knn)
+    # exact for its own scores (the same GEMMs), ties to the lower index
+    s1 = triton_search._bmm_f32(q[..., :half].transpose(0, 1), k1.to(dtype).transpose(1, 2))
+    s2 = triton_search._bmm_f32(q[..., half:].transpose(0, 1), k2.to(dtype).transpose(1, 2))
+    want_scores, want_slots = _select_by_sorting(s1, s2, knn)
+    assert torch.equal(scores, want_scores) and torch.equal(slots, want_slots)
+    # the Triton kernel's dots may round differently: scores within fp32 rounding, slots the same but near-ties
+    t_scores, t_slots = triton_search.search_forward(q, k1, k2, knn)
+    torch.testing.assert_close(scores, t_scores, rtol=1e-5, atol=1e-5)
+    if T:
+        same_rows = (t_slots == slots).all(-1).float().mean().item()
+        assert same_rows > (0.97 if kind == "random" else 0.999)
+
+
+@pytest.mark.gpu
+def test_gpu_chunks_of_tokens_give_the_same_result(monkeypatch):
+    q, k1, k2 = _inputs(1000, 2, 128, 32)
+    whole = cuda_search.search_forward(q, k1, k2, 16)
+    monkeypatch.setattr(cuda_search, "_SCORES_BUDGET", 2 * 2 * 128 * 4 * 300)  # chunks of 300 tokens
+    parts = cuda_search.search_forward(q, k1, k2, 16)
+    # other GEMM shapes may round a score differently; a misplaced chunk would disagree on all its rows
+    torch.testing.assert_close(whole[0], parts[0], rtol=1e-5, atol=1e-5)
+    for c0 in range(0, 1000, 300):
+        assert (whole[1][c0:c0 + 300] == parts[1][c0:c0 + 300]).all(-1).float().mean() > 0.97
+
+
+@pytest.mark.gpu
+def test_gpu_auto_uses_it_and_its_gradients_are_the_triton_backwards(monkeypatch):
+    used = []
+    real = cuda_search.search_forward
+    monkeypatch.setattr(cuda_search, "search_forward", lambda *a: used.append(1) or real(*a))
+    q, k1, k2 = _inputs(600, 4, 1024, 64)
+    grads = {}
+    for backend in ("auto", "triton"):
+        qq, kk1, kk2 = (t.clone().requires_grad_() for t in (q, k1, k2))
+        scores, slots = ops.product_key_search(qq, kk1, kk2, 32, backend=backend)
+        (scores * torch.linspace(1, 2, 32, device="cuda")).sum().backward()
+        grads[backend] = (scores, slots, qq.grad, kk1.grad, kk2.grad)
+    assert used == [1]  # auto, not triton
+    auto, triton_ = grads["auto"], grads["triton"]
+    assert (auto[1] == triton_[1]).all(-1).float().mean() > 0.97
+    same = (auto[1] == triton_[1]).all(-1).all(-1)  # tokens whose slots agree in every head: same gradients there
+    torch.testing.assert_close(auto[2][same], triton_[2][same], rtol=1e-2, atol=1e-3)

@@ -17,6 +17,8 @@ bf16/fp16 queries with knn <= 32 and n_keys <= 2048; when the build fails it war
 (the same search up to the rounding above). Importing this module builds nothing.
 """
 import functools
+import os
+import shutil
 import warnings
 
 import torch
@@ -212,11 +214,23 @@ void pk_select(at::Tensor s1, at::Tensor s2, at::Tensor scores, at::Tensor slots
 _CPP = "void pk_select(at::Tensor s1, at::Tensor s2, at::Tensor scores, at::Tensor slots, int64_t knn);"
 
 
+def _ninja_on_path() -> None:
+    """torch's build runs `ninja` from PATH; the `ninja` package installed in a virtual environment is only on PATH
+    while that environment is activated (not for `.venv/bin/python -m train`), so add its directory when missing."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return  # the build then fails with torch's own message, and the search stays on Triton
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 @functools.cache
 def _extension():
     """The compiled selection (built by the first call on a machine, loaded from torch's extension cache after)."""
     from torch.utils.cpp_extension import load_inline
 
+    _ninja_on_path()
     return load_inline(name="mnemo_pk_select", cpp_sources=_CPP, cuda_sources=_CUDA, functions=["pk_select"],
                        extra_cuda_cflags=["-O3"], verbose=False)
 

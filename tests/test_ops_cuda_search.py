@@ -76,6 +76,20 @@ def test_a_failed_build_warns_once_and_the_op_runs_the_triton_kernel(monkeypatch
         cuda_search.available.cache_clear()
 
 
+def test_the_ninja_of_an_inactive_venv_is_put_on_path(monkeypatch, tmp_path):
+    import sys
+    import types
+
+    monkeypatch.setenv("PATH", "/usr/bin")
+    monkeypatch.setitem(sys.modules, "ninja", types.SimpleNamespace(BIN_DIR=str(tmp_path)))
+    monkeypatch.setattr(cuda_search.shutil, "which", lambda name: "/usr/bin/ninja")
+    cuda_search._ninja_on_path()
+    assert cuda_search.os.environ["PATH"] == "/usr/bin"  # found: left alone
+    monkeypatch.setattr(cuda_search.shutil, "which", lambda name: None)
+    cuda_search._ninja_on_path()
+    assert cuda_search.os.environ["PATH"].split(":")[0] == str(tmp_path)
+
+
 CASES = [  # T, H, NK, half, knn, dtype, kind
     (3000, 4, 1024, 256, 32, torch.bfloat16, "random"),
     (3000, 4, 1024, 256, 32, torch.bfloat16, "ties"),

@@ -191,7 +191,8 @@ void launch(const at::Tensor& s1, const at::Tensor& s2, at::Tensor& scores, at::
 void pk_select(at::Tensor s1, at::Tensor s2, at::Tensor scores, at::Tensor slots, int64_t knn) {
     TORCH_CHECK(s1.is_cuda() && s1.scalar_type() == at::kFloat && s1.dim() == 3 && s1.is_contiguous(),
                 "pk_select: s1 must be a contiguous CUDA float32 [H, T, NK] tensor");
-    TORCH_CHECK(s2.sizes() == s1.sizes() && s2.scalar_type() == at::kFloat && s2.is_contiguous(), "pk_select: s2 like s1");
+    TORCH_CHECK(s2.sizes() == s1.sizes() && s2.scalar_type() == at::kFloat && s2.is_contiguous(),
+                "pk_select: s2 like s1");
     TORCH_CHECK(knn >= 1 && knn <= 32 && knn <= s1.size(2), "pk_select: knn must be in [1, min(32, NK)]");
     TORCH_CHECK(scores.is_contiguous() && slots.is_contiguous() && scores.numel() == s1.size(0) * s1.size(1) * knn &&
                 slots.scalar_type() == at::kLong, "pk_select: outputs must be contiguous [T, H, knn] float32 / int64");
@@ -273,7 +274,8 @@ def search_forward(query, keys1, keys2, knn: int):
 
 
 @torch.library.custom_op("mnemo::cuda_pk_search", mutates_args=())
-def _search_op(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, knn: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _search_op(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor,
+               knn: int) -> tuple[torch.Tensor, torch.Tensor]:
     # Decided here, at run time (not while torch.compile traces): a machine without a compiler runs the Triton kernel.
     if available():
         return search_forward(query, keys1, keys2, knn)

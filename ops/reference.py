@@ -69,18 +69,24 @@ def product_key_search(
         q = query.to(dtype)
         s1 = torch.einsum("thd,hnd->thn", q[..., :half], keys1.to(dtype))  # [T, H, n_keys]
         s2 = torch.einsum("thd,hnd->thn", q[..., half:], keys2.to(dtype))
-        top1, i1 = _ranked(s1, knn)  # [T, H, knn]
-        top2, i2 = _ranked(s2, knn)
-        a, b = candidate_pairs(knn, device=query.device)
-        cand = top1[..., a] + top2[..., b]  # [T, H, P]
-        slots = i1[..., a] * n_keys + i2[..., b]
-        # Final order: score desc, then slot asc. Sort by slot first; the stable score sort keeps that order in ties.
-        by_slot = slots.argsort(dim=-1)
-        cand = cand.gather(-1, by_slot)
-        slots = slots.gather(-1, by_slot)
-        scores, pos = _ranked(cand, knn)
-        indices = slots.gather(-1, pos)
-    return scores, indices
+        return select_top_slots(s1, s2, knn)
+
+
+def select_top_slots(s1: torch.Tensor, s2: torch.Tensor, knn: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The exact top-knn slots of given half scores s1, s2 [..., n_keys]: (scores [..., knn] desc, slots [..., knn]
+    with slot = i1 * n_keys + i2), ties to the lower sub-key index in each half and to the lower slot at the end."""
+    n_keys = s1.shape[-1]
+    top1, i1 = _ranked(s1, knn)  # [..., knn]
+    top2, i2 = _ranked(s2, knn)
+    a, b = candidate_pairs(knn, device=s1.device)
+    cand = top1[..., a] + top2[..., b]  # [..., P]
+    slots = i1[..., a] * n_keys + i2[..., b]
+    # Final order: score desc, then slot asc. Sort by slot first; the stable score sort keeps that order in ties.
+    by_slot = slots.argsort(dim=-1)
+    cand = cand.gather(-1, by_slot)
+    slots = slots.gather(-1, by_slot)
+    scores, pos = _ranked(cand, knn)
+    return scores, slots.gather(-1, pos)
 
 
 def _chunk_tokens(n_slots: int, dim: int, chunk_tokens: Optional[int]) -> int:

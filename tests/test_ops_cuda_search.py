@@ -102,21 +102,6 @@ CASES = [  # T, H, NK, half, knn, dtype, kind
 ]
 
 
-def _select_by_sorting(s1, s2, knn):
-    """The exact top-knn of given half scores [H, T, NK] by stable sorts (ops.reference's selection rule)."""
-    from ops.triton_search import _candidates
-
-    v1, i1 = torch.sort(s1.transpose(0, 1), dim=-1, descending=True, stable=True)
-    v2, i2 = torch.sort(s2.transpose(0, 1), dim=-1, descending=True, stable=True)
-    a, b = (x.long() for x in _candidates(knn, s1.device))
-    cand = v1[..., :knn][..., a] + v2[..., :knn][..., b]
-    slots = i1[..., :knn][..., a] * s1.shape[-1] + i2[..., :knn][..., b]
-    by_slot = slots.argsort(-1)
-    cand, slots = cand.gather(-1, by_slot), slots.gather(-1, by_slot)
-    scores, pos = torch.sort(cand, dim=-1, descending=True, stable=True)
-    return scores[..., :knn], slots.gather(-1, pos[..., :knn])
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("T,H,NK,half,knn,dtype,kind", CASES)
 def test_gpu_exact_selection_close_to_the_triton_kernel(T, H, NK, half, knn, dtype, kind):
@@ -126,7 +111,7 @@ def test_gpu_exact_selection_close_to_the_triton_kernel(T, H, NK, half, knn, dty
     # exact for its own scores (the same GEMMs), ties to the lower index
     s1 = triton_search._bmm_f32(q[..., :half].transpose(0, 1), k1.to(dtype).transpose(1, 2))
     s2 = triton_search._bmm_f32(q[..., half:].transpose(0, 1), k2.to(dtype).transpose(1, 2))
-    want_scores, want_slots = _select_by_sorting(s1, s2, knn)
+    want_scores, want_slots = ops.reference.select_top_slots(s1.transpose(0, 1), s2.transpose(0, 1), knn)
     assert torch.equal(scores, want_scores) and torch.equal(slots, want_slots)
     # the Triton kernel's dots may round differently: scores within fp32 rounding, slots the same but near-ties
     t_scores, t_slots = triton_search.search_forward(q, k1, k2, knn)

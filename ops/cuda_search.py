@@ -7,8 +7,10 @@ another order than the Triton kernel's tensor-core dots, so the two can round a 
 then pick differently between slots whose scores are that close. Why a second implementation: most of the
 Triton search's time is its bitonic top-k moving data through shared memory (BENCHMARKS.md), and Triton cannot keep
 a row in one warp's registers. Here a warp holds a row of sub-key scores (32 per lane for 1024 keys) and finds its
-32nd largest by a radix select on the scores' order-preserving bits (a warp-wide count per bit, stopping as soon as
-exactly 32 keys lie above the bits fixed so far), then compacts the 32 with ballots and sorts them with shuffles.
+32nd largest by a radix select on the scores' order-preserving bits (a warp-wide count per bit, starting below the
+leading bits that the smallest lane maximum and the largest score share, stopping as soon as exactly 32 keys lie
+above the bits fixed so far), then gathers the 32 (by a prefix sum over lanes, or by ballots in element order when
+keys tie at the cut) and sorts them with shuffles.
 The same select takes the top 32 of the candidate sums s1[a] + s2[b] with (a+1)(b+1) <= knn.
 
 Built on first use with torch.utils.cpp_extension.load_inline (needs nvcc and ninja; kept in torch's extension
@@ -72,13 +74,36 @@ __device__ __forceinline__ uint64_t warp_sort_desc(uint64_t v, int lane) {
     return v;
 }
 
+__device__ __forceinline__ uint32_t warp_min(uint32_t v) { return __reduce_min_sync(FULL, v); }
+__device__ __forceinline__ uint32_t warp_max(uint32_t v) { return __reduce_max_sync(FULL, v); }
+__device__ __forceinline__ uint64_t warp_min(uint64_t v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) { const uint64_t w = __shfl_xor_sync(FULL, v, o); v = w < v ? w : v; }
+    return v;
+}
+__device__ __forceinline__ uint64_t warp_max(uint64_t v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) { const uint64_t w = __shfl_xor_sync(FULL, v, o); v = w > v ? w : v; }
+    return v;
+}
+__device__ __forceinline__ int leading_zeros(uint32_t v) { return __clz(v); }
+__device__ __forceinline__ int leading_zeros(uint64_t v) { return __clzll(v); }
+
 // The 32 largest of the warp's PER * 32 keys (element j * 32 + lane in k[j] of that lane), equal keys at the cut
 // taken in element order; lane l returns the l-th largest, staged. `stage` is 32 words of this warp's shared memory.
 template <typename K, int PER>
 __device__ __forceinline__ uint64_t top32(const K (&k)[PER], int lane, uint64_t* stage) {
     constexpr int BITS = 8 * sizeof(K);
-    K thr = 0;
-    for (int bit = BITS - 1; bit >= 0; --bit) {
+    // The 32nd largest lies between the smallest lane maximum (each lane holds a key >= it: 32 keys) and the
+    // largest key, so it has their common leading bits: the radix select starts at the first bit where they differ
+    // (about half of the bits of typical scores).
+    K lane_max = k[0];
+#pragma unroll
+    for (int j = 1; j < PER; ++j) lane_max = k[j] > lane_max ? k[j] : lane_max;
+    const K lo = warp_min(lane_max), hi = warp_max(lane_max);
+    int bit = lo == hi ? -1 : BITS - 1 - leading_zeros(lo ^ hi);
+    K thr = bit < 0 ? lo : lo & ~((K(2) << bit) - K(1));  // the common bits, zeros below: <= lo
+    for (; bit >= 0; --bit) {
         const K cand = thr | (K(1) << bit);
         int count = 0;
 #pragma unroll
@@ -89,21 +114,39 @@ __device__ __forceinline__ uint64_t top32(const K (&k)[PER], int lane, uint64_t*
             if (count == 32) break;  // exactly 32 keys >= thr: they are the set
         }
     }
-    int above = 0;
-#pragma unroll
-    for (int j = 0; j < PER; ++j) above += k[j] > thr;
-    const int room = 32 - __reduce_add_sync(FULL, above);  // keys == thr to take, in element order
     const uint32_t before = (1u << lane) - 1u;
-    int taken = 0, equal_seen = 0;
+    int mine_at_least = 0;
 #pragma unroll
-    for (int j = 0; j < PER; ++j) {
-        const bool equal = k[j] == thr;
-        const uint32_t equal_mask = __ballot_sync(FULL, equal);
-        const bool take = k[j] > thr || (equal && equal_seen + __popc(equal_mask & before) < room);
-        const uint32_t take_mask = __ballot_sync(FULL, take);
-        if (take) stage[taken + __popc(take_mask & before)] = staged(k[j], j * 32 + lane);
-        taken += __popc(take_mask);
-        equal_seen += __popc(equal_mask);
+    for (int j = 0; j < PER; ++j) mine_at_least += k[j] >= thr;
+    if (__reduce_add_sync(FULL, mine_at_least) == 32) {
+        // No tie at the cut (the usual case): every lane writes its keys >= thr after the lanes before it.
+        int at = mine_at_least;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int y = __shfl_up_sync(FULL, at, o);
+            if (lane >= o) at += y;
+        }
+        at -= mine_at_least;
+#pragma unroll
+        for (int j = 0; j < PER; ++j)
+            if (k[j] >= thr) stage[at++] = staged(k[j], j * 32 + lane);
+    } else {
+        // More than 32 keys >= thr: all keys > thr, then the keys == thr in element order until 32.
+        int above = 0;
+#pragma unroll
+        for (int j = 0; j < PER; ++j) above += k[j] > thr;
+        const int room = 32 - __reduce_add_sync(FULL, above);
+        int taken = 0, equal_seen = 0;
+#pragma unroll
+        for (int j = 0; j < PER; ++j) {
+            const bool equal = k[j] == thr;
+            const uint32_t equal_mask = __ballot_sync(FULL, equal);
+            const bool take = k[j] > thr || (equal && equal_seen + __popc(equal_mask & before) < room);
+            const uint32_t take_mask = __ballot_sync(FULL, take);
+            if (take) stage[taken + __popc(take_mask & before)] = staged(k[j], j * 32 + lane);
+            taken += __popc(take_mask);
+            equal_seen += __popc(equal_mask);
+        }
     }
     __syncwarp();
     const uint64_t mine = stage[lane];

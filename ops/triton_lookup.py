@@ -91,8 +91,8 @@ def _segment_bwd_kernel(
                 gw = tl.sum(g * vrow[None, :], axis=1)
                 tl.store(gw_ptr + pid_d * P + p, gw, mask=pmask)
         row_grad = acc
-        if SPARSE:
-            tl.store(gv_ptr + seg * stride_gv + d, row_grad.to(gv_ptr.dtype.element_ty), mask=dmask)
+        if SPARSE:  # 64-bit offsets: a compact gradient can hold more than 2^31 elements
+            tl.store(gv_ptr + seg.to(tl.int64) * stride_gv + d, row_grad.to(gv_ptr.dtype.element_ty), mask=dmask)
             if pid_d == 0:
                 tl.store(rows_out_ptr + seg, r)
         else:

@@ -317,6 +317,8 @@ def main():
         ("lookup fwd+bwd 32768x128x1024", lambda: run_lookup("lookup fwd+bwd 32768x128x1024", 32768, 128, 1024, True, args, rows, ceiling)),
         ("lookup fwd+bwd 8192x128x4096", lambda: run_lookup("lookup fwd+bwd 8192x128x4096", 8192, 128, 4096, True, args, rows, ceiling)),
         ("lookup fwd+bwd 4096x32x4096", lambda: run_lookup("lookup fwd+bwd 4096x32x4096", 4096, 32, 4096, True, args, rows, ceiling)),
+        ("lookup fwd+bwd 32768x128x1024 sparse", lambda: run_lookup("lookup fwd+bwd 32768x128x1024 sparse", 32768, 128, 1024, True, args, rows, ceiling, sparse=True)),
+        ("lookup fwd+bwd 8192x128x4096 sparse", lambda: run_lookup("lookup fwd+bwd 8192x128x4096 sparse", 8192, 128, 4096, True, args, rows, ceiling, sparse=True)),
         ("lookup fwd+bwd 4096x32x4096 sparse", lambda: run_lookup("lookup fwd+bwd 4096x32x4096 sparse", 4096, 32, 4096, True, args, rows, ceiling, sparse=True)),
         ("lookup fwd+bwd 262144x128x128", lambda: run_lookup("lookup fwd+bwd 262144x128x128", 262144, 128, 128, True, args, rows, ceiling)),
         ("search fwd 32768x4 knn32", lambda: run_search("search fwd 32768x4 knn32", 32768, False, args, rows, ceiling, impl="auto")),

@@ -10,7 +10,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from ops import reference  # noqa: E402
-from ops.triton_lookup import memory_lookup, memory_lookup_backward  # noqa: E402
+from ops.triton_lookup import lookup_backward, memory_lookup, memory_lookup_backward  # noqa: E402
 from ops.triton_search import product_key_search  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -359,6 +359,25 @@ def test_gpu_lookup_real_shapes(dtype, D, idx_dtype):
     assert _rel(out, rout) < tol and _rel(gw, rgw) < max(tol, 1e-4) and _rel(gv, rgv) < tol
     (_, gw2, gv2), _ = _lookup_both(idx, w, v)
     assert torch.equal(gw, gw2) and torch.equal(gv, gv2)
+
+
+@pytest.mark.gpu
+def test_gpu_compact_value_gradient_beyond_2_31_elements():
+    # 600k touched rows of 4096 columns: offsets past 2^31 elements, which 32-bit program-id arithmetic wraps
+    T, S, D = 5000, 120, 4096
+    N = T * S
+    g = torch.Generator(device="cuda").manual_seed(0)
+    idx = torch.randperm(N, device="cuda", generator=g).view(T, S)  # every row once
+    w = torch.rand(T, S, device="cuda", generator=g)
+    v = torch.empty(N, D, device="cuda", dtype=torch.bfloat16)  # only its shape and dtype are read (no grad_w)
+    go = torch.randn(T, D, device="cuda", generator=g).bfloat16()
+    _, (rows, row_grads, n) = lookup_backward(go, idx, w, v, compute_gw=False, sparse=True)
+    assert n.item() == N and torch.equal(rows, torch.arange(N, device="cuda"))
+    pair = torch.argsort(idx.flatten())  # the pair of row k
+    for r0 in (0, N // 2, N - 50_000):  # before and after the 2^31-element mark (row 524288)
+        p = pair[r0:r0 + 50_000]
+        want = (w.flatten()[p, None] * go[p // S].float()).bfloat16()
+        assert torch.equal(row_grads[r0:r0 + 50_000], want), r0
 
 
 @pytest.mark.gpu

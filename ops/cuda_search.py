@@ -11,7 +11,9 @@ a row in one warp's registers. Here a warp holds a row of sub-key scores (32 per
 leading bits that the smallest lane maximum and the largest score share, stopping as soon as exactly 32 keys lie
 above the bits fixed so far), then gathers the 32 (by a prefix sum over lanes, or by ballots in element order when
 keys tie at the cut) and sorts them with shuffles.
-The same select takes the top 32 of the candidate sums s1[a] + s2[b] with (a+1)(b+1) <= knn.
+The same select takes the top 32 of the candidate sums s1[a] + s2[b] with (a+1)(b+1) <= knn. The backward is the
+Triton search's (dense gradient rows over the sub-keys, then GEMMs), with those rows written by a kernel here: one
+warp builds a token's two rows in shared memory and stores them whole, so no buffer is zeroed first.
 
 Built on first use with torch.utils.cpp_extension.load_inline (needs nvcc and ninja; kept in torch's extension
 cache, so later processes only load it). ops.product_key_search's "auto" backend takes this path for CUDA
@@ -25,7 +27,7 @@ import warnings
 
 import torch
 
-from .triton_search import _bmm_f32, check_search_args, empty_results, register_search_autograd
+from .triton_search import _bmm_f32, check_search_args, empty_results, register_search_autograd, search_backward
 from .triton_search import search_forward as triton_forward
 
 MAX_KNN = 32  # one result per lane
@@ -37,6 +39,8 @@ _CUDA = r"""
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <stdint.h>
 
 namespace {
@@ -219,6 +223,56 @@ __global__ void pk_select_kernel(const float* __restrict__ s1, const float* __re
     }
 }
 
+__device__ __forceinline__ void store_value(__nv_bfloat16* p, float x) { *p = __float2bfloat16_rn(x); }
+__device__ __forceinline__ void store_value(__half* p, float x) { *p = __float2half_rn(x); }
+
+// One warp per (token of the chunk, head): rows w1[h, t - t0] and w2[h, t - t0] over the sub-keys get the token's
+// score gradients on its chosen sub-keys of each half (a sub-key chosen by several slots: their sum, added in slot
+// order), zeros elsewhere. The rows are built in shared memory and written whole, so the buffers need no zeroing.
+// idx, g: [T, H, knn] (slot = i1 * NK + i2); w1, w2: [H, TC, NK].
+template <typename T>
+__global__ void dense_rows_kernel(const int64_t* __restrict__ idx, const float* __restrict__ g, T* __restrict__ w1,
+                                  T* __restrict__ w2, int64_t t0, int64_t TC, int H, int NK, int knn) {
+    extern __shared__ uint4 rows_smem[];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int64_t row = (int64_t)blockIdx.x * (blockDim.x >> 5) + warp;
+    if (row >= TC * H) return;  // whole warps only
+    const int64_t tc = row / H;
+    const int h = (int)(row % H);
+    T* r1 = reinterpret_cast<T*>(rows_smem) + (int64_t)warp * 2 * NK;
+    T* r2 = r1 + NK;
+    uint32_t* words = reinterpret_cast<uint32_t*>(r1);  // both rows: NK words of two elements
+    for (int i = lane; i < NK; i += 32) words[i] = 0u;
+    __syncwarp();
+    const bool active = lane < knn;
+    const int64_t base = ((t0 + tc) * H + h) * knn;
+    const int64_t slot = active ? idx[base + lane] : 0;
+    const float gl = active ? g[base + lane] : 0.f;
+    const int i1 = active ? (int)(slot / NK) : -1, i2 = active ? (int)(slot % NK) : -1;
+    const uint32_t m1 = __match_any_sync(FULL, i1), m2 = __match_any_sync(FULL, i2);
+    float s1 = 0.f, s2 = 0.f;
+    for (int k = 0; k < knn; ++k) {  // every lane sums the slots that share its sub-key, in slot order
+        const float gk = __shfl_sync(FULL, gl, k);
+        if ((m1 >> k) & 1u) s1 += gk;
+        if ((m2 >> k) & 1u) s2 += gk;
+    }
+    if (active && __ffs(m1) - 1 == lane) store_value(r1 + i1, s1);  // the first slot of a sub-key stores it
+    if (active && __ffs(m2) - 1 == lane) store_value(r2 + i2, s2);
+    __syncwarp();
+    T* o1 = w1 + ((int64_t)h * TC + tc) * NK;
+    T* o2 = w2 + ((int64_t)h * TC + tc) * NK;
+    if (NK % 8 == 0) {  // 16-byte stores
+        const uint4* s1v = reinterpret_cast<const uint4*>(r1);
+        const uint4* s2v = reinterpret_cast<const uint4*>(r2);
+        for (int i = lane; i < NK / 8; i += 32) {
+            reinterpret_cast<uint4*>(o1)[i] = s1v[i];
+            reinterpret_cast<uint4*>(o2)[i] = s2v[i];
+        }
+    } else {
+        for (int i = lane; i < NK; i += 32) { o1[i] = r1[i]; o2[i] = r2[i]; }
+    }
+}
+
 template <int PER>
 void launch(const at::Tensor& s1, const at::Tensor& s2, at::Tensor& scores, at::Tensor& slots, int knn) {
     const int H = s1.size(0), T = s1.size(1), NK = s1.size(2);
@@ -253,9 +307,40 @@ void pk_select(at::Tensor s1, at::Tensor s2, at::Tensor scores, at::Tensor slots
         default: launch<64>(s1, s2, scores, slots, (int)knn); break;
     }
 }
+
+void pk_dense_rows(at::Tensor idx, at::Tensor g, at::Tensor w1, at::Tensor w2, int64_t t0) {
+    TORCH_CHECK(idx.is_cuda() && idx.scalar_type() == at::kLong && idx.dim() == 3 && idx.is_contiguous(),
+                "pk_dense_rows: idx must be a contiguous CUDA int64 [T, H, knn] tensor");
+    TORCH_CHECK(g.sizes() == idx.sizes() && g.scalar_type() == at::kFloat && g.is_contiguous(),
+                "pk_dense_rows: g must be float32 like idx");
+    TORCH_CHECK(w1.dim() == 3 && w1.sizes() == w2.sizes() && w1.scalar_type() == w2.scalar_type() &&
+                (w1.scalar_type() == at::kBFloat16 || w1.scalar_type() == at::kHalf) && w1.is_contiguous() &&
+                w2.is_contiguous() && w1.size(0) == idx.size(1), "pk_dense_rows: w1, w2 must be contiguous bf16/fp16 [H, TC, NK]");
+    const int64_t H = w1.size(0), TC = w1.size(1), NK = w1.size(2), knn = idx.size(2);
+    TORCH_CHECK(knn >= 1 && knn <= 32 && NK <= 2048 && t0 >= 0 && t0 + TC <= idx.size(0),
+                "pk_dense_rows: needs knn <= 32, NK <= 2048 and tokens t0 .. t0 + TC of idx");
+    if (TC == 0) return;
+    const c10::cuda::CUDAGuard guard(w1.device());
+    constexpr int WARPS = 4;
+    const int64_t rows = TC * H;
+    const dim3 grid((unsigned)((rows + WARPS - 1) / WARPS)), block(32 * WARPS);
+    const size_t smem = (size_t)WARPS * 2 * NK * 2;  // two rows of 2-byte elements per warp (<= 32 KiB)
+    auto stream = at::cuda::getCurrentCUDAStream();
+    if (w1.scalar_type() == at::kBFloat16) {
+        dense_rows_kernel<__nv_bfloat16><<<grid, block, smem, stream>>>(
+            idx.data_ptr<int64_t>(), g.data_ptr<float>(), reinterpret_cast<__nv_bfloat16*>(w1.data_ptr()),
+            reinterpret_cast<__nv_bfloat16*>(w2.data_ptr()), t0, TC, (int)H, (int)NK, (int)knn);
+    } else {
+        dense_rows_kernel<__half><<<grid, block, smem, stream>>>(
+            idx.data_ptr<int64_t>(), g.data_ptr<float>(), reinterpret_cast<__half*>(w1.data_ptr()),
+            reinterpret_cast<__half*>(w2.data_ptr()), t0, TC, (int)H, (int)NK, (int)knn);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 """
 
-_CPP = "void pk_select(at::Tensor s1, at::Tensor s2, at::Tensor scores, at::Tensor slots, int64_t knn);"
+_CPP = ("void pk_select(at::Tensor s1, at::Tensor s2, at::Tensor scores, at::Tensor slots, int64_t knn);\n"
+        "void pk_dense_rows(at::Tensor idx, at::Tensor g, at::Tensor w1, at::Tensor w2, int64_t t0);")
 
 
 def _ninja_on_path() -> None:
@@ -275,8 +360,8 @@ def _extension():
     from torch.utils.cpp_extension import load_inline
 
     _ninja_on_path()
-    return load_inline(name="mnemo_pk_select", cpp_sources=_CPP, cuda_sources=_CUDA, functions=["pk_select"],
-                       extra_cuda_cflags=["-O3"], verbose=False)
+    return load_inline(name="mnemo_pk_select", cpp_sources=_CPP, cuda_sources=_CUDA,
+                       functions=["pk_select", "pk_dense_rows"], extra_cuda_cflags=["-O3"], verbose=False)
 
 
 @functools.cache
@@ -316,6 +401,15 @@ def search_forward(query, keys1, keys2, knn: int):
     return scores, slots
 
 
+def dense_grad_rows(indices, grad_scores, t0: int, n: int, n_keys: int, dtype):
+    """ops.triton_search.dense_grad_rows's contract for bf16/fp16 rows: each warp builds a token's two rows in shared
+    memory and writes them whole (no zeroed buffers, no separate fill)."""
+    w1 = torch.empty((indices.shape[1], n, n_keys), dtype=dtype, device=indices.device)
+    w2 = torch.empty_like(w1)
+    _extension().pk_dense_rows(indices, grad_scores, w1, w2, t0)
+    return w1, w2
+
+
 @torch.library.custom_op("mnemo::cuda_pk_search", mutates_args=())
 def _search_op(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor,
                knn: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -330,7 +424,20 @@ def _(query, keys1, keys2, knn):
     return empty_results(query, knn)
 
 
-register_search_autograd(_search_op)
+@torch.library.custom_op("mnemo::cuda_pk_search_backward", mutates_args=())
+def _search_bwd_op(grad_scores: torch.Tensor, indices: torch.Tensor, query: torch.Tensor, keys1: torch.Tensor,
+                   keys2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # the Triton search's backward; its dense gradient rows from the compiled kernel where it built
+    rows = dense_grad_rows if applies(query, keys1, indices.shape[-1]) and available() else None
+    return search_backward(grad_scores, indices, query, keys1, keys2, dense_rows=rows)
+
+
+@_search_bwd_op.register_fake
+def _(grad_scores, indices, query, keys1, keys2):
+    return torch.empty_like(query), torch.empty_like(keys1), torch.empty_like(keys2)
+
+
+register_search_autograd(_search_op, _search_bwd_op)
 
 
 def product_key_search(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, knn: int):

@@ -240,16 +240,29 @@ def _bmm_f32(a, b):
     return torch.bmm(a.float(), b.float())
 
 
-def search_backward(grad_scores, indices, query, keys1, keys2):
+def dense_grad_rows(indices, grad_scores, t0: int, n: int, n_keys: int, dtype):
+    """(W1, W2) [H, n, n_keys] in `dtype`: tokens t0 .. t0+n-1's score gradients scattered onto their chosen sub-keys
+    of each half (a sub-key chosen by several slots gets their sum), zeros elsewhere (_dense_grad_rows_kernel)."""
+    H, knn = indices.shape[1], indices.shape[2]
+    w1 = torch.zeros((H, n, n_keys), dtype=dtype, device=indices.device)
+    w2 = torch.zeros((H, n, n_keys), dtype=dtype, device=indices.device)
+    block_t = 16
+    _dense_grad_rows_kernel[(triton.cdiv(n, block_t), H)](
+        indices, grad_scores, w1, w2, indices.shape[0], H, n_keys, knn, t0, n, BLOCK_T=block_t,
+        KP=max(_npow2(knn), 2), num_warps=4)
+    return w1, w2
+
+
+def search_backward(grad_scores, indices, query, keys1, keys2, dense_rows=None):
     """Gradients of scores[t,h,k] = q1[t,h] . K1[h, i1] + q2[t,h] . K2[h, i2] (i1, i2 of the chosen slot).
 
     Per chunk of tokens, one kernel scatters the score gradients into dense rows W1 [H, Tc, n_keys] (and W2),
     then four batched GEMMs give grad_q1 = W1 K1, grad_K1 += W1^T q1 (same for the second half). The GEMMs
     run in the query's dtype for bf16/fp16 queries (W rounded to it once, fp32 accumulation, grad_K in fp32),
-    in fp32 for fp32 queries. No sort, no atomics: deterministic."""
+    in fp32 for fp32 queries. No sort, no atomics: deterministic. dense_rows: another function with
+    dense_grad_rows's contract (default: that one)."""
     T, H, k_dim = query.shape
     NK, half = keys1.shape[1], keys1.shape[2]
-    knn = indices.shape[-1]
     cd = query.dtype if query.dtype in (torch.bfloat16, torch.float16) else torch.float32
     gq = torch.empty((T, H, k_dim), dtype=query.dtype, device=query.device)
     gk1 = torch.zeros((H, NK, half), dtype=torch.float32, device=query.device)
@@ -260,15 +273,10 @@ def search_backward(grad_scores, indices, query, keys1, keys2):
     qc = query.to(cd)
     elem = torch.finfo(cd).bits // 8
     tc = max(1, min(T, _BWD_BUDGET // (2 * H * NK * elem)))
-    block_t = 16
-    kp = max(_npow2(knn), 2)
     g = grad_scores.contiguous()
     for t0 in range(0, T, tc):
         n = min(tc, T - t0)
-        w1 = torch.zeros((H, n, NK), dtype=cd, device=query.device)
-        w2 = torch.zeros((H, n, NK), dtype=cd, device=query.device)
-        _dense_grad_rows_kernel[(triton.cdiv(n, block_t), H)](
-            indices, g, w1, w2, T, H, NK, knn, t0, n, BLOCK_T=block_t, KP=kp, num_warps=4)
+        w1, w2 = (dense_rows or dense_grad_rows)(indices, g, t0, n, NK, cd)
         q1 = qc[t0:t0 + n, :, :half].transpose(0, 1)  # [H, n, half]
         q2 = qc[t0:t0 + n, :, half:].transpose(0, 1)
         gq[t0:t0 + n, :, :half] = torch.bmm(w1, k1c).transpose(0, 1)
@@ -304,17 +312,19 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(query, keys1, keys2, output[1])
 
 
-def _backward(ctx, grad_scores, grad_indices):
-    query, keys1, keys2, indices = ctx.saved_tensors
-    gq, gk1, gk2 = _search_bwd_op(grad_scores.contiguous(), indices, query, keys1, keys2)
-    need = ctx.needs_input_grad
-    return (gq if need[0] else None), (gk1 if need[1] else None), (gk2 if need[2] else None), None
+def register_search_autograd(op, backward_op=None) -> None:
+    """Give a search op (query, keys1, keys2, knn) -> (scores, indices) a backward: this module's (or
+    `backward_op`, with _search_bwd_op's signature). It depends only on the chosen indices, not on how they were
+    found (ops/cuda_search.py shares it)."""
+    bwd = backward_op or _search_bwd_op
 
+    def backward(ctx, grad_scores, grad_indices):
+        query, keys1, keys2, indices = ctx.saved_tensors
+        gq, gk1, gk2 = bwd(grad_scores.contiguous(), indices, query, keys1, keys2)
+        need = ctx.needs_input_grad
+        return (gq if need[0] else None), (gk1 if need[1] else None), (gk2 if need[2] else None), None
 
-def register_search_autograd(op) -> None:
-    """Give a search op (query, keys1, keys2, knn) -> (scores, indices) this module's backward: it depends only on
-    the chosen indices, not on how they were found (ops/cuda_search.py shares it)."""
-    op.register_autograd(_backward, setup_context=_setup)
+    op.register_autograd(backward, setup_context=_setup)
 
 
 register_search_autograd(_search_op)

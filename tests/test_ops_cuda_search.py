@@ -150,3 +150,25 @@ def test_gpu_auto_uses_it_and_its_gradients_are_the_triton_backwards(monkeypatch
     assert (auto[1] == triton_[1]).all(-1).float().mean() > 0.97
     same = (auto[1] == triton_[1]).all(-1).all(-1)  # tokens whose slots agree in every head: same gradients there
     torch.testing.assert_close(auto[2][same], triton_[2][same], rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,H,NK,half,knn,dtype,t0,n", [
+    (3000, 4, 1024, 64, 32, torch.bfloat16, 0, 3000),
+    (3000, 4, 1024, 64, 32, torch.bfloat16, 1234, 700),  # a chunk of tokens in the middle
+    (500, 2, 40, 16, 5, torch.float16, 0, 500),  # rows of 40: no 16-byte stores
+    (500, 3, 2048, 16, 32, torch.bfloat16, 499, 1),
+    (257, 1, 32, 8, 1, torch.bfloat16, 0, 257),
+])
+def test_gpu_dense_gradient_rows_equal_the_triton_kernels(T, H, NK, half, knn, dtype, t0, n):
+    q, k1, k2 = _inputs(T, H, NK, half, dtype)
+    _, slots = cuda_search.search_forward(q, k1, k2, knn)  # real duplicate patterns: a sub-key in many slots
+    g = torch.randn(T, H, knn, device="cuda")
+    got = cuda_search.dense_grad_rows(slots, g, t0, n, NK, dtype)
+    want = triton_search.dense_grad_rows(slots, g, t0, n, NK, dtype)
+    for a, b in zip(got, want):
+        assert a.shape == (H, n, NK) and a.dtype == dtype
+        # sums of three or more slots may add in another order (fp32), then round to another 16-bit value
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-6)
+        assert (a != b).float().mean() < 1e-3
+        assert torch.equal(a != 0, b != 0)  # the same sub-keys, zeros everywhere else

@@ -315,7 +315,8 @@ void pk_dense_rows(at::Tensor idx, at::Tensor g, at::Tensor w1, at::Tensor w2, i
                 "pk_dense_rows: g must be float32 like idx");
     TORCH_CHECK(w1.dim() == 3 && w1.sizes() == w2.sizes() && w1.scalar_type() == w2.scalar_type() &&
                 (w1.scalar_type() == at::kBFloat16 || w1.scalar_type() == at::kHalf) && w1.is_contiguous() &&
-                w2.is_contiguous() && w1.size(0) == idx.size(1), "pk_dense_rows: w1, w2 must be contiguous bf16/fp16 [H, TC, NK]");
+                w2.is_contiguous() && w1.size(0) == idx.size(1),
+                "pk_dense_rows: w1, w2 must be contiguous bf16/fp16 [H, TC, NK]");
     const int64_t H = w1.size(0), TC = w1.size(1), NK = w1.size(2), knn = idx.size(2);
     TORCH_CHECK(knn >= 1 && knn <= 32 && NK <= 2048 && t0 >= 0 && t0 + TC <= idx.size(0),
                 "pk_dense_rows: needs knn <= 32, NK <= 2048 and tokens t0 .. t0 + TC of idx");

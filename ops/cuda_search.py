@@ -34,11 +34,9 @@ MAX_KNN = 32  # one result per lane
 MAX_KEYS = 2048  # 64 keys per lane in registers
 _SCORES_BUDGET = 1 << 29  # bytes of the two fp32 score buffers per chunk of tokens
 
-_CUDA = r"""
-#include <torch/extension.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
+# The device code alone (CUDA headers only, so that tests/test_ops_cuda_sources.py can compile it where nvcc exists,
+# without torch's CUDA headers), then the host functions that launch it from torch tensors.
+KERNELS = r"""
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -273,6 +271,25 @@ __global__ void dense_rows_kernel(const int64_t* __restrict__ idx, const float* 
     }
 }
 
+// Every kernel the host code launches, instantiated here so that compiling this part alone checks them all.
+#define MNEMO_SELECT(PER) template __global__ void pk_select_kernel<PER>(const float*, const float*, float*, int64_t*, \
+                                                                     int, int, int, int);
+MNEMO_SELECT(1) MNEMO_SELECT(2) MNEMO_SELECT(4) MNEMO_SELECT(8) MNEMO_SELECT(16) MNEMO_SELECT(32) MNEMO_SELECT(64)
+#undef MNEMO_SELECT
+template __global__ void dense_rows_kernel<__nv_bfloat16>(const int64_t*, const float*, __nv_bfloat16*,
+                                                          __nv_bfloat16*, int64_t, int64_t, int, int, int);
+template __global__ void dense_rows_kernel<__half>(const int64_t*, const float*, __half*, __half*, int64_t, int64_t,
+                                                   int, int, int);
+}  // namespace
+"""
+
+_HOST = r"""
+#include <torch/extension.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+namespace {
 template <int PER>
 void launch(const at::Tensor& s1, const at::Tensor& s2, at::Tensor& scores, at::Tensor& slots, int knn) {
     const int H = s1.size(0), T = s1.size(1), NK = s1.size(2);
@@ -361,7 +378,7 @@ def _extension():
     from torch.utils.cpp_extension import load_inline
 
     _ninja_on_path()
-    return load_inline(name="mnemo_pk_select", cpp_sources=_CPP, cuda_sources=_CUDA,
+    return load_inline(name="mnemo_pk_select", cpp_sources=_CPP, cuda_sources=KERNELS + _HOST,
                        functions=["pk_select", "pk_dense_rows"], extra_cuda_cflags=["-O3"], verbose=False)
 
 

@@ -10,6 +10,7 @@ the Triton kernel (both exact for their scores, which may differ in the last bit
 from __future__ import annotations
 
 import importlib
+import time
 
 import torch
 
@@ -97,6 +98,22 @@ def product_key_search(query, keys1, keys2, knn: int, backend: str = "auto"):
     return _resolve("product_key_search", backend, query.device)(query, keys1, keys2, knn)
 
 
+def prepare_search(device, query_dtype, knn: int, n_keys: int, backend: str = "auto"):
+    """Build (or load) the compiled CUDA search now when a memory layer with these settings would use it, so that
+    its first build on a machine (about a minute) happens before training rather than inside the first step.
+    Returns a line for the log, or None when the compiled search is not used here."""
+    if backend != "auto" or not _CUDA_SEARCH:
+        return None
+    search = _CUDA_SEARCH[0]
+    if not search.fits(torch.device(device).type == "cuda", query_dtype, knn, n_keys):
+        return None
+    start = time.perf_counter()
+    if not search.available():  # warned once with the reason
+        return "memory search: the compiled CUDA top-k could not be built; the Triton search runs"
+    return (f"memory search: compiled CUDA top-k ready in {time.perf_counter() - start:.1f} s (built once per machine, "
+            "then loaded from torch's extension cache)")
+
+
 def memory_lookup(indices, weights, values, backend: str = "auto"):
     """indices [T, S] int32/int64, weights [T, S], values [N, D] -> [T, D] in values.dtype (fp32 accumulation)."""
     return _resolve("memory_lookup", backend, values.device)(indices, weights, values)
@@ -104,5 +121,5 @@ def memory_lookup(indices, weights, values, backend: str = "auto"):
 
 _preload_triton()
 
-__all__ = ["BACKENDS", "product_key_search", "memory_lookup", "linear_cross_entropy", "cast_table",
-           "memory_lookup_into_grad", "can_accumulate"]
+__all__ = ["BACKENDS", "product_key_search", "prepare_search", "memory_lookup", "linear_cross_entropy",
+           "cast_table", "memory_lookup_into_grad", "can_accumulate"]

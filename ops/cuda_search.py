@@ -394,10 +394,15 @@ def available() -> bool:
         return False
 
 
+def fits(on_cuda: bool, query_dtype: torch.dtype, knn: int, n_keys: int) -> bool:
+    """Whether queries of this dtype on this device, with these knn and sub-keys per half, take this search."""
+    return (on_cuda and query_dtype in (torch.bfloat16, torch.float16) and 1 <= knn <= MAX_KNN
+            and knn <= n_keys <= MAX_KEYS)
+
+
 def applies(query: torch.Tensor, keys1: torch.Tensor, knn: int) -> bool:
     """Whether this search serves these inputs (the rest go to the Triton kernel)."""
-    return (query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and 1 <= knn <= MAX_KNN
-            and keys1.dim() == 3 and knn <= keys1.shape[1] <= MAX_KEYS)
+    return keys1.dim() == 3 and fits(query.is_cuda, query.dtype, knn, keys1.shape[1])
 
 
 def search_forward(query, keys1, keys2, knn: int):

@@ -172,3 +172,31 @@ def test_gpu_dense_gradient_rows_equal_the_triton_kernels(T, H, NK, half, knn, d
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-6)
         assert (a != b).float().mean() < 1e-3
         assert torch.equal(a != 0, b != 0)  # the same sub-keys, zeros everywhere else
+
+
+def test_prepare_search_builds_only_what_a_model_would_use(monkeypatch):
+    built = []
+
+    class FakeSearch:  # the compiled search's dispatch rules, with a build that only records the call
+        MAX_KNN, MAX_KEYS = cuda_search.MAX_KNN, cuda_search.MAX_KEYS
+        fits = staticmethod(cuda_search.fits)
+
+        @staticmethod
+        def available():
+            built.append(1)
+            return ok
+
+    monkeypatch.setattr(ops, "_CUDA_SEARCH", [FakeSearch])
+    ok = True
+    cuda, bf16 = torch.device("cuda", 0), torch.bfloat16
+    assert ops.prepare_search("cpu", bf16, 32, 1024) is None  # CPU: the reference
+    assert ops.prepare_search(cuda, None, 32, 1024) is None  # fp32 (no autocast): fp32 queries, the reference
+    assert ops.prepare_search(cuda, bf16, 32, 1024, backend="triton") is None
+    assert ops.prepare_search(cuda, bf16, 64, 1024) is None and ops.prepare_search(cuda, bf16, 32, 4096) is None
+    assert built == []
+    assert "compiled CUDA top-k ready" in ops.prepare_search(cuda, bf16, 32, 1024)
+    ok = False
+    assert "could not be built; the Triton search runs" in ops.prepare_search(cuda, torch.float16, 8, 256)
+    assert built == [1, 1]
+    monkeypatch.setattr(ops, "_CUDA_SEARCH", [])  # a machine where the module did not import
+    assert ops.prepare_search(cuda, bf16, 32, 1024) is None

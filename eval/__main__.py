@@ -61,6 +61,7 @@ def main(argv=None) -> int:
     import torch
     import torch.distributed as dist
 
+    from model import prepare_memory_kernels
     from model.checkpoint import load_model, resolve_checkpoint
     from model.device import pick_device, pick_dtype
 
@@ -95,6 +96,9 @@ def main(argv=None) -> int:
     amp = pick_dtype(cfg.precision, device)
     try:
         model, _ = load_model(ckpt, device)
+        note = prepare_memory_kernels(model.cfg, device, amp)
+        if note and rank == 0:
+            print(note)
         with open(os.path.join(ckpt, "meta.json")) as f:
             step = json.load(f).get("step")
         out = cfg.out or os.path.join(run_dir, "eval.jsonl")

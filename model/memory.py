@@ -159,6 +159,16 @@ def value_pool(cfg: ModelConfig) -> ValuePool:
     return ValuePool(cfg.memory.n_keys**2, cfg.v_dim, value_init_std(cfg), dtype)
 
 
+def prepare_memory_kernels(cfg: ModelConfig, device, autocast_dtype: Optional[torch.dtype]) -> Optional[str]:
+    """Build (or load) now the compiled kernels this model's memory layers will call on `device` under
+    `autocast_dtype` (ops.prepare_search), so that no first forward waits on a build. A line for the log, or None
+    when none is used."""
+    memory = cfg.memory
+    if not memory.resolved_layers(cfg.n_layers):
+        return None
+    return ops.prepare_search(device, autocast_dtype, memory.knn, memory.n_keys, memory.backend)
+
+
 def _unit_rows(keys: torch.Tensor, eps: float) -> torch.Tensor:
     """Sub-key rows scaled to unit L2 norm, computed in fp32 (fp64 stays fp64)."""
     acc = torch.promote_types(keys.dtype, torch.float32)

@@ -124,3 +124,17 @@ def test_value_plan_does_the_lookup():
             block.memory.value_plan = SpyPlan()
     torch.testing.assert_close(model(tokens), want)
     assert calls == [((4, 2 * 4), "auto")] * 2  # two memory layers, 4 tokens, heads * knn slots  # two memory layers, 4 tokens, heads * knn slots
+
+
+def test_prepare_memory_kernels_asks_ops_for_the_memory_layers_settings(monkeypatch):
+    import ops
+    from model import prepare_memory_kernels
+
+    calls = []
+    monkeypatch.setattr(ops, "prepare_search", lambda *a: calls.append(a) or "ready")
+    dense = ModelConfig(vocab_size=11, dim=8, n_layers=2, n_heads=2)
+    assert prepare_memory_kernels(dense, "cuda", torch.bfloat16) is None and calls == []  # no memory layer
+    cfg = ModelConfig(vocab_size=11, dim=8, n_layers=2, n_heads=2,
+                      memory=MemoryConfig(layers=[1], n_keys=64, knn=16, backend="triton"))
+    assert prepare_memory_kernels(cfg, "cuda", torch.bfloat16) == "ready"
+    assert calls == [("cuda", torch.bfloat16, 16, 64, "triton")]

@@ -10,9 +10,9 @@ from typing import Any, Dict
 
 import torch
 
-import ops
 from data import all_rank_states, check_vocab, load_tokenizer, skipped_totals, unigram_entropy
 from eval import fixed_val_batches, flatten, format_table, load_eval_tasks, run_tasks, validation_metrics
+from model import prepare_memory_kernels
 from model.flops import flops_per_token
 
 from .builder import TrainState, build_training
@@ -85,11 +85,9 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
 def _train(cfg: TrainConfig, rt: Runtime, tokenizer, log: MetricsLogger, resume, checkpointer: Checkpointer,
            after_step) -> Dict[str, Any]:
     state = build_training(cfg, rt, tokenizer, resume.schedule_steps if resume is not None else cfg.train.steps)
-    memory = cfg.model.memory
-    if memory.resolved_layers(cfg.model.n_layers):
-        note = ops.prepare_search(rt.device, rt.dtype, memory.knn, memory.n_keys, memory.backend)
-        if note:
-            log.print(note)
+    note = prepare_memory_kernels(cfg.model, rt.device, rt.dtype)
+    if note:
+        log.print(note)
     if resume is None:
         start_fresh(cfg, state, log)
     else:

@@ -88,6 +88,15 @@ __device__ __forceinline__ uint64_t warp_max(uint64_t v) {
     for (int o = 16; o > 0; o >>= 1) { const uint64_t w = __shfl_xor_sync(FULL, v, o); v = w > v ? w : v; }
     return v;
 }
+// Sum of v over lanes 0 .. lane.
+__device__ __forceinline__ int warp_inclusive_sum(int v, int lane) {
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(FULL, v, o);
+        if (lane >= o) v += y;
+    }
+    return v;
+}
 __device__ __forceinline__ int leading_zeros(uint32_t v) { return __clz(v); }
 __device__ __forceinline__ int leading_zeros(uint64_t v) { return __clzll(v); }
 
@@ -122,13 +131,7 @@ __device__ __forceinline__ uint64_t top32(const K (&k)[PER], int lane, uint64_t*
     for (int j = 0; j < PER; ++j) mine_at_least += k[j] >= thr;
     if (__reduce_add_sync(FULL, mine_at_least) == 32) {
         // No tie at the cut (the usual case): every lane writes its keys >= thr after the lanes before it.
-        int at = mine_at_least;
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const int y = __shfl_up_sync(FULL, at, o);
-            if (lane >= o) at += y;
-        }
-        at -= mine_at_least;
+        int at = warp_inclusive_sum(mine_at_least, lane) - mine_at_least;
 #pragma unroll
         for (int j = 0; j < PER; ++j)
             if (k[j] >= thr) stage[at++] = staged(k[j], j * 32 + lane);
@@ -172,6 +175,13 @@ __device__ __forceinline__ bool candidate_pair(int c, int knn, int first, int to
     return c < total;
 }
 
+// A row of NK scores as order keys, element j * 32 + lane in k[j]; 0 (below every score) past the row's end.
+template <int PER>
+__device__ __forceinline__ void load_keys(const float* row, int NK, int lane, uint32_t (&k)[PER]) {
+#pragma unroll
+    for (int j = 0; j < PER; ++j) k[j] = j * 32 + lane < NK ? order_key(row[j * 32 + lane]) : 0u;
+}
+
 // s1, s2: [H, T, NK] fp32 scores of the two halves; one warp per row t * H + h; out: [T, H, knn].
 template <int PER>
 __global__ void pk_select_kernel(const float* __restrict__ s1, const float* __restrict__ s2,
@@ -184,24 +194,15 @@ __global__ void pk_select_kernel(const float* __restrict__ s1, const float* __re
     const int64_t t = row / H, h = row % H;
     uint64_t* stage = stages + warp * 32;
     uint32_t k[PER];
-    const float* r1 = s1 + (h * T + t) * NK;
-#pragma unroll
-    for (int j = 0; j < PER; ++j) k[j] = j * 32 + lane < NK ? order_key(r1[j * 32 + lane]) : 0u;
+    load_keys(s1 + (h * T + t) * NK, NK, lane, k);
     const uint64_t best1 = top32<uint32_t, PER>(k, lane, stage);
-    const float* r2 = s2 + (h * T + t) * NK;
-#pragma unroll
-    for (int j = 0; j < PER; ++j) k[j] = j * 32 + lane < NK ? order_key(r2[j * 32 + lane]) : 0u;
+    load_keys(s2 + (h * T + t) * NK, NK, lane, k);
     const uint64_t best2 = top32<uint32_t, PER>(k, lane, stage);
     // lane r holds rank r of each half; candidate c = (rank a of half 1, rank b of half 2)
     const float v1 = from_key((uint32_t)(best1 >> 32)), v2 = from_key((uint32_t)(best2 >> 32));
     const uint32_t i1 = ~(uint32_t)best1, i2 = ~(uint32_t)best2;
     const int pairs = lane < knn ? knn / (lane + 1) : 0;
-    int first = pairs;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_up_sync(FULL, first, o);
-        if (lane >= o) first += y;
-    }
+    int first = warp_inclusive_sum(pairs, lane);
     const int total = __shfl_sync(FULL, first, 31);
     first -= pairs;
     uint64_t cand[4];

@@ -28,6 +28,7 @@ import warnings
 import torch
 
 from .triton_search import _bmm_f32, check_search_args, empty_results, register_search_autograd, search_backward
+from .triton_search import search_backward_fake
 from .triton_search import search_forward as triton_forward
 
 MAX_KNN = 32  # one result per lane
@@ -456,9 +457,7 @@ def _search_bwd_op(grad_scores: torch.Tensor, indices: torch.Tensor, query: torc
     return search_backward(grad_scores, indices, query, keys1, keys2, dense_rows=rows)
 
 
-@_search_bwd_op.register_fake
-def _(grad_scores, indices, query, keys1, keys2):
-    return torch.empty_like(query), torch.empty_like(keys1), torch.empty_like(keys2)
+_search_bwd_op.register_fake(search_backward_fake)
 
 
 register_search_autograd(_search_op, _search_bwd_op)

@@ -302,9 +302,12 @@ def _search_bwd_op(grad_scores: torch.Tensor, indices: torch.Tensor, query: torc
     return search_backward(grad_scores, indices, query, keys1, keys2)
 
 
-@_search_bwd_op.register_fake
-def _(grad_scores, indices, query, keys1, keys2):
+def search_backward_fake(grad_scores, indices, query, keys1, keys2):
+    """What a search backward op returns, for torch.compile's tracing: (grad_query, grad_keys1, grad_keys2)."""
     return torch.empty_like(query), torch.empty_like(keys1), torch.empty_like(keys2)
+
+
+_search_bwd_op.register_fake(search_backward_fake)
 
 
 def _setup(ctx, inputs, output):

@@ -162,6 +162,12 @@ def _block(n_cols: int) -> int:
     return min(1024, triton.next_power_of_2(max(n_cols, 16)))
 
 
+def _warps(block: int) -> int:
+    """8 elements per thread: 16-byte loads of a bf16 table, gradient and moments (4 per thread, 8-byte loads, left
+    the AdamW step over a large bf16 table well above its bandwidth floor: BENCHMARKS.md, value optimizer)."""
+    return max(1, min(8, block // 256))
+
+
 def random_bits(seed: int, n_rows: int, n_cols: int, rng_col0: int = 0, device="cuda"):
     """[3, n_rows, n_cols] int32: the kernels' 16-bit draws of streams 0, 1, 2 (the table, the two moments)."""
     out = torch.empty((3, n_rows, n_cols), dtype=torch.int32, device=device)
@@ -188,7 +194,7 @@ def lazy_adam_rows(param, grad, exp_avg, exp_avg_sq, row_stat=None, *, lr, beta1
                                  beta2, eps, lr / bias1, bias2_sqrt, rounding_seed or 0, rng_col0,
                                  HAS_STAT=row_stat is not None, HAS_MASTER=master is not None,
                                  HAS_SCALE=grad_scale is not None, STOCHASTIC=rounding_seed is not None, BLOCK=block,
-                                 num_warps=max(1, min(8, block // 128)))
+                                 num_warps=_warps(block))
 
 
 def rowwise_adagrad_rows(param, grad, row_acc, row_stat=None, *, lr, eps, weight_decay, n_cols=None,
@@ -207,4 +213,4 @@ def rowwise_adagrad_rows(param, grad, row_acc, row_stat=None, *, lr, eps, weight
                                        HAS_STAT=row_stat is not None, HAS_MASTER=master is not None,
                                        HAS_SCALE=grad_scale is not None, STOCHASTIC=rounding_seed is not None,
                                        BLOCK=block,
-                                       num_warps=max(1, min(8, block // 128)))
+                                       num_warps=_warps(block))

@@ -73,7 +73,7 @@ def _segment_bwd_kernel(
         end = tl.load(seg_start_ptr + seg + 1)
         r = tl.load(sorted_rows_ptr + start).to(tl.int64)
         # The value row, the old gradient row and the rows written are touched once each and stream gigabytes
-        # through L2: marked evict-first, they leave more of it to the rest (3% faster: BENCHMARKS.md).
+        # through L2: marked evict-first, they leave more of it to the rest (BENCHMARKS.md, evict-first hints).
         if COMPUTE_GW:
             vrow = tl.load(v_ptr + r * stride_v + d, mask=dmask, other=0.0, eviction_policy="evict_first").to(tl.float32)
         # 1-D accumulator: the pair axis lives in each thread's registers (threads span the columns), so the

@@ -162,9 +162,10 @@ def _block(n_cols: int) -> int:
     return min(1024, triton.next_power_of_2(max(n_cols, 16)))
 
 
-def _warps(block: int) -> int:
+def _adam_warps(block: int) -> int:
     """8 elements per thread: 16-byte loads of a bf16 table, gradient and moments (4 per thread, 8-byte loads, left
-    the AdamW step over a large bf16 table well above its bandwidth floor: BENCHMARKS.md, value optimizer)."""
+    the AdamW step over a large bf16 table well above its bandwidth floor: BENCHMARKS.md, value optimizer). The
+    Adagrad kernel keeps 4 per thread: it was not measured at 8."""
     return max(1, min(8, block // 256))
 
 
@@ -194,7 +195,7 @@ def lazy_adam_rows(param, grad, exp_avg, exp_avg_sq, row_stat=None, *, lr, beta1
                                  beta2, eps, lr / bias1, bias2_sqrt, rounding_seed or 0, rng_col0,
                                  HAS_STAT=row_stat is not None, HAS_MASTER=master is not None,
                                  HAS_SCALE=grad_scale is not None, STOCHASTIC=rounding_seed is not None, BLOCK=block,
-                                 num_warps=_warps(block))
+                                 num_warps=_adam_warps(block))
 
 
 def rowwise_adagrad_rows(param, grad, row_acc, row_stat=None, *, lr, eps, weight_decay, n_cols=None,
@@ -213,4 +214,4 @@ def rowwise_adagrad_rows(param, grad, row_acc, row_stat=None, *, lr, eps, weight
                                        HAS_STAT=row_stat is not None, HAS_MASTER=master is not None,
                                        HAS_SCALE=grad_scale is not None, STOCHASTIC=rounding_seed is not None,
                                        BLOCK=block,
-                                       num_warps=_warps(block))
+                                       num_warps=max(1, min(8, block // 128)))

@@ -28,7 +28,7 @@ import warnings
 import torch
 
 from .triton_search import _bmm_f32, check_search_args, empty_results, register_search_autograd, search_backward
-from .triton_search import search_backward_fake
+from .triton_search import search_backward_fake, search_forward_fake
 from .triton_search import search_forward as triton_forward
 
 MAX_KNN = 32  # one result per lane
@@ -444,9 +444,7 @@ def _search_op(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor,
     return triton_forward(query, keys1, keys2, knn)
 
 
-@_search_op.register_fake
-def _(query, keys1, keys2, knn):
-    return empty_results(query, knn)
+_search_op.register_fake(search_forward_fake)
 
 
 @torch.library.custom_op("mnemo::cuda_pk_search_backward", mutates_args=())

@@ -291,9 +291,12 @@ def _search_op(query: torch.Tensor, keys1: torch.Tensor, keys2: torch.Tensor, kn
     return search_forward(query, keys1, keys2, knn)
 
 
-@_search_op.register_fake
-def _(query, keys1, keys2, knn):
+def search_forward_fake(query, keys1, keys2, knn):
+    """Outputs' shapes and dtypes for torch.compile: the fake of this search op and of ops/cuda_search.py's."""
     return empty_results(query, knn)
+
+
+_search_op.register_fake(search_forward_fake)
 
 
 @torch.library.custom_op("mnemo::triton_pk_search_backward", mutates_args=())

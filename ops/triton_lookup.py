@@ -75,7 +75,8 @@ def _segment_bwd_kernel(
         # The value row, the old gradient row and the rows written are touched once each and stream gigabytes
         # through L2: marked evict-first, they leave more of it to the rest (BENCHMARKS.md, evict-first hints).
         if COMPUTE_GW:
-            vrow = tl.load(v_ptr + r * stride_v + d, mask=dmask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            vrow = tl.load(v_ptr + r * stride_v + d, mask=dmask, other=0.0,
+                           eviction_policy="evict_first").to(tl.float32)
         # 1-D accumulator: the pair axis lives in each thread's registers (threads span the columns), so the
         # per-step sum over it is in-thread and the tile costs no extra registers between steps.
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)

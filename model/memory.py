@@ -78,9 +78,15 @@ class SlotUsage:
         self.n_slots = n_slots
         self.counts: Optional[torch.Tensor] = None  # reads per row in the current window
         self.ever: Optional[torch.Tensor] = None  # rows read at least once since tracking began
+        # keep_last: also keep the latest forward's slots [tokens, heads * knn] in `last` (scripts/capture_slots.py:
+        # kernel benchmarks on the rows a training step really reads)
+        self.keep_last = False
+        self.last: Optional[torch.Tensor] = None
 
     @torch.compiler.disable  # attribute mutation: keep it out of compiled graphs (a break only when tracking)
     def add(self, slots: torch.Tensor) -> None:
+        if self.keep_last:
+            self.last = slots.detach().reshape(slots.shape[0], -1).clone()
         flat = slots.detach().reshape(-1)
         if self.counts is None or self.counts.device != flat.device:
             self.counts = torch.zeros(self.n_slots, dtype=torch.int64, device=flat.device)

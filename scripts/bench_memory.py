@@ -1,6 +1,7 @@
 """Benchmark the memory-layer ops (Triton kernels vs the plain-PyTorch reference) on one CUDA GPU.
 
     PYTHONUNBUFFERED=1 python scripts/bench_memory.py [--out DIR] [--sweep] [--bwd-sweep] [--no-reference] [--only NAME,...]
+        [--slots FILE]
 
 Prints one table: ms (triton.testing.do_bench median) and effective TB/s for ours and the reference, against a
 device-to-device copy ceiling measured in the same run. Byte model per shape (the fewest bytes an exact
@@ -10,6 +11,9 @@ written (U*D, U = distinct rows). The dense value gradient also writes zeros to 
 is reported as its own column. Needs only torch + triton (no omegaconf).
 --sweep: launch configs at the headline shapes; --bwd-sweep: the lookup backward's (BLOCK_P, BLOCK_D, warps) at the
 trainers' shapes, dense and accumulated gradient (what ops/triton_lookup.bwd_config is fitted to).
+--slots FILE (from scripts/capture_slots.py): the lookup backward on the rows a training step read, its layers in the
+trainer's order (the first writes the dense gradient, the others add to it), beside the same launches on uniform
+random rows.
 """
 import argparse
 import datetime
@@ -90,6 +94,34 @@ def run_lookup(name, T, S, D, bwd, args, rows, ceiling, sparse=False, idx_dtype=
     rows.append(dict(name=name, ms=ms, ms_ref=ms_ref, bytes=nbytes, zero_bytes=0 if sparse else zero_bytes,
                      floor_ms=nbytes / (ceiling * 1e12) * 1e3))
     del idx, w, v, g
+    torch.cuda.empty_cache()
+
+
+def run_captured(path, rows):
+    """The lookup backward over a training step's captured slots (one launch per layer, as the trainer runs them on
+    one shared table: the first writes the dense gradient, the rest add to it), and over uniform random rows of the
+    same shapes (in the reference column)."""
+    data = torch.load(path)
+    slots = [s.cuda() for _, s in sorted(data["slots"].items())]
+    N, D = data["n_slots"], data["v_dim"]
+    torch.manual_seed(0)
+    v = (torch.randn(N, D, device="cuda") * 0.02).to(torch.bfloat16)
+    ws = [torch.randn(s.shape, device="cuda").softmax(-1) for s in slots]
+    gs = [torch.randn(s.shape[0], D, device="cuda").to(torch.bfloat16) for s in slots]
+    uniform = [torch.randint(0, N, s.shape, device="cuda", dtype=s.dtype) for s in slots]
+
+    def layers(indices):
+        _, gv = triton_lookup.lookup_backward(gs[0], indices[0], ws[0], v)
+        for g, i, w in zip(gs[1:], indices[1:], ws[1:]):
+            triton_lookup.lookup_backward(g, i, w, v, accumulate_into=gv)
+
+    each = [bench(lambda: triton_lookup.lookup_backward(g, i, w, v)) for g, i, w in zip(gs, slots, ws)]
+    T, S = slots[0].shape
+    rows.append(dict(name=f"lookup bwd, captured slots ({len(slots)} layers of {T}x{S}x{D}) [ref column = uniform rows]",
+                     ms=bench(lambda: layers(slots)), ms_ref=bench(lambda: layers(uniform)),
+                     bytes=0, zero_bytes=0, floor_ms=None,
+                     note=f"{os.path.basename(path)}; each layer alone, dense: " + " / ".join(f"{m:.3f}" for m in each)))
+    del v, ws, gs, slots, uniform
     torch.cuda.empty_cache()
 
 
@@ -297,6 +329,7 @@ def main():
     ap.add_argument("--bwd-sweep", action="store_true")
     ap.add_argument("--no-reference", dest="reference", action="store_false")
     ap.add_argument("--only", default="")
+    ap.add_argument("--slots", default=None, help="slots captured by scripts/capture_slots.py")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "bench_memory.py needs a CUDA GPU"
     card = torch.cuda.get_device_name()
@@ -329,8 +362,10 @@ def main():
         ("memory layer fwd+bwd dim1024 32768", lambda: run_layer("memory layer fwd+bwd dim1024 32768", 32768, args, rows, ceiling)),
         ("memory layer fwd+bwd dim1024 32768 triton search", lambda: run_layer("memory layer fwd+bwd dim1024 32768 triton search", 32768, args, rows, ceiling, impl="triton")),
     ]
+    if args.slots:
+        cases.append(("captured slots", lambda: run_captured(args.slots, rows)))
     for name, fn in cases:
-        if only and name not in only:
+        if only and name not in only and name != "captured slots":
             continue
         try:
             fn()

@@ -51,6 +51,10 @@ class MemoryConfig:
     # (one table-sized buffer for every layer, only touched rows written after the first) instead of autograd's
     # per-layer gradients and their sum (ops/lookup_into_grad.py). No effect on an fp32 or column-sharded table.
     accumulate_value_grad: bool = True
+    # With accumulate_value_grad and several layers sharing the table: the layers' value gradients are added in one
+    # pass when backward ends (each layer's backward computes only its weights' gradient), so every touched row is
+    # read and written once per backward instead of once per layer (ops/lookup_into_grad.py, merge).
+    merge_value_grads: bool = True
 
     def resolved_layers(self, n_layers: int) -> List[int]:
         """Sorted block indices that get a memory layer."""

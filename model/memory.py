@@ -146,11 +146,12 @@ def table_for_forward(weight: torch.Tensor, rows_read: int, enabled: bool = True
 
 # Eager even inside a compiled block: the backward writes the table's .grad, a side effect outside the graph.
 @torch.compiler.disable
-def _lookup_into_grad(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor, backend: str) -> torch.Tensor:
+def _lookup_into_grad(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor, backend: str,
+                      merge: bool) -> torch.Tensor:
     """The lookup adding its value gradient into table.grad (ops.memory_lookup_into_grad) when the table allows it
     (a leaf parameter without hooks, not sharded), else the plain lookup."""
     if ops.can_accumulate(table):
-        return ops.memory_lookup_into_grad(indices, weights, table, backend)
+        return ops.memory_lookup_into_grad(indices, weights, table, backend, merge=merge)
     return ops.memory_lookup(indices, weights, table, backend=backend)
 
 
@@ -192,6 +193,7 @@ class MemoryLayer(nn.Module):
         # Only a table stored in low precision: an fp32 table read through its per-forward bf16 cast keeps the
         # plain lookup (no graph break inside the compiled block for a path that could not accumulate anyway).
         self.accumulate_value_grad = m.accumulate_value_grad and m.value_dtype != "float32"
+        self.merge_value_grads = m.merge_value_grads and m.share_values and len(m.resolved_layers(cfg.n_layers)) > 1
         half = m.k_dim // 2
         self.query_proj = nn.Linear(cfg.dim, m.heads * m.k_dim, bias=True)
         self.query_norm = RMSNorm(half, cfg.norm_eps) if m.qk_norm else None
@@ -263,7 +265,7 @@ class MemoryLayer(nn.Module):
         if self.value_plan is not None:
             y = self.value_plan.lookup(slots.flatten(1), weights.flatten(1), values, self.backend)
         elif self.accumulate_value_grad and torch.is_grad_enabled():
-            y = _lookup_into_grad(slots.flatten(1), weights.flatten(1), values, self.backend)
+            y = _lookup_into_grad(slots.flatten(1), weights.flatten(1), values, self.backend, self.merge_value_grads)
         else:
             y = ops.memory_lookup(slots.flatten(1), weights.flatten(1), values, backend=self.backend)
         y = y.to(x.dtype)  # e.g. a bf16 table in an fp32 model

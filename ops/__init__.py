@@ -27,6 +27,7 @@ _TRITON_OPS = {
     "product_key_search": ("ops.triton_search", "product_key_search"),
     "memory_lookup": ("ops.triton_lookup", "memory_lookup"),
     "lookup_backward": ("ops.triton_lookup", "lookup_backward"),
+    "lookup_weight_grad": ("ops.triton_lookup", "lookup_weight_grad"),
     "lazy_adam_rows": ("ops.triton_row_optim", "lazy_adam_rows"),
     "rowwise_adagrad_rows": ("ops.triton_row_optim", "rowwise_adagrad_rows"),
 }

@@ -6,6 +6,14 @@ into the parameter's `.grad` itself, as Megatron's "main_grad" does, and returns
 first backward of a step (no `.grad` yet) writes the whole gradient, zeros included; every later one reads and
 writes only the rows it touched. Gradient accumulation over micro-batches keeps working: `.grad` is only added to.
 
+merge=True (several layers sharing one table): each lookup's backward computes only the weights' gradient, which the
+layers below need at once (token order, ops "lookup_weight_grad"), and leaves its value-gradient work (output
+gradient, indices, weights) on the table; when the backward pass ends (an autograd engine callback), one pass over
+the pairs of every layer adds them all. Every touched row is then read and written once per backward instead of once
+per layer, and a row's pairs from all layers are summed in fp32 before the one rounding (BENCHMARKS.md, "one value
+gradient pass"). The pending work lives on the table parameter (`_pending_value_grads`), tagged with the backward
+pass that left it: work left by a pass that failed is dropped, never added to a later one.
+
 Only for a leaf table without gradient hooks (a hook would never see the gradient). Eager only: the `.grad`
 mutation is a side effect torch.compile must not trace (callers keep it out of compiled graphs).
 """
@@ -14,32 +22,75 @@ from __future__ import annotations
 import torch
 
 
-def _backend_fn(backend: str, device: torch.device):
+def _backend_fn(backend: str, device: torch.device, op: str = "lookup_backward"):
     from . import _resolve
 
-    return _resolve("lookup_backward", backend, device)
+    return _resolve(op, backend, device)
+
+
+class _PendingValueGrads:
+    """The value-gradient work of one table's lookups in one backward pass, added into its .grad when the pass ends."""
+
+    def __init__(self, table: torch.Tensor, backend: str, task: int):
+        self.table, self.backend, self.task = table, backend, task
+        self.parts = []  # (grad_out [T, D], indices [T, S], weights [T, S]) in backward order
+
+    def add_into_grad(self) -> None:
+        table = self.table
+        table._pending_value_grads = None
+        fn = _backend_fn(self.backend, table.device)
+        widths = {}  # parts of one slot count are concatenated into one pass (layers may differ in heads * knn)
+        for part in self.parts:
+            widths.setdefault(part[1].shape[1], []).append(part)
+        for parts in widths.values():
+            grad_out, indices, weights = (torch.cat([p[k] for p in parts]) for k in range(3))
+            with torch.no_grad():
+                _, gv = fn(grad_out, indices, weights, table.detach(), compute_gw=False, accumulate_into=table.grad)
+            if table.grad is None:
+                table.grad = gv
+        self.parts = []
+
+
+def _pending_for(table: torch.Tensor, backend: str) -> _PendingValueGrads:
+    """This backward pass's pending work on `table`, created (with its end-of-pass callback) by its first lookup."""
+    task = torch._C._current_graph_task_id()
+    pending = getattr(table, "_pending_value_grads", None)
+    if pending is None or pending.task != task:  # the first lookup of this pass (or work left by a failed pass)
+        pending = _PendingValueGrads(table, backend, task)
+        table._pending_value_grads = pending
+        torch.autograd.Variable._execution_engine.queue_callback(pending.add_into_grad)
+    return pending
 
 
 class _LookupIntoGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, indices, weights, table, backend):
+    def forward(ctx, indices, weights, table, backend, merge):
         from . import memory_lookup
 
         ctx.save_for_backward(indices, weights)
         ctx.table, ctx.backend = table, backend  # the leaf parameter whose .grad receives the value gradient
+        ctx.merge = merge
         return memory_lookup(indices, weights, table.detach(), backend=backend)
 
     @staticmethod
     def backward(ctx, grad_out):
         indices, weights = ctx.saved_tensors
         table = ctx.table
-        fn = _backend_fn(ctx.backend, table.device)
+        grad_out = grad_out.contiguous()
         with torch.no_grad():
-            gw, gv = fn(grad_out.contiguous(), indices, weights, table.detach(), compute_gw=ctx.needs_input_grad[1],
-                        accumulate_into=table.grad)
-        if table.grad is None:
-            table.grad = gv
-        return None, (gw.to(weights.dtype) if gw is not None else None), None, None
+            if ctx.merge:
+                gw = None
+                if ctx.needs_input_grad[1]:
+                    gw = _backend_fn(ctx.backend, table.device, "lookup_weight_grad")(
+                        grad_out, indices, weights, table.detach())
+                _pending_for(table, ctx.backend).parts.append((grad_out, indices, weights))
+            else:
+                fn = _backend_fn(ctx.backend, table.device)
+                gw, gv = fn(grad_out, indices, weights, table.detach(), compute_gw=ctx.needs_input_grad[1],
+                            accumulate_into=table.grad)
+                if table.grad is None:
+                    table.grad = gv
+        return None, (gw.to(weights.dtype) if gw is not None else None), None, None, None
 
 
 def can_accumulate(table: torch.Tensor) -> bool:
@@ -49,8 +100,9 @@ def can_accumulate(table: torch.Tensor) -> bool:
 
 
 def memory_lookup_into_grad(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor,
-                            backend: str = "auto") -> torch.Tensor:
-    """ops.memory_lookup, with the table's gradient added into `table.grad` in backward (see the module docstring)."""
+                            backend: str = "auto", merge: bool = False) -> torch.Tensor:
+    """ops.memory_lookup, with the table's gradient added into `table.grad` in backward (see the module docstring;
+    merge: one value-gradient pass for all of a backward's lookups of this table, when the pass ends)."""
     if not can_accumulate(table):
         raise ValueError("memory_lookup_into_grad: the table must be a trainable leaf parameter without hooks")
-    return _LookupIntoGrad.apply(indices.contiguous(), weights.contiguous(), table, backend)
+    return _LookupIntoGrad.apply(indices.contiguous(), weights.contiguous(), table, backend, merge)

@@ -163,6 +163,12 @@ def lookup_backward(grad_out, indices, weights, values, compute_gw: bool = True,
     return grad_w, value_grad(grad_out, indices, weights, values, chunk, accumulate_into)
 
 
+def lookup_weight_grad(grad_out, indices, weights, values, chunk_tokens: Optional[int] = None):
+    """The lookup's weight gradient alone, grad_w [T, S] = <grad_out[t], values[indices[t, s]]> in weights.dtype."""
+    return weight_grad(grad_out, indices.long(), weights, values, _chunk_tokens(indices.shape[1], values.shape[1],
+                                                                                 chunk_tokens))
+
+
 def memory_lookup(
     indices: torch.Tensor, weights: torch.Tensor, values: torch.Tensor, chunk_tokens: Optional[int] = None
 ) -> torch.Tensor:

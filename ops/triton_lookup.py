@@ -56,6 +56,28 @@ def _lookup_fwd_kernel(
 
 
 @triton.jit
+def _weight_grad_kernel(
+    idx_ptr, g_ptr, v_ptr, gw_ptr,
+    S, D, stride_g, stride_v,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # grad_w[t, s] = <grad_out[t], V[idx[t, s]]> in token order, like the forward: one program per (token, block of
+    # slots) gathers its slots' value rows chunk by chunk and finishes each dot itself (no partial rows in memory).
+    t = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    smask = s < S
+    rows = tl.load(idx_ptr + t * S + s, mask=smask, other=0).to(tl.int64)
+    acc = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        dmask = d < D
+        g = tl.load(g_ptr + t * stride_g + d, mask=dmask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + rows[:, None] * stride_v + d[None, :], mask=smask[:, None] & dmask[None, :], other=0.0)
+        acc += v.to(tl.float32) * g[None, :]
+    tl.store(gw_ptr + t * S + s, tl.sum(acc, axis=1), mask=smask)
+
+
+@triton.jit
 def _segment_bwd_kernel(
     sorted_rows_ptr, perm_ptr, seg_start_ptr, nseg_ptr,
     w_ptr, g_ptr, v_ptr, gw_ptr, gv_ptr, rows_out_ptr, untouched_ptr,
@@ -155,6 +177,25 @@ def lookup_forward(indices, weights, values, out=None, config=None):
         BLOCK_S=block_s, BLOCK_D=block_d, num_warps=warps,
     )
     return out
+
+
+def lookup_weight_grad(grad_out, indices, weights, values, config=None):
+    """The weights' gradient alone, grad_w fp32 [T, S] = <grad_out[t], values[indices[t, s]]>, in token order (for
+    a backward whose value gradient is added later: ops/lookup_into_grad.py). `weights` gives only the shape.
+    Default launch: 64 slots x 64 columns per step (the best of six tiles on a training step's rows, BENCHMARKS.md)."""
+    T, S = indices.shape
+    D = values.shape[1]
+    gw = torch.empty((T, S), dtype=torch.float32, device=values.device)
+    if T == 0 or S == 0:
+        return gw
+    if D == 0:
+        return gw.zero_()
+    block_s, block_d, warps = config or (min(64, _npow2(S)), min(64, _npow2(D)), 4)
+    _weight_grad_kernel[(T, triton.cdiv(S, block_s))](
+        indices, grad_out, values, gw, S, D, grad_out.stride(0), values.stride(0),
+        BLOCK_S=block_s, BLOCK_D=block_d, num_warps=warps,
+    )
+    return gw
 
 
 def _segments(indices: torch.Tensor, n_rows: int):

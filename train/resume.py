@@ -30,6 +30,7 @@ FREE = (
     "train.max_skipped_steps",
     "data.num_workers", "data.prefetch", "data.chunk_docs", "data.pin_memory", "data.max_warnings", "data.strict",
     "model.memory.backend", "model.attention_backend", "model.max_seq_len", "model.memory.accumulate_value_grad",
+    "model.memory.merge_value_grads",
 )
 WARNED = ("train.batch_size", "train.grad_accum", "train.precision", "model.residual_dtype", "optim.grad_clip",
           "optim.clip_in_optimizer", "data.val")
@@ -67,7 +68,8 @@ def architecture_mismatch(saved_model: Dict[str, Any], model: Dict[str, Any]) ->
     changed = compare({"model": saved_model}, {"model": model})
     ignored = ("model.memory.backend", "model.attention_backend", "model.max_seq_len", "model.init_std",
                "model.residual_dtype", "model.memory.value_init_std", "model.memory.proj_init",
-               "model.memory.value_dtype", "model.memory.accumulate_value_grad")
+               "model.memory.value_dtype", "model.memory.accumulate_value_grad",
+               "model.memory.merge_value_grads")
     return {k: v for k, v in changed.items() if k not in ignored}
 
 

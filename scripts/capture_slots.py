@@ -53,8 +53,8 @@ def main() -> None:
     setup.sync()
     slots = {layer: counter.last.to(torch.int32).cpu() for layer, counter in sorted(usage.items())}
     n_slots, v_dim = value_parameters(setup.model)[0].shape
-    torch.save(dict(slots=slots, n_slots=int(n_slots), v_dim=int(v_dim), overrides=overrides), args.out)
-    if rt.is_main:
+    if rt.is_main:  # under torchrun: rank 0's tokens (every rank reads its own rows)
+        torch.save(dict(slots=slots, n_slots=int(n_slots), v_dim=int(v_dim), overrides=overrides), args.out)
         for layer, s in slots.items():
             print(f"layer {layer}: {tuple(s.shape)} slots; {concentration(s, int(n_slots))}")
         print(f"wrote {args.out}")

@@ -16,6 +16,9 @@ Backward (one kernel, deterministic, no float atomics):
   Untouched rows of the dense gradient are zeroed by the same launch: programs past the last segment each
   take one untouched row (listed in order by a cumsum over a touched-row mask), so every row is written once.
 
+Weights' gradient alone (`lookup_weight_grad`): grad_w in token order, forward-like gathers with a dot per slot, for
+a backward that adds the value gradient later in one pass over several layers (ops/lookup_into_grad.py, merge).
+
 Value-gradient form. Autograd returns a dense gradient shaped like the table (zeros + touched rows), which
 plain (dense) AdamW applies unchanged. `memory_lookup_backward(..., sparse=True)` also exposes the compact form
 (unique rows + their gradients) for a sparse optimizer step; it is not what autograd returns because a

@@ -95,6 +95,22 @@ def test_untouched_rows_in_order():
     assert _untouched_rows(torch.arange(5, device=DEV), 5).numel() == 6  # none untouched: only the spare entry
 
 
+@pytest.mark.parametrize("S,D,idx_dtype", [(5, 37, torch.int64), (128, 300, torch.int32), (3, 64, torch.int64)])
+def test_weight_grad_in_token_order_matches_reference(S, D, idx_dtype):
+    # partial slot blocks, several column chunks, duplicate rows inside a token's slots
+    from ops.triton_lookup import lookup_weight_grad
+
+    gen = torch.Generator().manual_seed(S * D)
+    T, N = 4, 9
+    idx = torch.randint(0, N, (T, S), generator=gen).to(idx_dtype).to(DEV)
+    w = torch.randn(T, S, generator=gen).to(DEV)
+    v = torch.randn(N, D, generator=gen).to(DEV)
+    g = torch.randn(T, D, generator=gen).to(DEV)
+    got = lookup_weight_grad(g, idx, w, v)
+    assert got.dtype == torch.float32 and got.shape == (T, S)
+    torch.testing.assert_close(got, reference.lookup_weight_grad(g, idx, w, v), atol=1e-4, rtol=1e-4)
+
+
 def test_lookup_multi_column_chunks():
     # D > one column block of the forward (256 fp32) and several slot blocks
     gen = torch.Generator().manual_seed(1)

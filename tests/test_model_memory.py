@@ -123,7 +123,7 @@ def test_value_plan_does_the_lookup():
         if hasattr(block, "memory"):
             block.memory.value_plan = SpyPlan()
     torch.testing.assert_close(model(tokens), want)
-    assert calls == [((4, 2 * 4), "auto")] * 2  # two memory layers, 4 tokens, heads * knn slots  # two memory layers, 4 tokens, heads * knn slots
+    assert calls == [((4, 2 * 4), "auto")] * 2  # two memory layers, 4 tokens, heads * knn slots
 
 
 def test_prepare_memory_kernels_asks_ops_for_the_memory_layers_settings(monkeypatch):

@@ -28,6 +28,17 @@ def _backend_fn(backend: str, device: torch.device, op: str = "lookup_backward")
     return _resolve(op, backend, device)
 
 
+def _add_value_grad(backend: str, table: torch.Tensor, grad_out, indices, weights, compute_gw: bool):
+    """One lookup backward whose value gradient goes into table.grad (written whole when there is none yet, else
+    added to its touched rows); returns the weights' gradient (None unless compute_gw)."""
+    fn = _backend_fn(backend, table.device)
+    with torch.no_grad():
+        gw, gv = fn(grad_out, indices, weights, table.detach(), compute_gw=compute_gw, accumulate_into=table.grad)
+    if table.grad is None:
+        table.grad = gv
+    return gw
+
+
 class _PendingValueGrads:
     """The value-gradient work of one table's lookups in one backward pass, added into its .grad when the pass ends."""
 
@@ -36,18 +47,13 @@ class _PendingValueGrads:
         self.parts = []  # (grad_out [T, D], indices [T, S], weights [T, S]) in backward order
 
     def add_into_grad(self) -> None:
-        table = self.table
-        table._pending_value_grads = None
-        fn = _backend_fn(self.backend, table.device)
+        self.table._pending_value_grads = None
         widths = {}  # parts of one slot count are concatenated into one pass (layers may differ in heads * knn)
         for part in self.parts:
             widths.setdefault(part[1].shape[1], []).append(part)
         for parts in widths.values():
             grad_out, indices, weights = (torch.cat([p[k] for p in parts]) for k in range(3))
-            with torch.no_grad():
-                _, gv = fn(grad_out, indices, weights, table.detach(), compute_gw=False, accumulate_into=table.grad)
-            if table.grad is None:
-                table.grad = gv
+            _add_value_grad(self.backend, self.table, grad_out, indices, weights, compute_gw=False)
         self.parts = []
 
 
@@ -85,11 +91,7 @@ class _LookupIntoGrad(torch.autograd.Function):
                         grad_out, indices, weights, table.detach())
                 _pending_for(table, ctx.backend).parts.append((grad_out, indices, weights))
             else:
-                fn = _backend_fn(ctx.backend, table.device)
-                gw, gv = fn(grad_out, indices, weights, table.detach(), compute_gw=ctx.needs_input_grad[1],
-                            accumulate_into=table.grad)
-                if table.grad is None:
-                    table.grad = gv
+                gw = _add_value_grad(ctx.backend, table, grad_out, indices, weights, ctx.needs_input_grad[1])
         return None, (gw.to(weights.dtype) if gw is not None else None), None, None, None
 
 

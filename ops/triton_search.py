@@ -265,24 +265,26 @@ def search_backward(grad_scores, indices, query, keys1, keys2, dense_rows=None):
     NK, half = keys1.shape[1], keys1.shape[2]
     cd = query.dtype if query.dtype in (torch.bfloat16, torch.float16) else torch.float32
     gq = torch.empty((T, H, k_dim), dtype=query.dtype, device=query.device)
-    gk1 = torch.zeros((H, NK, half), dtype=torch.float32, device=query.device)
-    gk2 = torch.zeros((H, NK, half), dtype=torch.float32, device=query.device)
     if T == 0:
-        return gq, gk1.to(keys1.dtype), gk2.to(keys2.dtype)
+        return gq, torch.zeros_like(keys1), torch.zeros_like(keys2)
     k1c, k2c = keys1.to(cd), keys2.to(cd)
     qc = query.to(cd)
     elem = torch.finfo(cd).bits // 8
     tc = max(1, min(T, _BWD_BUDGET // (2 * H * NK * elem)))
     g = grad_scores.contiguous()
+    gk1 = gk2 = None  # fp32; the first chunk's products are the sums (no zero fill, no add, for one chunk)
     for t0 in range(0, T, tc):
         n = min(tc, T - t0)
         w1, w2 = (dense_rows or dense_grad_rows)(indices, g, t0, n, NK, cd)
         q1 = qc[t0:t0 + n, :, :half].transpose(0, 1)  # [H, n, half]
         q2 = qc[t0:t0 + n, :, half:].transpose(0, 1)
-        gq[t0:t0 + n, :, :half] = torch.bmm(w1, k1c).transpose(0, 1)
-        gq[t0:t0 + n, :, half:] = torch.bmm(w2, k2c).transpose(0, 1)
-        gk1 += _bmm_f32(w1.transpose(1, 2), q1)
-        gk2 += _bmm_f32(w2.transpose(1, 2), q2)
+        # Straight into gq's two halves: each head's [n, half] block is a matrix with row stride H * k_dim, which
+        # the GEMM writes in place (an assignment would write a temporary and copy it, strided, per half).
+        torch.bmm(w1, k1c, out=gq[t0:t0 + n, :, :half].transpose(0, 1))
+        torch.bmm(w2, k2c, out=gq[t0:t0 + n, :, half:].transpose(0, 1))
+        p1, p2 = _bmm_f32(w1.transpose(1, 2), q1), _bmm_f32(w2.transpose(1, 2), q2)
+        gk1 = p1 if gk1 is None else gk1.add_(p1)
+        gk2 = p2 if gk2 is None else gk2.add_(p2)
     return gq, gk1.to(keys1.dtype), gk2.to(keys2.dtype)
 
 

@@ -12,8 +12,8 @@ is reported as its own column. Needs only torch + triton (no omegaconf).
 --sweep: launch configs at the headline shapes; --bwd-sweep: the lookup backward's (BLOCK_P, BLOCK_D, warps) at the
 trainers' shapes, dense and accumulated gradient (what ops/triton_lookup.bwd_config is fitted to).
 --slots FILE (from scripts/capture_slots.py): the lookup backward on the rows a training step read, its layers in the
-trainer's order (the first writes the dense gradient, the others add to it), beside the same launches on uniform
-random rows.
+trainer's order (the first writes the dense gradient, the others add to it), and the merged pass over all of them
+(no grad_w; with and without the hot rows' runs), beside the same launches on uniform random rows.
 """
 import argparse
 import datetime
@@ -121,7 +121,20 @@ def run_captured(path, rows):
                      ms=bench(lambda: layers(slots)), ms_ref=bench(lambda: layers(uniform)),
                      bytes=0, zero_bytes=0, floor_ms=None,
                      note=f"{os.path.basename(path)}; each layer alone, dense: " + " / ".join(f"{m:.3f}" for m in each)))
-    del v, ws, gs, slots, uniform
+    # The merged pass (ops/lookup_into_grad.py, merge): every layer's pairs in one launch without grad_w, as the
+    # trainer runs it for a shared bf16 table; with its hot rows summed in runs (the default) and without (chunk=0).
+    g_all, w_all = torch.cat(gs), torch.cat(ws)
+    both = {"captured": torch.cat(slots), "uniform": torch.cat(uniform)}
+
+    def merged(kind, chunk=None):
+        triton_lookup.lookup_backward(g_all, both[kind], w_all, v, compute_gw=False, chunk=chunk)
+
+    rows.append(dict(name=f"merged value pass, captured slots ({len(slots)} layers of {T}x{S}x{D}) [ref column = uniform rows]",
+                     ms=bench(lambda: merged("captured")), ms_ref=bench(lambda: merged("uniform")),
+                     bytes=0, zero_bytes=0, floor_ms=None,
+                     note=f"without the hot rows' runs: {bench(lambda: merged('captured', 0)):.3f} / uniform "
+                          f"{bench(lambda: merged('uniform', 0)):.3f}"))
+    del v, ws, gs, slots, uniform, g_all, w_all, both
     torch.cuda.empty_cache()
 
 

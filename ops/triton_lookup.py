@@ -235,8 +235,9 @@ def lookup_forward(indices, weights, values, out=None, config=None):
 
 def lookup_weight_grad(grad_out, indices, weights, values, config=None):
     """The weights' gradient alone, grad_w fp32 [T, S] = <grad_out[t], values[indices[t, s]]>, in token order (for
-    a backward whose value gradient is added later: ops/lookup_into_grad.py). `weights` gives only the shape.
-    Default launch: 64 slots x 64 columns per step (the best of six tiles on a training step's rows, BENCHMARKS.md)."""
+    a backward whose value gradient is added later: ops/lookup_into_grad.py). `weights` is not read (the signature is
+    ops.reference's). Default launch: 64 slots x 64 columns per step (the best of six tiles on a training step's
+    rows, BENCHMARKS.md)."""
     T, S = indices.shape
     D = values.shape[1]
     gw = torch.empty((T, S), dtype=torch.float32, device=values.device)
@@ -277,10 +278,11 @@ def chunk_pairs(P: int, compute_gw: bool) -> int:
     return 0 if compute_gw else max(256, _npow2(triton.cdiv(P, 1 << 15)))
 
 
-def _full_chunks(seg_start: torch.Tensor, M: int, J: int, chunk: int):
-    """(nfull [M], cum [M], chunk_seg [J]): full chunks of `chunk` pairs per segment, their inclusive cumsum (chunk j
-    of all segments in order belongs to the first segment whose cum exceeds j), and each chunk's segment (M past the
-    last chunk). J >= the number of full chunks (P // chunk). On the device, without a host sync."""
+def _full_chunks(seg_start: torch.Tensor, J: int, chunk: int):
+    """(nfull [M], cum [M], chunk_seg [J]) over the M = len(seg_start) - 1 possible segments: full chunks of `chunk`
+    pairs per segment, their inclusive cumsum (chunk j of all segments in order belongs to the first segment whose cum
+    exceeds j), and each chunk's segment (M past the last chunk). J >= the number of full chunks (P // chunk). On the
+    device, without a host sync."""
     lengths = seg_start[1:] - seg_start[:-1]  # [M]; 0 past the last segment
     nfull = lengths // chunk
     cum = torch.cumsum(nfull, 0)
@@ -371,7 +373,7 @@ def lookup_backward(grad_out, indices, weights, values, compute_gw: bool = True,
     gw_out = gw_part if compute_gw else gv
     nfull = cum = part = nseg  # unused without chunks
     if J > 0:
-        nfull, cum, chunk_seg = _full_chunks(seg_start, M, J, chunk)
+        nfull, cum, chunk_seg = _full_chunks(seg_start, J, chunk)
         part = torch.empty((J, D), dtype=torch.float32, device=dev)
         chunk_p, chunk_warps = chunk_config or (block_p, warps)
         _chunk_partial_kernel[(J, n_d)](

@@ -25,8 +25,13 @@ setup: $(VENV)/.installed
 train: setup
 	$(PY) -m train config=configs/tiny.yaml $(ARGS)
 
+# The CPU suite (any GPU hidden: what CI runs), then, where a GPU is present, the GPU tests (tests/conftest.py).
 test: setup
 	$(PY) -m pytest -q -ra --durations=15 $(ARGS)
+	@if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
+		echo "a GPU is present: the GPU session (pytest --device cuda)"; \
+		$(PY) -m pytest -q -ra --device cuda $(ARGS); \
+	fi
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

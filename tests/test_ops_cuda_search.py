@@ -9,6 +9,8 @@ triton = pytest.importorskip("triton")
 import ops  # noqa: E402
 from ops import cuda_search, triton_search  # noqa: E402
 
+pytestmark = pytest.mark.any_device  # its tensors go to the GPU when there is one
+
 
 def _inputs(T, H, NK, half, dtype=torch.bfloat16, kind="random", device="cuda", seed=0):
     g = torch.Generator().manual_seed(seed)

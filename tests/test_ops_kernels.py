@@ -2,7 +2,8 @@
 
 On CPU the kernels run under TRITON_INTERPRET=1 (set by conftest), which is slow: shapes are tiny. The
 interpreter rounds fp32 -> bf16 differently from the GPU (and its bf16 dot is wrong, which the search kernel
-avoids there), so bf16 comparisons allow a couple of bf16 ulps. GPU tests (`-m gpu`) use realistic shapes.
+avoids there), so bf16 comparisons allow a couple of bf16 ulps. GPU tests (`-m gpu`) use realistic shapes;
+`pytest --device cuda` runs the small ones on the GPU too (tests/conftest.py).
 """
 import pytest
 import torch
@@ -12,6 +13,8 @@ triton = pytest.importorskip("triton")
 from ops import reference  # noqa: E402
 from ops.triton_lookup import lookup_backward, memory_lookup, memory_lookup_backward  # noqa: E402
 from ops.triton_search import product_key_search  # noqa: E402
+
+pytestmark = pytest.mark.any_device  # its tensors go to the GPU when there is one
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

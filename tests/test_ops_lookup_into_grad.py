@@ -8,6 +8,8 @@ import torch
 import ops
 from model import MemoryConfig, ModelConfig, Transformer
 
+pytestmark = pytest.mark.any_device  # its tensors go to the GPU when there is one
+
 N, D, T, S = 40, 24, 7, 6
 
 

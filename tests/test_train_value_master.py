@@ -49,6 +49,7 @@ def assert_rounded(table, master, exact):
         assert ((table.float() - master).abs() <= master.abs() * 2**-7).all()
 
 
+@pytest.mark.any_device  # the Triton backend's tensors on the GPU when there is one
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("rule", ["lazy_adam", "rowwise_adagrad"])
 def test_master_update_equals_fp32_rule_and_table_is_its_rounding(rule, backend):
@@ -71,6 +72,7 @@ def test_master_update_equals_fp32_rule_and_table_is_its_rounding(rule, backend)
     assert (master[READS] != start[READS].float()).all()
 
 
+@pytest.mark.any_device  # the Triton backend's tensors on the GPU when there is one
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_master_with_a_column_shard_row_statistic(backend):
     """Row-wise Adagrad on a bf16 column shard follows the full row's statistic, as the fp32 shard does."""
@@ -211,6 +213,7 @@ def test_bf16_checkpoint_loads_for_evaluation_and_export(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ clip factor in the step
+@pytest.mark.any_device  # the Triton backend's tensors on the GPU when there is one
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("rule", ["lazy_adam", "rowwise_adagrad"])
 @pytest.mark.parametrize("bf16", [False, True])

@@ -84,6 +84,7 @@ def run_rows(rule, backend, table, grads):
     return p.cpu(), [s.cpu() for s in state]
 
 
+@pytest.mark.any_device  # the Triton backend's tensors on the GPU when there is one
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("rule, loop", [("lazy_adam", lazy_adam_loop), ("rowwise_adagrad", rowwise_adagrad_loop)])
 def test_rule_matches_plain_loop_and_leaves_unread_rows_alone(rule, loop, backend):
@@ -97,6 +98,7 @@ def test_rule_matches_plain_loop_and_leaves_unread_rows_alone(rule, loop, backen
         assert not s[UNREAD].any()
 
 
+@pytest.mark.any_device  # the Triton backend's tensors on the GPU when there is one
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("rule", ["lazy_adam", "rowwise_adagrad"])
 def test_given_row_statistic_decides_touched_rows(rule, backend):

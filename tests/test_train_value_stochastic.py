@@ -45,6 +45,7 @@ def adam_step(backend, table, grad, m, v, seed, lr, col0=0, wd=0.0):
                              step=1, rounding_seed=seed, rng_col0=col0, backend=backend)
 
 
+@pytest.mark.any_device  # the Triton backend's tensors on the GPU when there is one
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_updates_below_resolution_move_the_table_in_expectation(backend):
     """Adam's first step moves every weight by lr: here a quarter of bf16's spacing below 1.0, so round to nearest
@@ -66,6 +67,7 @@ def test_updates_below_resolution_move_the_table_in_expectation(backend):
     assert_neighbour(v.cpu(), torch.full((n, d), 1 - BETAS[1]))
 
 
+@pytest.mark.any_device  # the Triton backend's tensors on the GPU when there is one
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("rule", ["lazy_adam", "rowwise_adagrad"])
 def test_every_write_is_a_neighbour_of_the_exact_update_and_unread_rows_stay(rule, backend):
@@ -94,6 +96,7 @@ def test_every_write_is_a_neighbour_of_the_exact_update_and_unread_rows_stay(rul
     assert torch.equal(table[UNREAD], start[UNREAD])
 
 
+@pytest.mark.any_device  # the Triton backend's tensors on the GPU when there is one
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_random_bits_follow_seed_row_and_global_column(backend):
     """Same seed: the same table, also when the update runs on a column slice told its first column (a shard, or
@@ -115,6 +118,7 @@ def test_random_bits_follow_seed_row_and_global_column(backend):
     assert not torch.equal(run_on(slice(0, 64), 6), whole)
 
 
+@pytest.mark.any_device  # the Triton backend's tensors on the GPU when there is one
 @pytest.mark.parametrize("seed, col0", [(0, 0), (5, 0), (2**31 - 2, 96), (123456789, 1023)])
 def test_kernel_bits_equal_the_reference_bits(seed, col0):
     """The Triton kernels' draws are the reference's (random_bits16), bit for bit, for every stream; and they look

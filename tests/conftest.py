@@ -43,7 +43,7 @@ def _session_device(config) -> str:
 
 def _interpreter_failure():
     """Why the Triton interpreter cannot run a loop over a kernel argument here, or None when it can. (The GPU image's
-    Triton 3.6, torch 2.11's pin, fails on it there with a NumPy TypeError; CI's Triton runs it.)"""
+    Triton 3.6, torch 2.11's pin, fails on it there with NumPy 2.5's TypeError; CI's Triton runs it.)"""
     try:
         import triton
         import triton.language as tl

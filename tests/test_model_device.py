@@ -1,4 +1,6 @@
 """One device and precision policy for training and evaluation (model/device.py)."""
+import os
+
 import pytest
 import torch
 
@@ -34,3 +36,13 @@ def test_missing_gpu_is_a_config_error_naming_the_key(capsys):
 
     assert main(["checkpoint=x", "val_batches=1", "device=cuda"]) == 2  # before the checkpoint is looked for
     assert capsys.readouterr().err.strip() == "config error: device: cuda requested but no CUDA device is available"
+
+
+@pytest.mark.any_device
+def test_the_cpu_session_hides_the_gpu(request):
+    # tests/conftest.py: the default session is CI's, on every machine; a GPU left visible would put the trainer's
+    # "auto" device, the data workers and the kernels' backend on it
+    if request.config.mnemo_device == "cpu":
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "" and not torch.cuda.is_available()
+    else:
+        assert torch.cuda.is_available()

@@ -4,9 +4,10 @@ Two kinds of session, chosen by `--device`:
 - cpu (the default): the suite CI runs. Any GPU is hidden from this process and the ranks and subprocesses it
   starts (CUDA_VISIBLE_DEVICES=""), so every test sees what CI sees: the trainer's "auto" device is the CPU, Triton
   kernels run under TRITON_INTERPRET, the data loader starts no workers. Tests marked `gpu` are skipped.
-- cuda (`--device cuda`; also `-m gpu` on a machine with a GPU): the tests marked `gpu`, and those marked `any_device` (they put
-  their tensors on the GPU when there is one), on the GPU. The other tests are skipped: they are written for the CPU
-  session (CPU tensors fed to a model the trainer would place on the GPU, CPU thresholds, ranks on one device).
+- cuda (`--device cuda`; also `-m gpu` on a machine with a GPU): the tests marked `gpu`, and those marked
+  `any_device` (they put their tensors on the GPU when there is one), on the GPU. The other tests are skipped: they
+  are written for the CPU session (CPU tensors fed to a model the trainer would place on the GPU, CPU thresholds,
+  ranks sharing one device).
 `make test` runs the cpu session, then the cuda one where a GPU is present.
 
 TRITON_INTERPRET must be set before triton kernels are imported, so it lives here rather than in the tests.

@@ -16,8 +16,8 @@ Backward (one kernel, deterministic, no float atomics):
   Untouched rows of the dense gradient are zeroed by the same launch: programs past the last segment each
   take one untouched row (listed in order by a cumsum over a touched-row mask), so every row is written once.
   Hot rows: a training step reads some rows thousands of times, and the program walking such a row would hold
-  the launch long after the rest. Without grad_w (the merged pass), each full run of `chunk_pairs` sorted pairs
-  of a row is summed first by a program of its own into an fp32 partial row (`_chunk_partial_kernel`), and the
+  the launch long after the rest. Without grad_w (the merged pass), each full run of `run_pairs` sorted pairs
+  of a row is summed first by a program of its own into an fp32 partial row (`_run_partial_kernel`), and the
   row's program adds its partials in order before its remaining pairs: still one fixed summation order.
 
 Weights' gradient alone (`lookup_weight_grad`): grad_w in token order, forward-like gathers with a dot per slot, for
@@ -106,27 +106,27 @@ def _walk_pairs(acc, vrow, i_begin, end, perm_ptr, w_ptr, g_ptr, gw_ptr, P, S, s
 
 
 @triton.jit
-def _chunk_partial_kernel(
-    sorted_rows_ptr, perm_ptr, seg_start_ptr, chunk_seg_ptr, nfull_ptr, cum_ptr,
+def _run_partial_kernel(
+    sorted_rows_ptr, perm_ptr, seg_start_ptr, run_seg_ptr, nfull_ptr, cum_ptr,
     w_ptr, g_ptr, v_ptr, gw_ptr, part_ptr,
     M, P, S, D, stride_g, stride_v,
-    CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE_GW: tl.constexpr,
+    RUN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE_GW: tl.constexpr,
 ):
-    # Program j sums the j-th run of CHUNK sorted pairs (the full runs of all segments, numbered in order) into an
+    # Program j sums the j-th run of RUN sorted pairs (the full runs of all segments, numbered in order) into an
     # fp32 partial row; the segment's own program adds its partials in order (_segment_bwd_kernel).
     j = tl.program_id(0)
     pid_d = tl.program_id(1)
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = d < D
-    seg = tl.load(chunk_seg_ptr + j)
-    if seg < M:  # past the last chunk: seg == M
+    seg = tl.load(run_seg_ptr + j)
+    if seg < M:  # past the last run: seg == M
         first = tl.load(cum_ptr + seg) - tl.load(nfull_ptr + seg)
-        start = tl.load(seg_start_ptr + seg) + (j - first) * CHUNK
+        start = tl.load(seg_start_ptr + seg) + (j - first) * RUN
         vrow = tl.zeros([BLOCK_D], dtype=tl.float32)
         if COMPUTE_GW:
             r = tl.load(sorted_rows_ptr + start).to(tl.int64)
             vrow = tl.load(v_ptr + r * stride_v + d, mask=dmask, other=0.0).to(tl.float32)
-        acc = _walk_pairs(tl.zeros([BLOCK_D], dtype=tl.float32), vrow, start, start + CHUNK, perm_ptr, w_ptr, g_ptr,
+        acc = _walk_pairs(tl.zeros([BLOCK_D], dtype=tl.float32), vrow, start, start + RUN, perm_ptr, w_ptr, g_ptr,
                           gw_ptr, P, S, stride_g, d, dmask, pid_d, BLOCK_P, COMPUTE_GW)
         tl.store(part_ptr + j.to(tl.int64) * D + d, acc, mask=dmask)
 
@@ -136,7 +136,7 @@ def _segment_bwd_kernel(
     sorted_rows_ptr, perm_ptr, seg_start_ptr, nseg_ptr, nfull_ptr, cum_ptr, part_ptr,
     w_ptr, g_ptr, v_ptr, gw_ptr, gv_ptr, rows_out_ptr, untouched_ptr,
     P, S, D, stride_g, stride_v, stride_gv,
-    CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, HAS_CHUNKS: tl.constexpr,
+    RUN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, HAS_RUNS: tl.constexpr,
     COMPUTE_GW: tl.constexpr, SPARSE: tl.constexpr, ZERO_UNTOUCHED: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
     seg = tl.program_id(0)
@@ -158,15 +158,15 @@ def _segment_bwd_kernel(
         # per-step sum over it is in-thread and the tile costs no extra registers between steps.
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
         i_begin = start
-        if HAS_CHUNKS:
-            # A hot row's full chunks were summed by other programs (_chunk_partial_kernel): add them in order, then
-            # walk only the remaining < CHUNK pairs, so no program walks more than CHUNK pairs.
+        if HAS_RUNS:
+            # A hot row's full runs were summed by other programs (_run_partial_kernel): add them in order, then
+            # walk only the remaining < RUN pairs, so no program walks more than RUN pairs.
             n_full = tl.load(nfull_ptr + seg)
             part_row = part_ptr + (tl.load(cum_ptr + seg) - n_full).to(tl.int64) * D
             for _ in range(0, n_full):
                 acc += tl.load(part_row + d, mask=dmask, other=0.0)
                 part_row += D
-            i_begin = start + n_full * CHUNK
+            i_begin = start + n_full * RUN
         acc = _walk_pairs(acc, vrow, i_begin, end, perm_ptr, w_ptr, g_ptr, gw_ptr, P, S, stride_g, d, dmask, pid_d,
                           BLOCK_P, COMPUTE_GW)
         row_grad = acc
@@ -270,24 +270,24 @@ def _segments(indices: torch.Tensor, n_rows: int):
     return sorted_rows, perm, seg_start, nseg, M
 
 
-def chunk_pairs(P: int, compute_gw: bool) -> int:
-    """Pairs per chunk of a hot row (0: no chunks): 256, or more where P / 256 chunks would pass 2^15 (the partial
+def run_pairs(P: int, compute_gw: bool) -> int:
+    """Pairs per run of a hot row (0: no runs): 256, or more where P / 256 runs would pass 2^15 (the partial
     rows' buffer, at most 2^15 x D fp32, stays small). Only for a launch without the weights' gradient (the merged
-    pass of ops/lookup_into_grad.py): with it, the chunk bookkeeping cost 0.25-0.5 ms on uniform rows
+    pass of ops/lookup_into_grad.py): with it, the run bookkeeping cost 0.25-0.5 ms on uniform rows
     (BENCHMARKS.md, "hot rows in chunks")."""
     return 0 if compute_gw else max(256, _npow2(triton.cdiv(P, 1 << 15)))
 
 
-def _full_chunks(seg_start: torch.Tensor, J: int, chunk: int):
-    """(nfull [M], cum [M], chunk_seg [J]) over the M = len(seg_start) - 1 possible segments: full chunks of `chunk`
-    pairs per segment, their inclusive cumsum (chunk j of all segments in order belongs to the first segment whose cum
-    exceeds j), and each chunk's segment (M past the last chunk). J >= the number of full chunks (P // chunk). On the
+def _full_runs(seg_start: torch.Tensor, J: int, run: int):
+    """(nfull [M], cum [M], run_seg [J]) over the M = len(seg_start) - 1 possible segments: full runs of `run`
+    pairs per segment, their inclusive cumsum (run j of all segments in order belongs to the first segment whose cum
+    exceeds j), and each run's segment (M past the last run). J >= the number of full runs (P // run). On the
     device, without a host sync."""
     lengths = seg_start[1:] - seg_start[:-1]  # [M]; 0 past the last segment
-    nfull = lengths // chunk
+    nfull = lengths // run
     cum = torch.cumsum(nfull, 0)
-    chunk_seg = torch.searchsorted(cum, torch.arange(J, device=seg_start.device, dtype=cum.dtype), right=True)
-    return nfull, cum, chunk_seg
+    run_seg = torch.searchsorted(cum, torch.arange(J, device=seg_start.device, dtype=cum.dtype), right=True)
+    return nfull, cum, run_seg
 
 
 def _untouched_rows(sorted_rows: torch.Tensor, n_rows: int) -> torch.Tensor:
@@ -323,13 +323,13 @@ def bwd_config(P: int, M: int, D: int, elem_bytes: int = 2):
 
 
 def lookup_backward(grad_out, indices, weights, values, compute_gw: bool = True,
-                    sparse: bool = False, config=None, accumulate_into=None, chunk=None, chunk_config=None):
+                    sparse: bool = False, config=None, accumulate_into=None, run=None, run_config=None):
     """Returns (grad_w fp32 [T, S] or None, grad_V) with grad_V dense [N, D], or for sparse=True the compact
     form (rows [M] int64 padded with -1, row_grads [M, D] padded with 0, nseg [1]); M = min(T*S, N).
     accumulate_into: a dense [N, D] gradient to add this lookup's value gradient to, in place (returned as grad_V);
     only the touched rows are read and written.
-    chunk: pairs per chunk of a hot row (default chunk_pairs; 0: none); chunk_config: (BLOCK_P, num_warps) of the
-    chunks' launch (default the segment kernel's).
+    run: pairs per run of a hot row (default run_pairs; 0: none); run_config: (BLOCK_P, num_warps) of the
+    runs' launch (default the segment kernel's).
 
     `values` gives N, D and the default gradient dtype; its rows are read only for grad_w (compute_gw).
     grad_out may be a strided column view (unit stride along D)."""
@@ -367,26 +367,26 @@ def lookup_backward(grad_out, indices, weights, values, compute_gw: bool = True,
         # which get their zeros in the same launch (every row written exactly once).
         untouched, grid = _untouched_rows(sorted_rows, N), N
     # A row read by thousands of pairs (a training step's rows are far from uniform) would keep one program walking
-    # them long after the rest: its full chunks of `chunk` pairs are summed first, one program each.
-    chunk = chunk_pairs(P, compute_gw) if chunk is None else chunk
-    J = P // chunk if chunk > 0 else 0
+    # them long after the rest: its full runs of `run` pairs are summed first, one program each.
+    run = run_pairs(P, compute_gw) if run is None else run
+    J = P // run if run > 0 else 0
     gw_out = gw_part if compute_gw else gv
-    nfull = cum = part = nseg  # unused without chunks
+    nfull = cum = part = nseg  # unused without runs
     if J > 0:
-        nfull, cum, chunk_seg = _full_chunks(seg_start, J, chunk)
+        nfull, cum, run_seg = _full_runs(seg_start, J, run)
         part = torch.empty((J, D), dtype=torch.float32, device=dev)
-        chunk_p, chunk_warps = chunk_config or (block_p, warps)
-        _chunk_partial_kernel[(J, n_d)](
-            sorted_rows, perm, seg_start, chunk_seg, nfull, cum,
+        run_p, run_warps = run_config or (block_p, warps)
+        _run_partial_kernel[(J, n_d)](
+            sorted_rows, perm, seg_start, run_seg, nfull, cum,
             weights, grad_out, values, gw_out, part,
             M, P, S, D, grad_out.stride(0), values.stride(0),
-            CHUNK=chunk, BLOCK_P=chunk_p, BLOCK_D=block_d, COMPUTE_GW=compute_gw, num_warps=chunk_warps,
+            RUN=run, BLOCK_P=run_p, BLOCK_D=block_d, COMPUTE_GW=compute_gw, num_warps=run_warps,
         )
     _segment_bwd_kernel[(grid, n_d)](
         sorted_rows, perm, seg_start, nseg, nfull, cum, part,
         weights, grad_out, values, gw_out, gv, rows_out, untouched,
         P, S, D, grad_out.stride(0), values.stride(0), gv.stride(0),
-        CHUNK=chunk, BLOCK_P=block_p, BLOCK_D=block_d, HAS_CHUNKS=J > 0, COMPUTE_GW=compute_gw, SPARSE=sparse,
+        RUN=run, BLOCK_P=block_p, BLOCK_D=block_d, HAS_RUNS=J > 0, COMPUTE_GW=compute_gw, SPARSE=sparse,
         ZERO_UNTOUCHED=not sparse and accumulate_into is None, ACCUMULATE=accumulate_into is not None,
         num_warps=warps,
     )

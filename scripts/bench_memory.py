@@ -122,12 +122,12 @@ def run_captured(path, rows):
                      bytes=0, zero_bytes=0, floor_ms=None,
                      note=f"{os.path.basename(path)}; each layer alone, dense: " + " / ".join(f"{m:.3f}" for m in each)))
     # The merged pass (ops/lookup_into_grad.py, merge): every layer's pairs in one launch without grad_w, as the
-    # trainer runs it for a shared bf16 table; with its hot rows summed in runs (the default) and without (chunk=0).
+    # trainer runs it for a shared bf16 table; with its hot rows summed in runs (the default) and without (run=0).
     g_all, w_all = torch.cat(gs), torch.cat(ws)
     both = {"captured": torch.cat(slots), "uniform": torch.cat(uniform)}
 
-    def merged(kind, chunk=None):
-        triton_lookup.lookup_backward(g_all, both[kind], w_all, v, compute_gw=False, chunk=chunk)
+    def merged(kind, run=None):
+        triton_lookup.lookup_backward(g_all, both[kind], w_all, v, compute_gw=False, run=run)
 
     rows.append(dict(name=f"merged value pass, captured slots ({len(slots)} layers of {T}x{S}x{D}) [ref column = uniform rows]",
                      ms=bench(lambda: merged("captured")), ms_ref=bench(lambda: merged("uniform")),

@@ -173,14 +173,14 @@ def test_lookup_backward_is_deterministic():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
-@pytest.mark.parametrize("chunk,chunk_config", [(2, None), (3, (2, 1)), (5, None), (64, None)])
-def test_lookup_backward_hot_rows_in_chunks(chunk, chunk_config):
-    # rows read by more pairs than `chunk`: their full chunks are summed by programs of their own and added by the
-    # row's program with its remaining pairs (64: no chunk at all); every form against the reference
-    gen = torch.Generator().manual_seed(chunk)
+@pytest.mark.parametrize("run,run_config", [(2, None), (3, (2, 1)), (5, None), (64, None)])
+def test_lookup_backward_hot_rows_in_runs(run, run_config):
+    # rows read by more pairs than `run`: their full runs are summed by programs of their own and added by the
+    # row's program with its remaining pairs (64: no run at all); every form against the reference
+    gen = torch.Generator().manual_seed(run)
     T, S, N, D = 6, 5, 9, 24
     idx = torch.randint(0, 3, (T, S), generator=gen)  # rows 0-2 hot: about 10 pairs each
-    idx[0] = 7  # a row of exactly 5 pairs: whole chunks for chunk 5, a remainder for 2 and 3
+    idx[0] = 7  # a row of exactly 5 pairs: whole runs for run 5, a remainder for 2 and 3
     idx[1, 0] = 8  # a row of one pair
     w, v = torch.randn(T, S, generator=gen), torch.randn(N, D, generator=gen)
     g, old = torch.randn(T, D, generator=gen), torch.randn(N, D, generator=gen)
@@ -188,7 +188,7 @@ def test_lookup_backward_hot_rows_in_chunks(chunk, chunk_config):
     ww, vv = w.clone().requires_grad_(), v.clone().requires_grad_()
     reference.memory_lookup(idx, ww, vv).backward(g)
     tol = dict(atol=1e-5, rtol=1e-5)
-    kw = dict(chunk=chunk, chunk_config=chunk_config)
+    kw = dict(run=run, run_config=run_config)
     gw, gv = lookup_backward(g, idx, w, v, **kw)
     torch.testing.assert_close(gw, ww.grad, **tol)
     torch.testing.assert_close(gv, vv.grad, **tol)

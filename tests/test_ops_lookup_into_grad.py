@@ -96,7 +96,7 @@ def test_merged_pass_equals_autograd_sum(n_layers, backend, runs, monkeypatch):
     if runs:
         from ops import triton_lookup
 
-        monkeypatch.setattr(triton_lookup, "chunk_pairs", lambda P, compute_gw: 0 if compute_gw else 2)
+        monkeypatch.setattr(triton_lookup, "run_pairs", lambda P, compute_gw: 0 if compute_gw else 2)
     table0 = torch.randn(N, D, generator=torch.Generator().manual_seed(9))
     for passes in (1, 2):
         got, got_w = grads(n_layers, backend, torch.float32, True, table0=table0, passes=passes, merge=True)

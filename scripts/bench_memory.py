@@ -375,11 +375,10 @@ def main():
         ("memory layer fwd+bwd dim1024 32768", lambda: run_layer("memory layer fwd+bwd dim1024 32768", 32768, args, rows, ceiling)),
         ("memory layer fwd+bwd dim1024 32768 triton search", lambda: run_layer("memory layer fwd+bwd dim1024 32768 triton search", 32768, args, rows, ceiling, impl="triton")),
     ]
-    if args.slots:
+    cases = [(name, fn) for name, fn in cases if not only or name in only]
+    if args.slots:  # asked for by its own flag: --only does not filter it out
         cases.append(("captured slots", lambda: run_captured(args.slots, rows)))
     for name, fn in cases:
-        if only and name not in only and name != "captured slots":
-            continue
         try:
             fn()
         except Exception as e:  # noqa: BLE001 - report and go on to the next shape

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import ops
+
 from .rope import apply_rope
 
 
@@ -32,11 +34,52 @@ class KVCache:
         return self.k[layer][:B, :end], self.v[layer][:B, :end]
 
 
+def flash4_wanted(backend: str) -> bool:
+    """Whether causal calls go to FlashAttention-4: always under "flash4"; under "auto" when the package is
+    installed and the GPU is new enough (decided once, at construction: nothing here may run inside a compiled
+    forward)."""
+    if backend == "flash4":
+        return True
+    if backend != "auto" or not torch.cuda.is_available():
+        return False
+    return attention_kernel(backend, "cuda", torch.bfloat16) == "flash4"
+
+
+def attention_kernel(backend: str, device, dtype: Optional[torch.dtype]) -> str:
+    """The kernel a run's causal training calls take on `device` under autocast `dtype` (None: fp32): "flash4",
+    "sdpa" or "xformers". Raises ValueError naming model.attention_backend when flash4 was asked for and cannot
+    run there."""
+    if backend not in ("flash4", "auto"):
+        return backend
+    problem = ops.flash_attention.flash4_problem(torch.device(device), dtype)
+    if problem is None:
+        return "flash4"
+    if backend == "flash4":
+        raise ValueError(f"model.attention_backend: flash4 cannot run here: {problem}; use sdpa, or auto to fall back "
+                         "to it")
+    return "sdpa"
+
+
+def prepare_attention(backend: str, device, dtype: Optional[torch.dtype]) -> Optional[str]:
+    """Check `backend` against the run's device and autocast dtype before any compute (attention_kernel) and load
+    FlashAttention-4 now when it will be used. A line for the log, or None."""
+    kernel = attention_kernel(backend, device, dtype)
+    if kernel == "flash4":
+        ops.flash_attention.prepare()
+        version = ops.flash_attention.installed_version()
+        return f"attention: FlashAttention-4 {version} (model.attention_backend={backend})"
+    if backend == "auto" and torch.device(device).type == "cuda":
+        problem = ops.flash_attention.flash4_problem(torch.device(device), dtype)
+        return f"attention: sdpa (model.attention_backend=auto: flash4 not used, {problem})"
+    return None
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, backend: str = "sdpa"):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
         self.backend = backend
+        self.flash4 = flash4_wanted(backend)
         self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
@@ -60,7 +103,10 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer_id, start_pos, k, v)
             k, v = k.to(q.dtype), v.to(q.dtype)
-        if self.backend == "xformers" and mask is None:
+        plain_causal = mask is None and cache is None
+        if self.flash4 and plain_causal and q.is_cuda and q.dtype in ops.flash_attention.DTYPES:
+            out = ops.flash_attention.flash_attention(q, k, v)
+        elif self.backend == "xformers" and mask is None:
             out = self._xformers(q, k, v)
         else:
             gqa = self.n_heads != self.n_kv_heads

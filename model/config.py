@@ -10,7 +10,7 @@ from .cli_config import check_choices
 # Choices are Literal types: OmegaConf rejects other values by key, check_choices covers configs built in code.
 MemoryBackend = Literal["auto", "reference", "triton"]
 ProjInit = Literal["fan_in", "init_std"]
-AttentionBackend = Literal["sdpa", "xformers"]
+AttentionBackend = Literal["sdpa", "xformers", "flash4", "auto"]
 ResidualDtype = Literal["fp32", "autocast"]
 ValueDtype = Literal["float32", "bfloat16"]
 
@@ -112,7 +112,10 @@ class ModelConfig:
     max_seq_len: int = 2048
     tie_embeddings: bool = False
     init_std: float = 0.02
-    attention_backend: AttentionBackend = "sdpa"  # xformers: optional, imported lazily
+    # sdpa: torch's scaled_dot_product_attention (cuDNN on Hopper). flash4: FlashAttention-4 (optional package
+    # flash-attn-4; bf16/fp16 on GPUs of compute capability >= 9.0) for causal training calls, SDPA for masked,
+    # cached or fp32 calls. auto: flash4 where it can run, else sdpa. xformers: optional, imported lazily.
+    attention_backend: AttentionBackend = "sdpa"
     # dtype of the residual stream between blocks: fp32, or the autocast dtype when autocast runs (bf16 under
     # train.precision=bf16; fp32 without autocast). "autocast" halves the bytes of every norm, residual add and
     # saved block input, as a model whose parameters are cast to bf16 (FSDP2 param_dtype) runs; norms still

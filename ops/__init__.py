@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from . import reference
+from . import flash_attention, reference
 from .cast import cast_table
 from .cross_entropy import linear_cross_entropy
 from .lookup_into_grad import can_accumulate, memory_lookup_into_grad

@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from train.bench_steps import build_steps, time_steps  # noqa: E402
 from train.trace_summary import load_events  # noqa: E402
+from model import attention_kernel, prepare_attention  # noqa: E402
 from model.flops import flops_per_token  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.runtime import setup_runtime  # noqa: E402
@@ -174,6 +175,9 @@ def bench_model(name: str, overrides: List[str], args, rt_holder: dict, label: s
     from torch._dynamo.utils import counters
 
     counters.clear()
+    note = prepare_attention(cfg.model.attention_backend, rt.device, rt.dtype)
+    if note:
+        print(f"{label or name}: {note}", flush=True)
     setup = build_steps(cfg, rt, args.warmup + args.steps + args.profile_steps)
     step_s = time_steps(setup, args.warmup, args.steps)
     tokens = setup.tokens_per_step
@@ -187,6 +191,7 @@ def bench_model(name: str, overrides: List[str], args, rt_holder: dict, label: s
         "tokens_per_s": tokens / step_s,
         "flops_per_token": flops,
         "graphs_compiled": int(counters["stats"].get("unique_graphs", 0)),
+        "attention": attention_kernel(cfg.model.attention_backend, rt.device, rt.dtype),
         "optim_state_gib": sum(state.values()) / 2**30,
         "value_state_gib": state.get("values", 0) / 2**30,
     }
@@ -206,12 +211,12 @@ def bench_model(name: str, overrides: List[str], args, rt_holder: dict, label: s
 
 def table(rows: List[dict]) -> str:
     base = rows[0]["tokens_per_s"]
-    lines = ["| model | tokens/step | step ms | tok/s | vs first | MFU | peak GiB | optim state GiB (values) | graphs |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | attention | tokens/step | step ms | tok/s | vs first | MFU | peak GiB | optim state GiB (values) "
+             "| graphs |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "–"
         peak = f"{r['peak_gib']:.1f}" if "peak_gib" in r else "–"
-        lines.append(f"| {r['model']} | {r['tokens_per_step']} | {r['step_ms']:.1f} | {r['tokens_per_s'] / 1e3:.1f}k | "
+        lines.append(f"| {r['model']} | {r.get('attention', '–')} | {r['tokens_per_step']} | {r['step_ms']:.1f} | {r['tokens_per_s'] / 1e3:.1f}k | "
                      f"{r['tokens_per_s'] / base:.3f} | {mfu} | {peak} | {r['optim_state_gib']:.2f} ({r['value_state_gib']:.2f}) | "
                      f"{r['graphs_compiled']} |")
     split_rows = [r for r in rows if "split_ms" in r]

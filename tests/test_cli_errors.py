@@ -35,6 +35,7 @@ def _one_config_error(capsys, module, argv):
     (["data.tokenizer=configs/tiny.yaml"], "data.tokenizer: cannot load"),
     (["eval.tasks=[qa_wikidata]"], "eval.qa_wikidata_path: the qa_wikidata task needs the path"),
     (["--", "train.steps"], "--: arguments are key=value"),
+    (["model.attention_backend=flash4"], "model.attention_backend: flash4 cannot run here: it runs on CUDA GPUs only"),
 ])
 def test_train_cli_errors_name_the_key(capsys, tmp_path, argv, key):
     # train.steps=1: should the check be missing, the test ends soon instead of training the tiny preset

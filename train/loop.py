@@ -12,7 +12,7 @@ import torch
 
 from data import all_rank_states, check_vocab, load_tokenizer, skipped_totals, unigram_entropy
 from eval import fixed_val_batches, flatten, format_table, load_eval_tasks, run_tasks, validation_metrics
-from model import prepare_memory_kernels
+from model import prepare_attention, prepare_memory_kernels
 from model.flops import flops_per_token
 
 from .builder import TrainState, build_training
@@ -45,6 +45,15 @@ def check_tokenizer(cfg: TrainConfig, tokenizer) -> None:
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} exceeds model.max_seq_len ({cfg.model.max_seq_len})")
 
 
+def check_attention(cfg: TrainConfig, rt: Runtime):
+    """The attention backend against this run's device and precision (model.prepare_attention): a log line or
+    None; a backend that cannot run here is a config error."""
+    try:
+        return prepare_attention(cfg.model.attention_backend, rt.device, rt.dtype)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def run(cfg: TrainConfig) -> Dict[str, Any]:
     """Train per `cfg`; returns a summary dict (also printed)."""
     rt = setup_runtime(cfg)
@@ -53,6 +62,7 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
         tokenizer = load_tokenizer(cfg.data.tokenizer)
         check_tokenizer(cfg, tokenizer)
         rt.check_layout(cfg)
+        attention_note = check_attention(cfg, rt)
         os.makedirs(cfg.run_dir, exist_ok=True)
         resume = plan_resume(cfg)  # refuses config changes a resume cannot honour, before anything is written
         if rt.is_main:
@@ -65,6 +75,8 @@ def run(cfg: TrainConfig) -> Dict[str, Any]:
             elif os.path.isfile(tok_copy):  # an earlier run's (this one has no file): eval would take it for ours
                 os.remove(tok_copy)
         log = MetricsLogger(cfg.run_dir, cfg.logging, asdict(cfg), enabled=rt.is_main)
+        if attention_note:
+            log.print(attention_note)
         checkpointer = Checkpointer(cfg.run_dir, cfg.checkpoint.keep, cfg.checkpoint.keep_every, cfg.checkpoint.async_save)
         with scheduled_gc(cfg.train.gc_every) as after_step:
             summary = _train(cfg, rt, tokenizer, log, resume, checkpointer, after_step)

@@ -1,0 +1,169 @@
+"""The flash4 attention backend: where it runs, what it says where it cannot, its ops' shapes without a GPU, and on
+a GPU with flash-attn-4 installed, its outputs and gradients against an fp32 reference, in one compiled graph."""
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ops
+from model import ModelConfig, Transformer, prepare_attention
+from model.attention import Attention, flash4_wanted
+from ops import flash_attention as fa
+
+needs_flash4 = pytest.mark.skipif(fa.installed_version() is None, reason="flash-attn-4 is not installed")
+
+
+def test_flash4_problem_names_each_reason(monkeypatch):
+    assert "CUDA GPUs only" in fa.flash4_problem(torch.device("cpu"), torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(fa, "installed_version", lambda: "4.0.0b36")
+    assert "bf16 or fp16" in fa.flash4_problem(torch.device("cuda"), None)
+    assert "compute capability 9.0" in fa.flash4_problem(torch.device("cuda"), torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert fa.flash4_problem(torch.device("cuda"), torch.float16) is None
+    monkeypatch.setattr(fa, "installed_version", lambda: None)
+    assert "flash-attn-4 package is not installed" in fa.flash4_problem(torch.device("cuda"), torch.bfloat16)
+
+
+def test_prepare_attention_refuses_flash4_where_it_cannot_run():
+    with pytest.raises(ValueError, match="model.attention_backend: flash4 cannot run here: it runs on CUDA GPUs"):
+        prepare_attention("flash4", "cpu", None)
+    assert prepare_attention("auto", "cpu", None) is None  # auto falls back without a word on a CPU
+    assert prepare_attention("sdpa", "cuda", torch.bfloat16) is None
+
+
+def test_auto_falls_back_to_sdpa_on_a_machine_without_it(monkeypatch):
+    assert not flash4_wanted("sdpa") and flash4_wanted("flash4")
+    assert not flash4_wanted("auto")  # the CPU session: no GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(fa, "flash4_problem", lambda device, dtype: "the flash-attn-4 package is not installed")
+    assert not flash4_wanted("auto")
+    monkeypatch.setattr(fa, "flash4_problem", lambda device, dtype: None)
+    assert flash4_wanted("auto")
+
+
+def test_flash4_layer_takes_sdpa_for_calls_the_kernels_do_not_serve():
+    # CPU tensors (as a checkpoint trained with flash4 is evaluated on a CPU), fp32, masks and KV caches: SDPA
+    cfg = ModelConfig(vocab_size=37, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16)
+    torch.manual_seed(0)
+    a = Transformer(cfg).eval()
+    b = Transformer(ModelConfig(**{**cfg.__dict__, "attention_backend": "flash4"})).eval()
+    b.load_state_dict(a.state_dict())
+    tokens = torch.randint(0, 37, (2, 9))
+    assert torch.equal(a(tokens), b(tokens))
+    logits = []
+    for m in (a, b):
+        cache = m.make_kv_cache(2, 16)
+        m(tokens[:, :5], cache=cache)
+        logits.append(m(tokens[:, 5:], cache=cache, start_pos=5))
+    assert torch.equal(*logits)
+
+
+def test_flash_attention_refuses_cpu_tensors_with_the_key():
+    q = torch.zeros(1, 4, 2, 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="model.attention_backend=flash4: needs bf16/fp16 CUDA tensors"):
+        fa.flash_attention(q, q, q)
+
+
+def test_missing_package_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", None)  # importing it raises ImportError
+    with pytest.raises(ImportError, match=r"flash-attn-4 package \(pip install 'mnemo\[flash4\]'\)"):
+        fa.prepare()
+
+
+def test_fake_kernels_give_the_real_shapes_without_a_gpu():
+    # what torch.compile traces with: output like q, the log-sum-exp [B, H, L] in fp32, gradients like q, k, v
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(2, 96, 8, 64, device="cuda", dtype=torch.bfloat16)
+        kv = torch.empty(2, 96, 2, 64, device="cuda", dtype=torch.bfloat16)
+        out, lse = torch.ops.mnemo.flash4_forward(q, kv, kv)
+        grads = torch.ops.mnemo.flash4_backward(out, q, kv, kv, out, lse)
+    assert (out.shape, out.dtype, lse.shape, lse.dtype) == (q.shape, q.dtype, (2, 8, 96), torch.float32)
+    assert [g.shape for g in grads] == [q.shape, kv.shape, kv.shape]
+
+
+def _reference(q, k, v):
+    """fp32 causal attention of [B, L, H, D] inputs (GQA by repeating k, v), and its gradients."""
+    rep = q.shape[2] // k.shape[2]
+    leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    qf, kf, vf = leaves
+    out = F.scaled_dot_product_attention(qf.transpose(1, 2), kf.repeat_interleave(rep, 2).transpose(1, 2),
+                                         vf.repeat_interleave(rep, 2).transpose(1, 2), is_causal=True).transpose(1, 2)
+    return out, leaves
+
+
+@pytest.mark.gpu
+@needs_flash4
+@pytest.mark.parametrize("batch, seq, heads, kv_heads, head_dim", [
+    (2, 1000, 4, 4, 64),  # a length that is no multiple of the kernels' tiles
+    (1, 512, 8, 2, 128),  # grouped-query attention, the 1.3B presets' head size
+    (3, 17, 2, 1, 64),
+])
+def test_gpu_flash4_matches_fp32_attention_as_closely_as_sdpa(batch, seq, heads, kv_heads, head_dim):
+    torch.manual_seed(0)
+    q = torch.randn(batch, seq, heads, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(batch, seq, kv_heads, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(2))
+    grad = torch.randn(batch, seq, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    ref, leaves = _reference(q, k, v)
+    ref.backward(grad.float())
+    out = fa.flash_attention(q, k, v)
+    out.backward(grad)
+    rep = heads // kv_heads
+    sd_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    sd = F.scaled_dot_product_attention(
+        sd_leaves[0].transpose(1, 2), sd_leaves[1].repeat_interleave(rep, 2).transpose(1, 2),
+        sd_leaves[2].repeat_interleave(rep, 2).transpose(1, 2), is_causal=True).transpose(1, 2)
+    sd.backward(grad)
+    for name, got, base, exact in zip(("out", "dq", "dk", "dv"), [out, q.grad, k.grad, v.grad],
+                                      [sd] + [t.grad for t in sd_leaves], [ref] + [t.grad for t in leaves]):
+        err = (got.float() - exact).abs().max().item()
+        sdpa_err = (base.float() - exact).abs().max().item()
+        assert err <= 2 * sdpa_err + 1e-3, (name, err, sdpa_err)
+
+
+@pytest.mark.gpu
+@needs_flash4
+def test_gpu_flash4_compiles_into_one_graph_and_matches_eager():
+    torch.manual_seed(0)
+    layer = Attention(128, 4, 2, backend="flash4").cuda()
+    x = torch.randn(2, 256, 128, device="cuda", requires_grad=True)
+    from model.rope import RotaryEmbedding
+
+    rope = RotaryEmbedding(32, 256).cuda()
+    rope.reset_parameters()
+    cos, sin = rope(torch.arange(256, device="cuda").expand(2, 256))
+    outs = []
+    for fn in (layer, torch.compile(layer, fullgraph=True)):  # fullgraph: a graph break is an error
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = fn(x, cos, sin)
+        y.float().square().mean().backward()
+        outs.append((y.detach(), x.grad.clone(), layer.wq.weight.grad.clone()))
+        x.grad = None
+        layer.zero_grad()
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@needs_flash4
+def test_gpu_flash4_ops_pass_opcheck_and_deterministic_mode_repeats_bits():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 300, 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    torch.library.opcheck(torch.ops.mnemo.flash4_forward.default, (q, k, v))
+    grad = torch.randn_like(q)
+    runs = []
+    torch.use_deterministic_algorithms(True)
+    try:
+        for _ in range(2):
+            for t in (q, k, v):
+                t.grad = None
+            fa.flash_attention(q, k, v).backward(grad)
+            runs.append([t.grad.clone() for t in (q, k, v)])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

@@ -30,6 +30,8 @@ RUN python -c "import torch; print(f'torch=={torch.__version__}')" > /etc/mnemo-
 # project installed into it with its dev extra (tests, lm-eval, plotting). xformers (optional) is left out: its
 # wheels require one exact torch version.
 RUN make setup PYTHON=python && rm -rf /root/.cache/pip
+# FlashAttention-4 (the flash4 extra): the attention kernels of the presets' model.attention_backend=auto on Hopper
+RUN .venv/bin/python -m pip install --no-cache-dir -e ".[flash4]"
 ENV PATH=/workspace/mnemo/.venv/bin:$PATH \
     HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
 

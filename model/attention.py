@@ -34,24 +34,24 @@ class KVCache:
         return self.k[layer][:B, :end], self.v[layer][:B, :end]
 
 
-def flash4_wanted(backend: str) -> bool:
+def flash4_wanted(backend: str, head_dim: int) -> bool:
     """Whether causal calls go to FlashAttention-4: always under "flash4"; under "auto" when the package is
-    installed and the GPU is new enough (decided once, at construction: nothing here may run inside a compiled
-    forward)."""
+    installed and the GPU and head size suit it (decided once, at construction: nothing here may run inside a
+    compiled forward)."""
     if backend == "flash4":
         return True
     if backend != "auto" or not torch.cuda.is_available():
         return False
-    return attention_kernel(backend, "cuda", torch.bfloat16) == "flash4"
+    return attention_kernel(backend, head_dim, "cuda", torch.bfloat16) == "flash4"
 
 
-def attention_kernel(backend: str, device, dtype: Optional[torch.dtype]) -> str:
+def attention_kernel(backend: str, head_dim: int, device, dtype: Optional[torch.dtype]) -> str:
     """The kernel a run's causal training calls take on `device` under autocast `dtype` (None: fp32): "flash4",
     "sdpa" or "xformers". Raises ValueError naming model.attention_backend when flash4 was asked for and cannot
     run there."""
     if backend not in ("flash4", "auto"):
         return backend
-    problem = ops.flash_attention.flash4_problem(torch.device(device), dtype)
+    problem = ops.flash_attention.flash4_problem(torch.device(device), dtype, head_dim)
     if problem is None:
         return "flash4"
     if backend == "flash4":
@@ -60,16 +60,17 @@ def attention_kernel(backend: str, device, dtype: Optional[torch.dtype]) -> str:
     return "sdpa"
 
 
-def prepare_attention(backend: str, device, dtype: Optional[torch.dtype]) -> Optional[str]:
-    """Check `backend` against the run's device and autocast dtype before any compute (attention_kernel) and load
-    FlashAttention-4 now when it will be used. A line for the log, or None."""
-    kernel = attention_kernel(backend, device, dtype)
+def prepare_attention(cfg, device, dtype: Optional[torch.dtype]) -> Optional[str]:
+    """Check the ModelConfig's attention_backend against the run's device and autocast dtype before any compute
+    (attention_kernel) and load FlashAttention-4 now when it will be used. A line for the log, or None."""
+    backend = cfg.attention_backend
+    kernel = attention_kernel(backend, cfg.head_dim, device, dtype)
     if kernel == "flash4":
         ops.flash_attention.prepare()
         version = ops.flash_attention.installed_version()
         return f"attention: FlashAttention-4 {version} (model.attention_backend={backend})"
     if backend == "auto" and torch.device(device).type == "cuda":
-        problem = ops.flash_attention.flash4_problem(torch.device(device), dtype)
+        problem = ops.flash_attention.flash4_problem(torch.device(device), dtype, cfg.head_dim)
         return f"attention: sdpa (model.attention_backend=auto: flash4 not used, {problem})"
     return None
 
@@ -79,7 +80,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
         self.backend = backend
-        self.flash4 = flash4_wanted(backend)
+        self.flash4 = flash4_wanted(backend, self.head_dim)
         self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)

@@ -29,9 +29,9 @@ def installed_version() -> Optional[str]:
         return None
 
 
-def flash4_problem(device: torch.device, dtype: Optional[torch.dtype]) -> Optional[str]:
-    """Why FlashAttention-4 cannot run attention on `device` with activations of `dtype` (None: fp32, no autocast),
-    or None when it can. Does not import the package."""
+def flash4_problem(device: torch.device, dtype: Optional[torch.dtype], head_dim: int) -> Optional[str]:
+    """Why FlashAttention-4 cannot run attention of `head_dim` on `device` with activations of `dtype` (None: fp32,
+    no autocast), or None when it can. Does not import the package."""
     device = torch.device(device)
     if device.type != "cuda":
         return f"it runs on CUDA GPUs only (device {device})"
@@ -40,6 +40,11 @@ def flash4_problem(device: torch.device, dtype: Optional[torch.dtype]) -> Option
     capability = torch.cuda.get_device_capability(device)
     if capability < MIN_CAPABILITY:
         return f"it needs compute capability 9.0 or newer (this GPU: {capability[0]}.{capability[1]})"
+    # the kernels' head sizes: multiples of 8 up to 256 on Hopper, up to 128 on newer chips
+    largest = 256 if capability[0] == 9 else 128
+    if head_dim % 8 or not 8 <= head_dim <= largest:
+        return (f"its kernels take head sizes that are multiples of 8 from 8 to {largest} (model.dim / model.n_heads "
+                f"= {head_dim})")
     if installed_version() is None:
         return f"the {PACKAGE} package is not installed (pip install 'mnemo[flash4]')"
     return None

@@ -175,7 +175,7 @@ def bench_model(name: str, overrides: List[str], args, rt_holder: dict, label: s
     from torch._dynamo.utils import counters
 
     counters.clear()
-    note = prepare_attention(cfg.model.attention_backend, rt.device, rt.dtype)
+    note = prepare_attention(cfg.model, rt.device, rt.dtype)
     if note:
         print(f"{label or name}: {note}", flush=True)
     setup = build_steps(cfg, rt, args.warmup + args.steps + args.profile_steps)
@@ -191,7 +191,7 @@ def bench_model(name: str, overrides: List[str], args, rt_holder: dict, label: s
         "tokens_per_s": tokens / step_s,
         "flops_per_token": flops,
         "graphs_compiled": int(counters["stats"].get("unique_graphs", 0)),
-        "attention": attention_kernel(cfg.model.attention_backend, rt.device, rt.dtype),
+        "attention": attention_kernel(cfg.model.attention_backend, cfg.model.head_dim, rt.device, rt.dtype),
         "optim_state_gib": sum(state.values()) / 2**30,
         "value_state_gib": state.get("values", 0) / 2**30,
     }

@@ -1,6 +1,7 @@
 """The flash4 attention backend: where it runs, what it says where it cannot, its ops' shapes without a GPU, and on
 a GPU with flash-attn-4 installed, its outputs and gradients against an fp32 reference, in one compiled graph."""
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,32 +16,45 @@ needs_flash4 = pytest.mark.skipif(fa.installed_version() is None, reason="flash-
 
 
 def test_flash4_problem_names_each_reason(monkeypatch):
-    assert "CUDA GPUs only" in fa.flash4_problem(torch.device("cpu"), torch.bfloat16)
+    cuda = torch.device("cuda")
+    assert "CUDA GPUs only" in fa.flash4_problem(torch.device("cpu"), torch.bfloat16, 64)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(fa, "installed_version", lambda: "4.0.0b36")
-    assert "bf16 or fp16" in fa.flash4_problem(torch.device("cuda"), None)
-    assert "compute capability 9.0" in fa.flash4_problem(torch.device("cuda"), torch.bfloat16)
+    assert "bf16 or fp16" in fa.flash4_problem(cuda, None, 64)
+    assert "compute capability 9.0" in fa.flash4_problem(cuda, torch.bfloat16, 64)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert fa.flash4_problem(torch.device("cuda"), torch.float16) is None
+    assert fa.flash4_problem(cuda, torch.float16, 64) is None
+    assert fa.flash4_problem(cuda, torch.bfloat16, 256) is None
+    for head_dim in (4, 60, 512):
+        assert "multiples of 8 from 8 to 256" in fa.flash4_problem(cuda, torch.bfloat16, head_dim)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
+    assert "multiples of 8 from 8 to 128" in fa.flash4_problem(cuda, torch.bfloat16, 256)
     monkeypatch.setattr(fa, "installed_version", lambda: None)
-    assert "flash-attn-4 package is not installed" in fa.flash4_problem(torch.device("cuda"), torch.bfloat16)
+    assert "flash-attn-4 package is not installed" in fa.flash4_problem(cuda, torch.bfloat16, 64)
 
 
 def test_prepare_attention_refuses_flash4_where_it_cannot_run():
+    cfg = ModelConfig(dim=256, n_heads=4)
     with pytest.raises(ValueError, match="model.attention_backend: flash4 cannot run here: it runs on CUDA GPUs"):
-        prepare_attention("flash4", "cpu", None)
-    assert prepare_attention("auto", "cpu", None) is None  # auto falls back without a word on a CPU
-    assert prepare_attention("sdpa", "cuda", torch.bfloat16) is None
+        prepare_attention(replace(cfg, attention_backend="flash4"), "cpu", None)
+    assert prepare_attention(replace(cfg, attention_backend="auto"), "cpu", None) is None  # no word on a CPU
+    assert prepare_attention(cfg, "cuda", torch.bfloat16) is None  # sdpa
 
 
 def test_auto_falls_back_to_sdpa_on_a_machine_without_it(monkeypatch):
-    assert not flash4_wanted("sdpa") and flash4_wanted("flash4")
-    assert not flash4_wanted("auto")  # the CPU session: no GPU
+    assert not flash4_wanted("sdpa", 64) and flash4_wanted("flash4", 64)
+    assert not flash4_wanted("auto", 64)  # the CPU session: no GPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(fa, "flash4_problem", lambda device, dtype: "the flash-attn-4 package is not installed")
-    assert not flash4_wanted("auto")
-    monkeypatch.setattr(fa, "flash4_problem", lambda device, dtype: None)
-    assert flash4_wanted("auto")
+    asked = []
+
+    def problem(device, dtype, head_dim):
+        asked.append(head_dim)
+        return None if head_dim == 64 else "head size"
+
+    monkeypatch.setattr(fa, "flash4_problem", problem)
+    assert flash4_wanted("auto", 64) and not flash4_wanted("auto", 32)
+    assert asked == [64, 32]
+    assert Attention(128, 2, 2, backend="auto").flash4 and not Attention(128, 4, 4, backend="auto").flash4
 
 
 def test_flash4_layer_takes_sdpa_for_calls_the_kernels_do_not_serve():

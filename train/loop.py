@@ -49,7 +49,7 @@ def check_attention(cfg: TrainConfig, rt: Runtime):
     """The attention backend against this run's device and precision (model.prepare_attention): a log line or
     None; a backend that cannot run here is a config error."""
     try:
-        return prepare_attention(cfg.model.attention_backend, rt.device, rt.dtype)
+        return prepare_attention(cfg.model, rt.device, rt.dtype)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

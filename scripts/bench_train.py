@@ -90,6 +90,9 @@ def classify(kernel: str, op_name: str, dims: List[int], cfg) -> str:
         "aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")
     if "memcpy" in k and "htod" in k.replace(" ", "").replace("_", ""):
         return "data (host to device)"
+    # before the GEMM test: FlashAttention-4's kernels are CuTe (cutlass) kernels
+    if any(s in k for s in ("flash", "fmha", "attention")) or "scaled_dot_product" in op or "flash4" in op:
+        return "attention"
     if "_softmax_xent" in k or "nll_loss" in op or "log_softmax" in op or "cross_entropy" in op:
         return "loss (softmax, CE)"
     if is_gemm:
@@ -104,8 +107,6 @@ def classify(kernel: str, op_name: str, dims: List[int], cfg) -> str:
         if not dims:
             return "matmuls (unattributed)"
         return "attn + memory proj matmuls" if has_memory else "attention proj matmuls"
-    if any(s in k for s in ("flash", "fmha", "attention")) or "scaled_dot_product" in op:
-        return "attention (SDPA)"
     if any(s in k for s in ("_pk_search", "_dense_grad_rows", "search")):
         return "memory search"
     if any(s in k for s in ("_lookup_fwd", "_segment_bwd", "_zero_untouched")):

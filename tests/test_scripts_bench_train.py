@@ -18,7 +18,8 @@ def test_kernels_are_counted_in_their_parts():
         ("kernel_cutlass_kernel_flash_attncuteflash_bwd_sm90FlashAttentionBackwardSm90_object_at_0",
          "mnemo::flash4_backward", [], "attention"),
         ("nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNT", "aten::mm", [16384, m.hidden_dim], "FFN matmuls"),
-        ("cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_64x4_tn_align8", "aten::mm", [16384, m.vocab_size], "output matmuls"),
+        ("cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_64x4_tn_align8", "aten::mm", [16384, m.vocab_size],
+         "output matmuls"),
         ("_segment_bwd_kernel", "", [], "memory lookup"),
         ("triton_poi_fused_add_mul_0", "", [], "fused elementwise (compiled)"),
     ]

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import sys
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -19,6 +21,7 @@ import torch
 PACKAGE = "flash-attn-4"
 DTYPES = (torch.bfloat16, torch.float16)
 MIN_CAPABILITY = (9, 0)
+AUX_DATA_WARNING = r"Argument aux_data \(position \d+\) cannot be converted to a JitArgument"
 
 
 def installed_version() -> Optional[str]:
@@ -51,11 +54,20 @@ def flash4_problem(device: torch.device, dtype: Optional[torch.dtype], head_dim:
 
 
 def _interface():
+    module = "flash_attn.cute.interface"
+    loaded = sys.modules.get(module)
+    if loaded is not None:  # called per kernel launch: no import machinery, no warning-filter change
+        return loaded
     try:
-        return importlib.import_module("flash_attn.cute.interface")
+        interface = importlib.import_module(module)
     except ImportError as e:
         raise ImportError(f"model.attention_backend=flash4 needs the {PACKAGE} package (pip install 'mnemo[flash4]'): "
                           f"{e}") from e
+    # The package's own kernels make its compiler warn at every build about an argument it passes as None (a
+    # compile-time constant there): a page of text per kernel in every training log, about nothing a user can change.
+    # Installed once, at the import: changing the filters resets every "show once" warning's registry.
+    warnings.filterwarnings("ignore", message=AUX_DATA_WARNING, category=UserWarning)
+    return interface
 
 
 def prepare() -> None:

@@ -86,6 +86,21 @@ def test_missing_package_says_what_to_install(monkeypatch):
         fa.prepare()
 
 
+def test_loading_it_silences_its_compilers_aux_data_warning_only(monkeypatch):
+    import types
+    import warnings
+
+    fake = types.ModuleType("flash_attn.cute.interface")
+    monkeypatch.delitem(sys.modules, "flash_attn.cute.interface", raising=False)
+    monkeypatch.setattr(fa.importlib, "import_module", lambda name: fake)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        fa.prepare()
+        warnings.warn("Argument aux_data (position 17) cannot be converted to a JitArgument for function 'f'")
+        warnings.warn("Argument other (position 3) cannot be converted to a JitArgument")
+    assert [str(w.message) for w in seen] == ["Argument other (position 3) cannot be converted to a JitArgument"]
+
+
 def test_fake_kernels_give_the_real_shapes_without_a_gpu():
     # what torch.compile traces with: output like q, the log-sum-exp [B, H, L] in fp32, gradients like q, k, v
     from torch._subclasses.fake_tensor import FakeTensorMode

@@ -9,6 +9,7 @@ from torch import nn
 
 import ops
 
+from .config import ModelConfig
 from .rope import apply_rope
 
 
@@ -60,8 +61,8 @@ def attention_kernel(backend: str, head_dim: int, device, dtype: Optional[torch.
     return "sdpa"
 
 
-def prepare_attention(cfg, device, dtype: Optional[torch.dtype]) -> Optional[str]:
-    """Check the ModelConfig's attention_backend against the run's device and autocast dtype before any compute
+def prepare_attention(cfg: ModelConfig, device, dtype: Optional[torch.dtype]) -> Optional[str]:
+    """Check cfg.attention_backend against the run's device and autocast dtype before any compute
     (attention_kernel) and load FlashAttention-4 now when it will be used. A line for the log, or None."""
     backend = cfg.attention_backend
     kernel = attention_kernel(backend, cfg.head_dim, device, dtype)

@@ -46,32 +46,36 @@ def flash4_wanted(backend: str, head_dim: int) -> bool:
     return attention_kernel(backend, head_dim, "cuda", torch.bfloat16) == "flash4"
 
 
+def _choose_kernel(backend: str, head_dim: int, device, dtype: Optional[torch.dtype]) -> Tuple[str, Optional[str]]:
+    """(the kernel, why flash4 is not it: None when flash4 was not considered or is chosen)."""
+    if backend not in ("flash4", "auto"):
+        return backend, None
+    problem = ops.flash_attention.flash4_problem(torch.device(device), dtype, head_dim)
+    if problem is None:
+        return "flash4", None
+    if backend == "flash4":
+        raise ValueError(f"model.attention_backend: flash4 cannot run here: {problem}; use sdpa, or auto to fall back "
+                         "to it")
+    return "sdpa", problem
+
+
 def attention_kernel(backend: str, head_dim: int, device, dtype: Optional[torch.dtype]) -> str:
     """The kernel a run's causal training calls take on `device` under autocast `dtype` (None: fp32): "flash4",
     "sdpa" or "xformers". Raises ValueError naming model.attention_backend when flash4 was asked for and cannot
     run there."""
-    if backend not in ("flash4", "auto"):
-        return backend
-    problem = ops.flash_attention.flash4_problem(torch.device(device), dtype, head_dim)
-    if problem is None:
-        return "flash4"
-    if backend == "flash4":
-        raise ValueError(f"model.attention_backend: flash4 cannot run here: {problem}; use sdpa, or auto to fall back "
-                         "to it")
-    return "sdpa"
+    return _choose_kernel(backend, head_dim, device, dtype)[0]
 
 
 def prepare_attention(cfg: ModelConfig, device, dtype: Optional[torch.dtype]) -> Optional[str]:
     """Check cfg.attention_backend against the run's device and autocast dtype before any compute
     (attention_kernel) and load FlashAttention-4 now when it will be used. A line for the log, or None."""
     backend = cfg.attention_backend
-    kernel = attention_kernel(backend, cfg.head_dim, device, dtype)
+    kernel, problem = _choose_kernel(backend, cfg.head_dim, device, dtype)
     if kernel == "flash4":
         ops.flash_attention.prepare()
         version = ops.flash_attention.installed_version()
         return f"attention: FlashAttention-4 {version} (model.attention_backend={backend})"
-    if backend == "auto" and torch.device(device).type == "cuda":
-        problem = ops.flash_attention.flash4_problem(torch.device(device), dtype, cfg.head_dim)
+    if problem is not None and torch.device(device).type == "cuda":
         return f"attention: sdpa (model.attention_backend=auto: flash4 not used, {problem})"
     return None
 

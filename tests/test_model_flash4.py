@@ -114,13 +114,15 @@ def test_fake_kernels_give_the_real_shapes_without_a_gpu():
     assert [g.shape for g in grads] == [q.shape, kv.shape, kv.shape]
 
 
-def _reference(q, k, v):
-    """fp32 causal attention of [B, L, H, D] inputs (GQA by repeating k, v), and its gradients."""
+def _sdpa(q, k, v, grad, dtype):
+    """SDPA's causal attention of [B, L, H, D] inputs (GQA by repeating k, v) on copies in `dtype`: the output and the
+    copies, whose .grad holds the gradients for `grad`."""
     rep = q.shape[2] // k.shape[2]
-    leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
-    qf, kf, vf = leaves
-    out = F.scaled_dot_product_attention(qf.transpose(1, 2), kf.repeat_interleave(rep, 2).transpose(1, 2),
-                                         vf.repeat_interleave(rep, 2).transpose(1, 2), is_causal=True).transpose(1, 2)
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    qc, kc, vc = leaves
+    out = F.scaled_dot_product_attention(qc.transpose(1, 2), kc.repeat_interleave(rep, 2).transpose(1, 2),
+                                         vc.repeat_interleave(rep, 2).transpose(1, 2), is_causal=True).transpose(1, 2)
+    out.backward(grad.to(dtype))
     return out, leaves
 
 
@@ -137,16 +139,10 @@ def test_gpu_flash4_matches_fp32_attention_as_closely_as_sdpa(batch, seq, heads,
     k, v = (torch.randn(batch, seq, kv_heads, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             for _ in range(2))
     grad = torch.randn(batch, seq, heads, head_dim, device="cuda", dtype=torch.bfloat16)
-    ref, leaves = _reference(q, k, v)
-    ref.backward(grad.float())
+    ref, leaves = _sdpa(q, k, v, grad, torch.float32)
+    sd, sd_leaves = _sdpa(q, k, v, grad, torch.bfloat16)
     out = fa.flash_attention(q, k, v)
     out.backward(grad)
-    rep = heads // kv_heads
-    sd_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    sd = F.scaled_dot_product_attention(
-        sd_leaves[0].transpose(1, 2), sd_leaves[1].repeat_interleave(rep, 2).transpose(1, 2),
-        sd_leaves[2].repeat_interleave(rep, 2).transpose(1, 2), is_causal=True).transpose(1, 2)
-    sd.backward(grad)
     for name, got, base, exact in zip(("out", "dq", "dk", "dv"), [out, q.grad, k.grad, v.grad],
                                       [sd] + [t.grad for t in sd_leaves], [ref] + [t.grad for t in leaves]):
         err = (got.float() - exact).abs().max().item()

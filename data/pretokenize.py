@@ -63,7 +63,9 @@ def _ordered_map(fn, items: Iterator, workers: int, tokenizer) -> Iterator:
         _init(tokenizer)
         yield from map(fn, items)
         return
-    with get_context("fork").Pool(workers, initializer=_init, initargs=(tokenizer,)) as pool:
+    # spawn, not fork: a fork copies whatever locks other threads of this process hold (torch's, pyarrow's), and a
+    # worker that inherits one held waits on it forever. The tokenizer travels pickled (data/tokenizer).
+    with get_context("spawn").Pool(workers, initializer=_init, initargs=(tokenizer,)) as pool:
         pending = collections.deque()
         for item in items:
             pending.append(pool.apply_async(fn, (item,)))

@@ -65,23 +65,40 @@ def _lookup_fwd_kernel(
 @triton.jit
 def _weight_grad_kernel(
     idx_ptr, g_ptr, v_ptr, gw_ptr,
-    S, D, stride_g, stride_v,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    S, D, stride_g, stride_v, SPAN,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr,
 ):
-    # grad_w[t, s] = <grad_out[t], V[idx[t, s]]> in token order, like the forward: one program per (token, block of
-    # slots) gathers its slots' value rows chunk by chunk and finishes each dot itself (no partial rows in memory).
+    # grad_w[t, s] = <grad_out[t], V[idx[t, s]]> in token order, like the forward: one program per (token, span of
+    # SPAN slots) reads BLOCK_S value rows per step in long contiguous pieces, as the forward does, and finishes
+    # their dots itself. A row that fits one column chunk is read whole, with the token's output-gradient row
+    # held in registers throughout (the loop over chunks, even run once, measured slower).
     t = tl.program_id(0).to(tl.int64)
-    s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
-    smask = s < S
-    rows = tl.load(idx_ptr + t * S + s, mask=smask, other=0).to(tl.int64)
-    acc = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
+    s_lo = tl.program_id(1) * SPAN
+    d = tl.arange(0, BLOCK_D)
+    if ONE_CHUNK:
         dmask = d < D
         g = tl.load(g_ptr + t * stride_g + d, mask=dmask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + rows[:, None] * stride_v + d[None, :], mask=smask[:, None] & dmask[None, :], other=0.0)
-        acc += v.to(tl.float32) * g[None, :]
-    tl.store(gw_ptr + t * S + s, tl.sum(acc, axis=1), mask=smask)
+        for s0 in range(s_lo, s_lo + SPAN, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            smask = s < S
+            rows = tl.load(idx_ptr + t * S + s, mask=smask, other=0).to(tl.int64)
+            v = tl.load(v_ptr + rows[:, None] * stride_v + d[None, :], mask=smask[:, None] & dmask[None, :],
+                        other=0.0)
+            tl.store(gw_ptr + t * S + s, tl.sum(v.to(tl.float32) * g[None, :], axis=1), mask=smask)
+    else:
+        for s0 in range(s_lo, s_lo + SPAN, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            smask = s < S
+            rows = tl.load(idx_ptr + t * S + s, mask=smask, other=0).to(tl.int64)
+            acc = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + d
+                dmask = dd < D
+                g = tl.load(g_ptr + t * stride_g + dd, mask=dmask, other=0.0).to(tl.float32)
+                v = tl.load(v_ptr + rows[:, None] * stride_v + dd[None, :], mask=smask[:, None] & dmask[None, :],
+                            other=0.0)
+                acc += v.to(tl.float32) * g[None, :]
+            tl.store(gw_ptr + t * S + s, tl.sum(acc, axis=1), mask=smask)
 
 
 @triton.jit
@@ -233,11 +250,20 @@ def lookup_forward(indices, weights, values, out=None, config=None):
     return out
 
 
+def weight_grad_config(S: int, D: int, elem_bytes: int):
+    """(BLOCK_S, BLOCK_D, num_warps, SPAN), 32 slots per program: rows of up to 2 KiB are read whole, 2 per step
+    with 2 warps; wider rows in 1024-column chunks, 4 rows per step with 4 warps (the launch sweeps on a training
+    step's rows and on uniform ones: BENCHMARKS.md, "the weights' gradient read like the forward")."""
+    span = max(4, min(32, _npow2(S)))
+    if _npow2(D) * elem_bytes <= 2048:
+        return 2, _npow2(D), 2, span
+    return 4, _col_block(D, 1024), 4, span
+
+
 def lookup_weight_grad(grad_out, indices, weights, values, config=None):
     """The weights' gradient alone, grad_w fp32 [T, S] = <grad_out[t], values[indices[t, s]]>, in token order (for
     a backward whose value gradient is added later: ops/lookup_into_grad.py). `weights` is not read (the signature is
-    ops.reference's). Default launch: 64 slots x 64 columns per step (the best of six tiles on a training step's
-    rows, BENCHMARKS.md)."""
+    ops.reference's)."""
     T, S = indices.shape
     D = values.shape[1]
     gw = torch.empty((T, S), dtype=torch.float32, device=values.device)
@@ -245,10 +271,10 @@ def lookup_weight_grad(grad_out, indices, weights, values, config=None):
         return gw
     if D == 0:
         return gw.zero_()
-    block_s, block_d, warps = config or (min(64, _npow2(S)), min(64, _npow2(D)), 4)
-    _weight_grad_kernel[(T, triton.cdiv(S, block_s))](
-        indices, grad_out, values, gw, S, D, grad_out.stride(0), values.stride(0),
-        BLOCK_S=block_s, BLOCK_D=block_d, num_warps=warps,
+    block_s, block_d, warps, span = config or weight_grad_config(S, D, values.element_size())
+    _weight_grad_kernel[(T, triton.cdiv(S, span))](
+        indices, grad_out, values, gw, S, D, grad_out.stride(0), values.stride(0), span,
+        BLOCK_S=block_s, BLOCK_D=block_d, ONE_CHUNK=D <= block_d, num_warps=warps,
     )
     return gw
 

@@ -98,8 +98,12 @@ def test_untouched_rows_in_order():
     assert _untouched_rows(torch.arange(5, device=DEV), 5).numel() == 6  # none untouched: only the spare entry
 
 
-@pytest.mark.parametrize("S,D,idx_dtype", [(5, 37, torch.int64), (128, 300, torch.int32), (3, 64, torch.int64)])
-def test_weight_grad_in_token_order_matches_reference(S, D, idx_dtype):
+@pytest.mark.parametrize("S,D,idx_dtype,config", [
+    (5, 37, torch.int64, None), (128, 300, torch.int32, None), (3, 64, torch.int64, None), (1, 16, torch.int64, None),
+    (3, 600, torch.int64, None),  # rows wider than 2 KiB: column chunks by default
+    (13, 300, torch.int64, (4, 64, 1, 4)),  # several programs per token, a partial last span, 5 column chunks
+])
+def test_weight_grad_in_token_order_matches_reference(S, D, idx_dtype, config):
     # partial slot blocks, several column chunks, duplicate rows inside a token's slots
     from ops.triton_lookup import lookup_weight_grad
 
@@ -109,7 +113,7 @@ def test_weight_grad_in_token_order_matches_reference(S, D, idx_dtype):
     w = torch.randn(T, S, generator=gen).to(DEV)
     v = torch.randn(N, D, generator=gen).to(DEV)
     g = torch.randn(T, D, generator=gen).to(DEV)
-    got = lookup_weight_grad(g, idx, w, v)
+    got = lookup_weight_grad(g, idx, w, v, config=config)
     assert got.dtype == torch.float32 and got.shape == (T, S)
     torch.testing.assert_close(got, reference.lookup_weight_grad(g, idx, w, v), atol=1e-4, rtol=1e-4)
 

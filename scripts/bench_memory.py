@@ -9,6 +9,8 @@ implementation must move): forward = value rows read (T*S*D) + indices/weights +
 value rows read again for the weight gradient (T*S*D), the output gradient, and the touched rows' gradient
 written (U*D, U = distinct rows). The dense value gradient also writes zeros to untouched rows; that extra
 is reported as its own column. Needs only torch + triton (no omegaconf).
+The "memory layer" rows: a functional Memory+ layer in eager mode (fp32 input and weights under autocast), and the
+model's own MemoryLayer compiled as the trainer runs a block (bf16 input, bf16 table with its gradient in .grad).
 --sweep: launch configs at the headline shapes; --bwd-sweep: the lookup backward's (BLOCK_P, BLOCK_D, warps) at the
 trainers' shapes, dense and accumulated gradient (what ops/triton_lookup.bwd_config is fitted to).
 --slots FILE (from scripts/capture_slots.py): the lookup backward on the rows a training step read, its layers in the
@@ -248,6 +250,42 @@ def run_layer(name, T, args, rows, ceiling, dim=1024, H=4, n_keys=1024, k_dim=51
                      note=f"SwiGLU FFN same dim: {bench(ffn):.2f} ms"))
 
 
+def run_module(name, T, args, rows, dim=1024, H=4, n_keys=1024, k_dim=512, knn=32):
+    """The model's own Memory+ layer at its initialisation (model.memory.MemoryLayer: qk-norm, swilu, a bf16 table
+    whose gradient goes into .grad) fwd+bwd the way the trainer runs a block: compiled, bf16 autocast, a unit-scale
+    bf16 input (a normed residual); against the same module eager. How concentrated its slots are (the note) sets
+    much of the lookup backward's time."""
+    from model import MemoryConfig, ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=dim, n_layers=1, n_heads=16, vocab_size=256,
+                      memory=MemoryConfig(layers=[0], n_keys=n_keys, heads=H, knn=knn, k_dim=k_dim, share_values=False,
+                                          value_dtype="bfloat16"))
+    layer = Transformer(cfg).layers[0].memory.cuda()  # the trainer's initialisation of every parameter
+    x = torch.randn(T, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(T, dim, device="cuda", dtype=torch.bfloat16)
+    params = list(layer.parameters())
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        reads = torch.bincount(layer.search(x)[1].flatten(), minlength=n_keys ** 2)
+
+    def step(module):
+        def f():
+            for p in params:
+                p.grad = None  # as the trainer's zero_grad: the table's gradient is written whole each step
+            x.grad = None
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = module(x)
+            out.backward(g)
+        return f
+
+    compiled = step(torch.compile(layer))
+    for _ in range(3):
+        compiled()  # compile outside the timing
+    rows.append(dict(name=name, ms=bench(compiled), ms_ref=None, bytes=0, zero_bytes=0, floor_ms=None,
+                     note=f"the same module eager: {bench(step(layer)):.2f} ms; rows read {int((reads > 0).sum())} of "
+                          f"{n_keys ** 2}, most pairs on one row {int(reads.max())}"))
+
+
 def sweep(out_lines):
     """Launch-config sweep at the headline shapes (used to pick the defaults)."""
     def log(line):
@@ -374,6 +412,7 @@ def main():
         ("search fwd 32768x4 knn32 fp32", lambda: run_search("search fwd 32768x4 knn32 fp32", 32768, False, args, rows, ceiling, dtype=torch.float32)),
         ("memory layer fwd+bwd dim1024 32768", lambda: run_layer("memory layer fwd+bwd dim1024 32768", 32768, args, rows, ceiling)),
         ("memory layer fwd+bwd dim1024 32768 triton search", lambda: run_layer("memory layer fwd+bwd dim1024 32768 triton search", 32768, args, rows, ceiling, impl="triton")),
+        ("memory layer module compiled dim1024 32768", lambda: run_module("memory layer module compiled dim1024 32768", 32768, args, rows)),
     ]
     cases = [(name, fn) for name, fn in cases if not only or name in only]
     if args.slots:  # asked for by its own flag: --only does not filter it out

@@ -192,3 +192,35 @@ def test_gpu_flash4_ops_pass_opcheck_and_deterministic_mode_repeats_bits():
         torch.use_deterministic_algorithms(False)
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@needs_flash4
+@pytest.mark.parametrize("scope", ["blocks", "model"])
+def test_gpu_flash4_under_activation_checkpointing_gives_the_gradients_without_it(scope):
+    # the trainer's order (compile, then checkpointing around each compiled block): the recomputed forward calls the
+    # flash4 op again; the loss repeats bit for bit, the gradients up to the backward's atomic-add order
+    import copy
+
+    from train.parallelize import apply_activation_checkpointing, apply_compile
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=512, dim=256, n_layers=2, n_heads=4, max_seq_len=256, attention_backend="flash4")
+    plain = Transformer(cfg).cuda()
+    checkpointed = copy.deepcopy(plain)
+    apply_compile(plain, scope)
+    apply_compile(checkpointed, scope)
+    apply_activation_checkpointing(checkpointed)
+    tokens = torch.randint(0, 512, (2, 256), device="cuda")
+    losses, grads = [], []
+    for model in (plain, checkpointed):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(tokens[:, :-1], targets=tokens[:, 1:])
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n.replace("._checkpoint_wrapped_module", ""): p.grad for n, p in model.named_parameters()})
+    assert torch.equal(losses[0], losses[1])
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        assert g is not None and g.abs().max() > 0, name
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-2, atol=1e-2 * g.abs().max().item(), msg=name)

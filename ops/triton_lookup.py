@@ -198,10 +198,10 @@ def _segment_bwd_kernel(
             tl.store(gv_ptr + r * stride_gv + d, row_grad.to(gv_ptr.dtype.element_ty), mask=dmask,
                      eviction_policy="evict_first")
     else:
-        if SPARSE:  # padding entries of the compact form: row -1, gradient 0
-            tl.store(gv_ptr + seg.to(tl.int64) * stride_gv + d, tl.zeros([BLOCK_D], gv_ptr.dtype.element_ty), mask=dmask)
-            if pid_d == 0:
-                tl.store(rows_out_ptr + seg, -1)
+        # Padding entries of the compact form: row -1, gradient rows left unwritten (only the touched rows' bytes
+        # move; up to min(T*S, N) - nseg rows of zeros would otherwise be written for nobody).
+        if SPARSE and pid_d == 0:
+            tl.store(rows_out_ptr + seg, -1)
         if ZERO_UNTOUCHED:  # dense form: program nseg + j zeroes the j-th row that no pair touched
             r = tl.load(untouched_ptr + (seg - nseg)).to(tl.int64)
             tl.store(gv_ptr + r * stride_gv + d, tl.zeros([BLOCK_D], gv_ptr.dtype.element_ty), mask=dmask,
@@ -351,7 +351,8 @@ def bwd_config(P: int, M: int, D: int, elem_bytes: int = 2):
 def lookup_backward(grad_out, indices, weights, values, compute_gw: bool = True,
                     sparse: bool = False, config=None, accumulate_into=None, run=None, run_config=None):
     """Returns (grad_w fp32 [T, S] or None, grad_V) with grad_V dense [N, D], or for sparse=True the compact
-    form (rows [M] int64 padded with -1, row_grads [M, D] padded with 0, nseg [1]); M = min(T*S, N).
+    form (rows [M] int64 padded with -1, row_grads [M, D] whose padding rows are not written, nseg [1]);
+    M = min(T*S, N).
     accumulate_into: a dense [N, D] gradient to add this lookup's value gradient to, in place (returned as grad_V);
     only the touched rows are read and written.
     run: pairs per run of a hot row (default run_pairs; 0: none); run_config: (BLOCK_P, num_warps) of the
@@ -490,8 +491,8 @@ def memory_lookup_backward(grad_out, indices, weights, values, sparse: bool = Fa
 
     sparse=False: (grad_weights [T, S] in weights.dtype, grad_values [N, D] dense).
     sparse=True: (grad_weights, rows [M] int64, row_grads [M, D] in values.dtype, num_rows [1] int64), with
-    M = min(T*S, N); entries past num_rows have row -1 and gradient 0, so a sparse optimizer can consume the
-    padded buffers without a host sync."""
+    M = min(T*S, N); entries past num_rows have row -1 and a gradient row that is not written (skip rows < 0), so
+    a sparse optimizer can consume the padded buffers without a host sync."""
     _check(indices, weights, values)
     gw, gv = lookup_backward(grad_out.contiguous(), indices.contiguous(), weights.contiguous(), values, sparse=sparse)
     gw = gw.to(weights.dtype)

@@ -159,8 +159,7 @@ def test_lookup_sparse_form_matches_dense():
     gw_s, rows, row_grads, n = memory_lookup_backward(g, idx, w, v, sparse=True)
     uniq = torch.unique(idx)
     assert rows.shape[0] == T * S and int(n) == uniq.numel()
-    assert torch.equal(rows[: int(n)], uniq) and (rows[int(n):] == -1).all()
-    assert (row_grads[int(n):] == 0).all()
+    assert torch.equal(rows[: int(n)], uniq) and (rows[int(n):] == -1).all()  # padding: row -1, gradient unwritten
     assert torch.equal(row_grads[: int(n)], gv_d[uniq]) and torch.equal(gw_s, gw_d)
 
 

@@ -188,7 +188,8 @@ def _segment_bwd_kernel(
                           BLOCK_P, COMPUTE_GW)
         row_grad = acc
         if SPARSE:  # 64-bit offsets: a compact gradient can hold more than 2^31 elements
-            tl.store(gv_ptr + seg.to(tl.int64) * stride_gv + d, row_grad.to(gv_ptr.dtype.element_ty), mask=dmask)
+            tl.store(gv_ptr + seg.to(tl.int64) * stride_gv + d, row_grad.to(gv_ptr.dtype.element_ty), mask=dmask,
+                     eviction_policy="evict_first")
             if pid_d == 0:
                 tl.store(rows_out_ptr + seg, r)
         else:

@@ -163,6 +163,23 @@ def test_lookup_sparse_form_matches_dense():
     assert torch.equal(row_grads[: int(n)], gv_d[uniq]) and torch.equal(gw_s, gw_d)
 
 
+@pytest.mark.parametrize("config", [None, (2, 64, 1)])
+def test_compact_form_in_column_chunks_matches_dense(config):
+    # the compact form runs a segment's column chunks as neighbouring programs of a 1-D grid: (2, 64, 1) gives five
+    # chunks of 64 columns, the last one partly masked
+    gen = torch.Generator().manual_seed(5)
+    T, S, N, D = 5, 4, 40, 300
+    idx = torch.randint(0, N, (T, S), generator=gen).to(DEV)
+    w = torch.randn(T, S, generator=gen).to(DEV)
+    v = torch.randn(N, D, generator=gen).to(DEV)
+    g = torch.randn(T, D, generator=gen).to(DEV)
+    gw_d, gv_d = lookup_backward(g, idx, w, v, config=config)
+    gw_s, (rows, row_grads, n) = lookup_backward(g, idx, w, v, sparse=True, config=config)
+    k = int(n)
+    assert torch.equal(rows[:k], torch.unique(idx)) and (rows[k:] == -1).all()
+    assert torch.equal(row_grads[:k], gv_d[rows[:k]]) and torch.equal(gw_s, gw_d)
+
+
 def test_lookup_backward_is_deterministic():
     gen = torch.Generator().manual_seed(3)
     T, S, N, D = 8, 6, 4, 40  # many duplicates per row

@@ -415,9 +415,9 @@ def lookup_backward(grad_out, indices, weights, values, compute_gw: bool = True,
             M, P, S, D, grad_out.stride(0), values.stride(0),
             RUN=run, BLOCK_P=run_p, BLOCK_D=block_d, COMPUTE_GW=compute_gw, num_warps=run_warps,
         )
-    # The compact form runs on a 1-D grid (a segment's column chunks side by side): 7-12% faster fwd+bwd at 1024 to
-    # 4096 columns, bit-equal. The other forms measured the same or slower on it (the merged pass 3.24 -> 3.65 ms), and
-    # why the grid's shape matters is not known (BENCHMARKS.md, "the compact form's stores").
+    # The compact form runs on a 1-D grid (a segment's column chunks side by side), where it measured faster at every
+    # width; the other forms measured the same or slower there (the merged pass much slower). Why the grid's shape
+    # matters is not known (BENCHMARKS.md, "the compact form's stores").
     adjacent = n_d if sparse else 0
     _segment_bwd_kernel[(grid * n_d,) if adjacent else (grid, n_d)](
         sorted_rows, perm, seg_start, nseg, nfull, cum, part,

@@ -155,7 +155,7 @@ def _segment_bwd_kernel(
     P, S, D, stride_g, stride_v, stride_gv,
     RUN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, HAS_RUNS: tl.constexpr,
     COMPUTE_GW: tl.constexpr, SPARSE: tl.constexpr, ZERO_UNTOUCHED: tl.constexpr, ACCUMULATE: tl.constexpr,
-    ADJACENT_CHUNKS: tl.constexpr = 0,
+    ADJACENT_CHUNKS: tl.constexpr = 0, ROW_PROGRAMS: tl.constexpr = False,
 ):
     if ADJACENT_CHUNKS > 0:  # a 1-D grid: the column chunks of a segment are ADJACENT_CHUNKS neighbouring programs
         seg = tl.program_id(0) // ADJACENT_CHUNKS
@@ -165,11 +165,18 @@ def _segment_bwd_kernel(
         pid_d = tl.program_id(1)
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = d < D
-    nseg = tl.load(nseg_ptr)
-    if seg < nseg:
+    if ROW_PROGRAMS:  # program seg owns row seg: its pairs are seg_start[seg] .. seg_start[seg + 1], maybe none
+        live = tl.load(seg_start_ptr + seg) < tl.load(seg_start_ptr + seg + 1)
+    else:  # program seg owns the seg-th touched row, if there is one
+        nseg = tl.load(nseg_ptr)
+        live = seg < nseg
+    if live:
         start = tl.load(seg_start_ptr + seg)
         end = tl.load(seg_start_ptr + seg + 1)
-        r = tl.load(sorted_rows_ptr + start).to(tl.int64)
+        if ROW_PROGRAMS:
+            r = seg.to(tl.int64)
+        else:
+            r = tl.load(sorted_rows_ptr + start).to(tl.int64)
         # The value row, the old gradient row and the rows written are touched once each and stream gigabytes
         # through L2: marked evict-first, they leave more of it to the rest (BENCHMARKS.md, evict-first hints).
         vrow = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -208,8 +215,11 @@ def _segment_bwd_kernel(
         # move; up to min(T*S, N) - nseg rows of zeros would otherwise be written for nobody).
         if SPARSE and pid_d == 0:
             tl.store(rows_out_ptr + seg, -1)
-        if ZERO_UNTOUCHED:  # dense form: program nseg + j zeroes the j-th row that no pair touched
-            r = tl.load(untouched_ptr + (seg - nseg)).to(tl.int64)
+        if ZERO_UNTOUCHED:  # dense form: the row that no pair touched gets its zeros
+            if ROW_PROGRAMS:
+                r = seg.to(tl.int64)
+            else:  # program nseg + j: the j-th untouched row
+                r = tl.load(untouched_ptr + (seg - nseg)).to(tl.int64)
             tl.store(gv_ptr + r * stride_gv + d, tl.zeros([BLOCK_D], gv_ptr.dtype.element_ty), mask=dmask,
                      eviction_policy="evict_first")
 
@@ -285,21 +295,32 @@ def lookup_weight_grad(grad_out, indices, weights, values, config=None):
     return gw
 
 
-def _segments(indices: torch.Tensor, n_rows: int):
-    """Sort pairs by row. Returns (sorted_rows, perm, seg_start [M+1], nseg [1], M) with M = min(P, n_rows) an
-    upper bound on the number of touched rows; tensors stay on the device and nothing syncs with the host."""
+def _sort_pairs(indices: torch.Tensor, n_rows: int):
+    """(sorted_rows, perm): the pairs' rows in increasing order, and each sorted pair's flat index (stable)."""
     flat = indices.reshape(-1)
-    P = flat.numel()
     keys = flat.to(torch.int32) if n_rows < 2**31 else flat.to(torch.int64)  # 32-bit keys sort faster
-    sorted_rows, perm = torch.sort(keys, stable=True)
-    new = torch.ones(P, dtype=torch.bool, device=flat.device)
+    return torch.sort(keys, stable=True)
+
+
+def _segments(sorted_rows: torch.Tensor, n_rows: int):
+    """(seg_start [M+1], nseg [1], M) for the touched rows in order: segment k is the sorted pairs seg_start[k] ..
+    seg_start[k + 1] of the k-th touched row; M = min(P, n_rows) bounds the number of touched rows, and the starts
+    past the last segment are P. On the device, without a host sync."""
+    P = sorted_rows.numel()
+    new = torch.ones(P, dtype=torch.bool, device=sorted_rows.device)
     new[1:] = sorted_rows[1:] != sorted_rows[:-1]
     seg_id = torch.cumsum(new, 0)  # 1-based segment id of each sorted pair
     M = min(P, n_rows)
     # start of segment k = first position whose 1-based id exceeds k; k = nseg gives P (end of the last)
-    seg_start = torch.searchsorted(seg_id, torch.arange(M + 1, device=flat.device, dtype=seg_id.dtype), right=True)
-    nseg = seg_id[-1:]
-    return sorted_rows, perm, seg_start, nseg, M
+    seg_start = torch.searchsorted(seg_id, torch.arange(M + 1, device=seg_id.device, dtype=seg_id.dtype), right=True)
+    return seg_start, seg_id[-1:], M
+
+
+def _row_segments(sorted_rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """row_start [n_rows + 1]: row r's pairs are the sorted pairs row_start[r] .. row_start[r + 1] (empty for a row
+    no pair touched). One search, where _segments also needs a scan, and the dense form a list of untouched rows."""
+    rows = torch.arange(n_rows + 1, device=sorted_rows.device, dtype=sorted_rows.dtype)
+    return torch.searchsorted(sorted_rows, rows)
 
 
 def run_pairs(P: int, compute_gw: bool) -> int:
@@ -381,8 +402,18 @@ def lookup_backward(grad_out, indices, weights, values, compute_gw: bool = True,
             return gw, (torch.empty(0, dtype=torch.int64, device=dev), torch.empty((0, D), dtype=gv_dtype, device=dev),
                         torch.zeros(1, dtype=torch.int64, device=dev))
         return gw, torch.zeros((N, D), dtype=gv_dtype, device=dev)
-    sorted_rows, perm, seg_start, nseg, M = _segments(indices, N)
-    block_p, block_d, warps = config or bwd_config(P, M, D, grad_out.element_size())
+    sorted_rows, perm = _sort_pairs(indices, N)
+    # The dense form without the weights' gradient (the trainer's merged pass) gives each row of the table a program;
+    # the other forms give each touched row one, and the dense form's untouched rows the programs after them. Row
+    # programs measured faster for the merged pass and slower with the weights' gradient or the compact form
+    # (BENCHMARKS.md, "programs by row").
+    row_programs = not sparse and accumulate_into is None and not compute_gw
+    if row_programs:
+        seg_start, M = _row_segments(sorted_rows, N), N
+        nseg = seg_start  # not read with row programs
+    else:
+        seg_start, nseg, M = _segments(sorted_rows, N)
+    block_p, block_d, warps = config or bwd_config(P, min(P, N), D, grad_out.element_size())
     n_d = triton.cdiv(D, block_d)
     gw_part = torch.empty((n_d, P), dtype=torch.float32, device=dev) if compute_gw else None
     if sparse:
@@ -396,9 +427,9 @@ def lookup_backward(grad_out, indices, weights, values, compute_gw: bool = True,
     else:
         gv = torch.empty((N, D), dtype=gv_dtype, device=dev)
         rows_out = nseg  # unused
-        # One program per row of the table: the nseg touched rows' segments, then the N - nseg untouched rows,
-        # which get their zeros in the same launch (every row written exactly once).
-        untouched, grid = _untouched_rows(sorted_rows, N), N
+        # N programs, one per row of the table (with row programs, row r's own; else the nseg touched rows' segments,
+        # then the N - nseg untouched rows): every row is written exactly once, untouched ones with zeros.
+        untouched, grid = (nseg if row_programs else _untouched_rows(sorted_rows, N)), N
     # A row read by thousands of pairs (a training step's rows are far from uniform) would keep one program walking
     # them long after the rest: its full runs of `run` pairs are summed first, one program each.
     run = run_pairs(P, compute_gw) if run is None else run
@@ -425,7 +456,7 @@ def lookup_backward(grad_out, indices, weights, values, compute_gw: bool = True,
         P, S, D, grad_out.stride(0), values.stride(0), gv.stride(0),
         RUN=run, BLOCK_P=block_p, BLOCK_D=block_d, HAS_RUNS=J > 0, COMPUTE_GW=compute_gw, SPARSE=sparse,
         ZERO_UNTOUCHED=not sparse and accumulate_into is None, ACCUMULATE=accumulate_into is not None,
-        num_warps=warps, ADJACENT_CHUNKS=adjacent,
+        num_warps=warps, ADJACENT_CHUNKS=adjacent, ROW_PROGRAMS=row_programs,
     )
     gw = None
     if compute_gw:

@@ -98,6 +98,18 @@ def test_untouched_rows_in_order():
     assert _untouched_rows(torch.arange(5, device=DEV), 5).numel() == 6  # none untouched: only the spare entry
 
 
+def test_pair_segments_by_touched_row_and_by_row():
+    from ops.triton_lookup import _row_segments, _segments
+
+    rows = torch.tensor([1, 1, 3, 6, 6, 6], dtype=torch.int32, device=DEV)
+    # the dense form's programs are rows: untouched rows 0, 2, 4, 5, 7 get empty ranges
+    assert _row_segments(rows, 8).tolist() == [0, 0, 2, 2, 3, 3, 3, 6, 6]
+    # the other forms' programs are touched rows in order; starts past the last (of M = min(P, N) = 6) are P
+    seg_start, nseg, m = _segments(rows, 8)
+    assert (seg_start.tolist(), nseg.tolist(), m) == ([0, 2, 3, 6, 6, 6, 6], [3], 6)
+    assert _row_segments(torch.zeros(0, dtype=torch.int32, device=DEV), 3).tolist() == [0, 0, 0, 0]
+
+
 @pytest.mark.parametrize("S,D,idx_dtype,config", [
     (5, 37, torch.int64, None), (128, 300, torch.int32, None), (3, 64, torch.int64, None), (1, 16, torch.int64, None),
     (3, 600, torch.int64, None),  # rows wider than 2 KiB: column chunks by default

@@ -407,7 +407,8 @@ def lookup_backward(grad_out, indices, weights, values, compute_gw: bool = True,
     # the other forms give each touched row one, and the dense form's untouched rows the programs after them. Row
     # programs measured faster for the merged pass and slower with the weights' gradient or the compact form
     # (BENCHMARKS.md, "programs by row").
-    row_programs = not sparse and accumulate_into is None and not compute_gw
+    dense = not sparse and accumulate_into is None
+    row_programs = dense and not compute_gw
     if row_programs:
         seg_start, M = _row_segments(sorted_rows, N), N
         nseg = seg_start  # not read with row programs
@@ -455,7 +456,7 @@ def lookup_backward(grad_out, indices, weights, values, compute_gw: bool = True,
         weights, grad_out, values, gw_out, gv, rows_out, untouched,
         P, S, D, grad_out.stride(0), values.stride(0), gv.stride(0),
         RUN=run, BLOCK_P=block_p, BLOCK_D=block_d, HAS_RUNS=J > 0, COMPUTE_GW=compute_gw, SPARSE=sparse,
-        ZERO_UNTOUCHED=not sparse and accumulate_into is None, ACCUMULATE=accumulate_into is not None,
+        ZERO_UNTOUCHED=dense, ACCUMULATE=accumulate_into is not None,
         num_warps=warps, ADJACENT_CHUNKS=adjacent, ROW_PROGRAMS=row_programs,
     )
     gw = None

@@ -166,16 +166,18 @@ def _segment_bwd_kernel(
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = d < D
     if ROW_PROGRAMS:  # program seg owns row seg: its pairs are seg_start[seg] .. seg_start[seg + 1], maybe none
-        live = tl.load(seg_start_ptr + seg) < tl.load(seg_start_ptr + seg + 1)
+        start = tl.load(seg_start_ptr + seg)
+        end = tl.load(seg_start_ptr + seg + 1)
+        live = start < end
     else:  # program seg owns the seg-th touched row, if there is one
         nseg = tl.load(nseg_ptr)
         live = seg < nseg
     if live:
-        start = tl.load(seg_start_ptr + seg)
-        end = tl.load(seg_start_ptr + seg + 1)
         if ROW_PROGRAMS:
             r = seg.to(tl.int64)
         else:
+            start = tl.load(seg_start_ptr + seg)
+            end = tl.load(seg_start_ptr + seg + 1)
             r = tl.load(sorted_rows_ptr + start).to(tl.int64)
         # The value row, the old gradient row and the rows written are touched once each and stream gigabytes
         # through L2: marked evict-first, they leave more of it to the rest (BENCHMARKS.md, evict-first hints).

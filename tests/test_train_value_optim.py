@@ -12,6 +12,7 @@ import torch
 
 from _train_helpers import STEP_SMALL
 from ops import row_optim
+from train.adamw import AdamW
 from train.config import ConfigError, load_config
 from train.builder import build_model
 from train.step import train_step
@@ -209,7 +210,7 @@ def tiny(*extra):
 def test_value_state_size(choice, value_floats):
     cfg, rt, model = tiny(f"optim.value_optimizer={choice}")
     opt = build_optimizer(model, cfg.optim)
-    assert type(opt) is (torch.optim.AdamW if choice == "adamw" else RowSparseValueAdamW)
+    assert type(opt) is (AdamW if choice == "adamw" else RowSparseValueAdamW)
     sched = build_scheduler(opt, cfg.optim, cfg.train.steps)
     batch = torch.randint(0, cfg.model.vocab_size, (2, cfg.data.seq_len + 1), generator=torch.Generator().manual_seed(0))
     train_step(model, opt, sched, [batch], cfg, rt)

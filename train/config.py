@@ -28,6 +28,7 @@ ReduceDtype = Literal["fp32", "bf16", "param"]
 DistBackend = Literal["auto", "nccl", "gloo"]
 ValueOptimizer = Literal["adamw", "sparse_adam", "rowwise_adagrad"]  # row rules: train/value_optim.py
 ValuePrecision = Literal["fp32_master", "bf16_stochastic"]  # a bf16 value table's update: train/value_optim.py
+AdamWKernel = Literal["auto", "torch"]  # the update kernel of the AdamW groups: train/adamw.py
 CompileScope = Literal["blocks", "model"]  # what train.compile compiles: train/parallelize.py
 
 # What `python -m train` trains without config= (the same as `make train`).
@@ -65,6 +66,10 @@ class OptimConfig:
     # each gradient by the clip factor as they read it (the grad_scale input), instead of a separate pass
     # multiplying every gradient. The same update up to rounding. Uses the fused AdamW on any device.
     clip_in_optimizer: bool = False
+    # The AdamW update's kernel: auto (mnemo's multi-tensor Triton kernel for fp32 parameters on a GPU, the same
+    # update as torch's fused AdamW at a higher bandwidth; torch's AdamW elsewhere) or torch (always torch's). The
+    # optimizer state and checkpoints are torch's either way.
+    adamw_kernel: AdamWKernel = "auto"
 
     @property
     def resolved_value_lr(self) -> float:

@@ -18,6 +18,7 @@ import torch
 
 from model import value_parameters
 
+from .adamw import AdamW
 from .config import OptimConfig
 from .value_optim import RowSparseValueAdamW
 
@@ -49,11 +50,11 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     # foreach=False keeps the CPU path deterministic and simple; fused kernels are a GPU speed-up. Clipping inside
     # the optimizer needs the fused kernel's gradient scale, which CPUs have too.
     fused = cfg.clip_in_optimizer or all(p.is_cuda for p in model.parameters())
-    kwargs = dict(betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
+    kwargs = dict(betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None, kernel=cfg.adamw_kernel)
     # the value table's row-sparse rule, or fp32 master weights for a bf16 table (train/value_optim.py)
     if cfg.value_optimizer != "adamw" or any(p.dtype != torch.float32 for p in value_parameters(model)):
         return RowSparseValueAdamW(param_groups(model, cfg), cfg.value_optimizer, cfg.value_precision, **kwargs)
-    return torch.optim.AdamW(param_groups(model, cfg), **kwargs)
+    return AdamW(param_groups(model, cfg), **kwargs)
 
 
 def set_clip_scale(optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor, max_norm: float) -> None:

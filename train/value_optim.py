@@ -2,7 +2,7 @@
 
 One optimizer object, so the LR scheduler, gradient clipping, the non-finite guard and DCP checkpoints see the same
 param_groups (and the same "values" group, at its own rate) as with plain AdamW:
-- the "decay" / "no_decay" groups step through torch's AdamW (fused on GPU), untouched;
+- the "decay" / "no_decay" groups step through train/adamw.AdamW (torch's AdamW, its GPU update a Triton kernel);
 - the "values" group steps row by row (ops/row_optim.py), only on the rows with a non-zero gradient this step:
   - sparse_adam ("lazy Adam"): state "exp_avg" / "exp_avg_sq" as large as the table (AdamW's names and shapes:
     a checkpoint's tensors mean the same thing), moved only on touched rows;
@@ -44,6 +44,7 @@ import torch.distributed as dist
 
 from ops import row_optim
 
+from .adamw import AdamW
 from .config import ValuePrecision
 
 # optim.value_optimizer (train/config.py ValueOptimizer) -> its row rule in ops/row_optim.py; adamw is lazy Adam
@@ -82,8 +83,8 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-class RowSparseValueAdamW(torch.optim.AdamW):
-    """torch.optim.AdamW whose "values" group steps with a row-sparse rule (see the module docstring)."""
+class RowSparseValueAdamW(AdamW):
+    """AdamW (train/adamw.py) whose "values" group steps with a row-sparse rule (see the module docstring)."""
 
     def __init__(self, params, value_optimizer: str, value_precision: str = "fp32_master", **adamw_kwargs):
         if value_optimizer not in _RULE:

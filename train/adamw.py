@@ -1,0 +1,137 @@
+"""torch.optim.AdamW whose fp32 groups on a GPU step through one multi-tensor Triton kernel (ops/triton_adamw.py).
+
+The same optimizer to everything around it: a torch.optim.AdamW subclass with torch's param_groups, state ("step",
+"exp_avg", "exp_avg_sq", the step a device scalar as the fused AdamW keeps it) and so torch's checkpoints, both ways;
+the fused AdamW's `grad_scale` (the clip factor, divided out of each gradient as it is read) is honoured. Only the
+update's kernel differs: torch's fused kernel moves an fp32 update at about 70% of an H200's copy bandwidth, this one
+at about 96% (BENCHMARKS.md, "the dense parameters' AdamW").
+
+kernel="auto" (optim.adamw_kernel): the Triton kernel for a group whose parameters, gradients and moments are
+contiguous fp32 tensors on CUDA, without amsgrad, maximize, capturable, differentiable or a tensor lr, and no
+`found_inf`; any other group steps through torch's AdamW in the same call. Sharded (DTensor) parameters, as FSDP2
+makes them, stay with torch's kernel: the kernel has run on one GPU only.
+"torch": always torch's. "triton": the kernel on any device (CPU under the Triton interpreter, for tests), an error
+for a group it cannot take.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+KERNELS = ("auto", "torch", "triton")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class AdamW(torch.optim.AdamW):
+    """torch.optim.AdamW; see the module docstring for `kernel`."""
+
+    def __init__(self, params, kernel: str = "auto", **adamw_kwargs):
+        if kernel not in KERNELS:
+            raise ValueError(f"optim.adamw_kernel: must be one of {', '.join(KERNELS)}, got {kernel!r}")
+        super().__init__(params, **adamw_kwargs)
+        self.kernel = kernel
+        self._launches: dict = {}  # id(group) -> (what it was built for, its AdamWLaunch or None)
+
+    def _why_not(self, group, params) -> Optional[str]:
+        """Why the Triton kernel cannot take this group's parameters (None: it can). Its per-tensor checks ran when
+        the group's launch was built; the gradients are checked by the launch at every step."""
+        for flag in ("amsgrad", "maximize", "capturable", "differentiable"):
+            if group.get(flag):
+                return f"{flag}=True"
+        if isinstance(group["lr"], torch.Tensor):
+            return "a tensor learning rate"
+        if getattr(self, "found_inf", None) is not None:
+            return "found_inf is set"
+        for p in params:
+            if hasattr(p, "device_mesh") or hasattr(p.grad, "device_mesh"):
+                return "a sharded (DTensor) parameter"
+            if p.grad.is_sparse or p.grad.dtype != torch.float32:
+                return "a gradient that is not a dense fp32 tensor"
+            state = self.state[p]
+            tensors = [p] + ([state["exp_avg"], state["exp_avg_sq"], state["step"]] if state else [])
+            if not all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors):
+                return "a parameter or state that is not a contiguous fp32 tensor"
+            if self.kernel == "auto" and not all(t.is_cuda for t in tensors):
+                return "a tensor off the GPU"
+        return None
+
+    @staticmethod
+    def _layout(params) -> tuple:
+        """What a launch is built for: the parameters' addresses and sizes (a launch addresses their data, whatever
+        Python objects hold it). Their state changes only where the launch is built or in load_state_dict, which
+        drops every launch."""
+        return tuple((p.data_ptr(), p.shape) for p in params)
+
+    def load_state_dict(self, state_dict) -> None:
+        self._launches.clear()  # the loaded state lives in new tensors
+        super().load_state_dict(state_dict)
+
+    def _launch(self, group):
+        """The kernel's launch for this group's parameters with a gradient (built once per set of parameters and
+        state tensors, state created as torch's fused AdamW creates it), or None when torch's AdamW steps it."""
+        params = [p for p in group["params"] if p.grad is not None]
+        if self.kernel == "torch" or not params:
+            return None
+        key = (self._layout(params), getattr(self, "found_inf", None) is None)
+        cached = self._launches.get(id(group))
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        why = self._why_not(group, params)
+        if why is not None:
+            if self.kernel == "triton":
+                raise RuntimeError(f"optim.adamw_kernel=triton: the kernel cannot step this group: {why}")
+            launch = None
+        else:
+            from ops.triton_adamw import AdamWLaunch
+
+            for p in params:
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            launch = AdamWLaunch(params, *([self.state[p][k] for p in params]
+                                           for k in ("exp_avg", "exp_avg_sq", "step")))
+            key = (self._layout(params), key[1])  # with the state just created
+        self._launches[id(group)] = (key, launch)
+        return launch
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        by_torch = []
+        for group in self.param_groups:
+            launch = self._launch(group)
+            if launch is None:
+                by_torch.append(group)
+            else:
+                self._kernel_step(group, launch, [p for p in group["params"] if p.grad is not None])
+        if any(p.grad is not None for g in by_torch for p in g["params"]):
+            # torch's AdamW steps every group with gradients: hide the groups stepped above from it
+            torch_ids = {id(g) for g in by_torch}
+            done = [(p, p.grad) for g in self.param_groups if id(g) not in torch_ids for p in g["params"]
+                    if p.grad is not None]
+            for p, _ in done:
+                p.grad = None
+            try:
+                super().step()
+            finally:
+                for p, grad in done:
+                    p.grad = grad
+        return loss
+
+    def _kernel_step(self, group, launch, params) -> None:
+        grad_scale = getattr(self, "grad_scale", None)
+        if grad_scale is not None:
+            grad_scale = _local(grad_scale).to(device=launch.device, dtype=torch.float32).reshape(())
+        torch._foreach_add_([self.state[p]["step"] for p in params], 1)
+        beta1, beta2 = group["betas"]
+        launch.step([p.grad for p in params], lr=float(group["lr"]), weight_decay=group["weight_decay"],
+                    beta1=beta1, beta2=beta2, eps=group["eps"], grad_scale=grad_scale)

@@ -1,7 +1,7 @@
 """AdamW over a list of fp32 tensors in one Triton launch: torch's fused AdamW update, at the copy ceiling.
 
 torch's fused AdamW moves the 28 bytes per element of an fp32 update (parameter, gradient and two moments read; the
-parameter and the moments written) at about 70% of an H200's copy bandwidth; this kernel moves them at ~96%
+parameter and the moments written) at about 70% of an H200's copy bandwidth; this kernel moves them at ~99%
 (BENCHMARKS.md, "the dense parameters' AdamW"). Program c updates chunk c of the list: a table gives each chunk its
 tensor and first element, and each tensor's four buffers (and its step count) are addressed as element offsets from
 one base pointer, the lowest address among them, so one launch covers tensors of any sizes without copying them into
@@ -98,7 +98,7 @@ class AdamWLaunch:
         self.numels = torch.tensor([p.numel() for p in fixed[0]], dtype=torch.int64)
         self.vec_ok = torch.tensor([all(_aligned(t.data_ptr(), t.numel()) for t in (p, m, v))
                                     for p, m, v in zip(*fixed[:3])], dtype=torch.bool)
-        self.base = min((t for ts in fixed for t in ts), key=lambda t: t.data_ptr()) if keep else None
+        self.fixed = fixed
         self._tables = {}  # (indices of a launch) -> ChunkTable
 
     def _table(self, part: torch.Tensor) -> "ChunkTable":
@@ -129,8 +129,12 @@ class AdamWLaunch:
                 continue
             table = self._table(part)
             sel = ptrs[:, part]
-            base_ptr = min(int(sel.min()), self.base.data_ptr())
-            base = self.base if base_ptr == self.base.data_ptr() else grads[int(g_ptrs.argmin())]
+            # the base: the launch's lowest address (offsets >= 0); 16-byte accesses need it 16-byte aligned too
+            row, col = divmod(int(sel.argmin()), part.numel())
+            lists = (self.fixed[0], grads, *self.fixed[1:])
+            base = lists[row][int(part[col])]
+            if base.data_ptr() % 16:
+                width = 1
             offsets = ((sel - base.data_ptr()) // 4).flatten()
             if base.is_cuda:
                 offsets = offsets.pin_memory().to(base.device, non_blocking=True)
@@ -146,15 +150,15 @@ class ChunkTable:
     list of sizes, on the device)."""
 
     def __init__(self, numels: Sequence[int], device):
-        chunk_tensor, chunk_start = [], []
-        for k, n in enumerate(numels):
-            starts = range(0, n, BLOCK)
-            chunk_tensor += [k] * len(starts)
-            chunk_start += starts
+        numel = torch.tensor(numels, dtype=torch.int64)
+        counts = (numel + BLOCK - 1) // BLOCK
+        chunk_tensor = torch.repeat_interleave(torch.arange(len(numels)), counts)
+        first = torch.cumsum(counts, 0) - counts  # each tensor's first chunk
+        chunk_start = (torch.arange(len(chunk_tensor)) - first[chunk_tensor]) * BLOCK
         self.n_chunks = len(chunk_tensor)
-        self.chunk_tensor = torch.tensor(chunk_tensor, dtype=torch.int32, device=device)
-        self.chunk_start = torch.tensor(chunk_start, dtype=torch.int64, device=device)
-        self.numel = torch.tensor(numels, dtype=torch.int64, device=device)
+        self.chunk_tensor = chunk_tensor.to(device=device, dtype=torch.int32)
+        self.chunk_start = chunk_start.to(device)
+        self.numel = numel.to(device)
 
 
 def adamw_step(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[torch.Tensor],

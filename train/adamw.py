@@ -4,7 +4,7 @@ The same optimizer to everything around it: a torch.optim.AdamW subclass with to
 "exp_avg", "exp_avg_sq", the step a device scalar as the fused AdamW keeps it) and so torch's checkpoints, both ways;
 the fused AdamW's `grad_scale` (the clip factor, divided out of each gradient as it is read) is honoured. Only the
 update's kernel differs: torch's fused kernel moves an fp32 update at about 70% of an H200's copy bandwidth, this one
-at about 96% (BENCHMARKS.md, "the dense parameters' AdamW").
+at about 99% (BENCHMARKS.md, "the dense parameters' AdamW").
 
 kernel="auto" (optim.adamw_kernel): the Triton kernel for a group whose parameters, gradients and moments are
 contiguous fp32 tensors on CUDA, without amsgrad, maximize, capturable, differentiable or a tensor lr, and no
@@ -86,8 +86,13 @@ class AdamW(torch.optim.AdamW):
                 raise RuntimeError(f"optim.adamw_kernel=triton: the kernel cannot step this group: {why}")
             launch = None
         else:
-            from ops.triton_adamw import AdamWLaunch
-
+            try:
+                from ops.triton_adamw import AdamWLaunch
+            except ImportError as e:  # no usable Triton here: torch's kernel, as for any group it cannot take
+                if self.kernel == "triton":
+                    raise RuntimeError(f"optim.adamw_kernel=triton: the kernel is unavailable: {e}") from e
+                self._launches[id(group)] = (key, None)
+                return None
             for p in params:
                 state = self.state[p]
                 if not state:

@@ -15,6 +15,7 @@ for a group it cannot take.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -24,6 +25,20 @@ KERNELS = ("auto", "torch", "triton")
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
+
+
+@contextlib.contextmanager
+def grads_hidden(groups):
+    """The gradients of these param groups set to None inside the block (and put back after it, whatever happens):
+    torch's AdamW.step steps every parameter with a gradient, so a group stepped another way is hidden from it."""
+    hidden = [(p, p.grad) for g in groups for p in g["params"] if p.grad is not None]
+    for p, _ in hidden:
+        p.grad = None
+    try:
+        yield
+    finally:
+        for p, grad in hidden:
+            p.grad = grad
 
 
 class AdamW(torch.optim.AdamW):
@@ -119,17 +134,9 @@ class AdamW(torch.optim.AdamW):
             else:
                 self._kernel_step(group, launch, [p for p in group["params"] if p.grad is not None])
         if any(p.grad is not None for g in by_torch for p in g["params"]):
-            # torch's AdamW steps every group with gradients: hide the groups stepped above from it
             torch_ids = {id(g) for g in by_torch}
-            done = [(p, p.grad) for g in self.param_groups if id(g) not in torch_ids for p in g["params"]
-                    if p.grad is not None]
-            for p, _ in done:
-                p.grad = None
-            try:
+            with grads_hidden([g for g in self.param_groups if id(g) not in torch_ids]):  # stepped above
                 super().step()
-            finally:
-                for p, grad in done:
-                    p.grad = grad
         return loss
 
     def _kernel_step(self, group, launch, params) -> None:

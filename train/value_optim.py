@@ -44,7 +44,7 @@ import torch.distributed as dist
 
 from ops import row_optim
 
-from .adamw import AdamW
+from .adamw import AdamW, grads_hidden
 from .config import ValuePrecision
 
 # optim.value_optimizer (train/config.py ValueOptimizer) -> its row rule in ops/row_optim.py; adamw is lazy Adam
@@ -112,15 +112,8 @@ class RowSparseValueAdamW(AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # AdamW steps every parameter with a gradient: hide the value tables' gradients from it for this call.
-        hidden = [(p, p.grad) for g in self._value_groups() for p in g["params"] if p.grad is not None]
-        for p, _ in hidden:
-            p.grad = None
-        try:
+        with grads_hidden(self._value_groups()):  # stepped below, row by row
             super().step()
-        finally:
-            for p, grad in hidden:
-                p.grad = grad
         for group in self._value_groups():
             for p in group["params"]:
                 if p.grad is not None:

@@ -23,7 +23,8 @@ import torch
 KERNELS = ("auto", "torch", "triton")
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard, or the tensor itself."""
     return t.to_local() if hasattr(t, "to_local") else t
 
 
@@ -85,10 +86,9 @@ class AdamW(torch.optim.AdamW):
         self._launches.clear()  # the loaded state lives in new tensors
         super().load_state_dict(state_dict)
 
-    def _launch(self, group):
-        """The kernel's launch for this group's parameters with a gradient (built once per set of parameters and
-        state tensors, state created as torch's fused AdamW creates it), or None when torch's AdamW steps it."""
-        params = [p for p in group["params"] if p.grad is not None]
+    def _launch(self, group, params):
+        """The kernel's launch for `params`, this group's parameters with a gradient (built once per layout, state
+        created as torch's fused AdamW creates it), or None when torch's AdamW steps the group."""
         if self.kernel == "torch" or not params:
             return None
         key = (self._layout(params), getattr(self, "found_inf", None) is None)
@@ -96,18 +96,16 @@ class AdamW(torch.optim.AdamW):
         if cached is not None and cached[0] == key:
             return cached[1]
         why = self._why_not(group, params)
-        if why is not None:
-            if self.kernel == "triton":
-                raise RuntimeError(f"optim.adamw_kernel=triton: the kernel cannot step this group: {why}")
-            launch = None
-        else:
+        if why is None:
             try:
                 from ops.triton_adamw import AdamWLaunch
             except ImportError as e:  # no usable Triton here: torch's kernel, as for any group it cannot take
-                if self.kernel == "triton":
-                    raise RuntimeError(f"optim.adamw_kernel=triton: the kernel is unavailable: {e}") from e
-                self._launches[id(group)] = (key, None)
-                return None
+                why = f"the kernel is unavailable: {e}"
+        launch = None
+        if why is not None:
+            if self.kernel == "triton":
+                raise RuntimeError(f"optim.adamw_kernel=triton: the kernel cannot step this group: {why}")
+        else:
             for p in params:
                 state = self.state[p]
                 if not state:
@@ -116,9 +114,12 @@ class AdamW(torch.optim.AdamW):
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             launch = AdamWLaunch(params, *([self.state[p][k] for p in params]
                                            for k in ("exp_avg", "exp_avg_sq", "step")))
-            key = (self._layout(params), key[1])  # with the state just created
         self._launches[id(group)] = (key, launch)
         return launch
+
+    def _step_group(self, group) -> bool:
+        """Step `group` by a rule of a subclass's own and return True; False (here, always) leaves it to AdamW."""
+        return False
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -128,21 +129,30 @@ class AdamW(torch.optim.AdamW):
                 loss = closure()
         by_torch = []
         for group in self.param_groups:
-            launch = self._launch(group)
+            if self._step_group(group):
+                continue
+            params = [p for p in group["params"] if p.grad is not None]
+            launch = self._launch(group, params)
             if launch is None:
                 by_torch.append(group)
             else:
-                self._kernel_step(group, launch, [p for p in group["params"] if p.grad is not None])
+                self._kernel_step(group, launch, params)
         if any(p.grad is not None for g in by_torch for p in g["params"]):
             torch_ids = {id(g) for g in by_torch}
             with grads_hidden([g for g in self.param_groups if id(g) not in torch_ids]):  # stepped above
                 super().step()
         return loss
 
-    def _kernel_step(self, group, launch, params) -> None:
+    def grad_scale_on(self, device) -> Optional[torch.Tensor]:
+        """`grad_scale` (torch's fused AdamW contract: every gradient is divided by it) as an fp32 scalar on `device`,
+        or None when there is none."""
         grad_scale = getattr(self, "grad_scale", None)
-        if grad_scale is not None:
-            grad_scale = _local(grad_scale).to(device=launch.device, dtype=torch.float32).reshape(())
+        if grad_scale is None:
+            return None
+        return local_tensor(grad_scale).to(device=device, dtype=torch.float32).reshape(())
+
+    def _kernel_step(self, group, launch, params) -> None:
+        grad_scale = self.grad_scale_on(launch.device)
         torch._foreach_add_([self.state[p]["step"] for p in params], 1)
         beta1, beta2 = group["betas"]
         launch.step([p.grad for p in params], lr=float(group["lr"]), weight_decay=group["weight_decay"],

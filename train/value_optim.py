@@ -44,7 +44,7 @@ import torch.distributed as dist
 
 from ops import row_optim
 
-from .adamw import AdamW, grads_hidden
+from .adamw import AdamW, local_tensor
 from .config import ValuePrecision
 
 # optim.value_optimizer (train/config.py ValueOptimizer) -> its row rule in ops/row_optim.py; adamw is lazy Adam
@@ -79,10 +79,6 @@ def _sharded_dims(p: torch.Tensor) -> List[int]:
     return [i for i, pl in enumerate(p.placements) if isinstance(pl, Shard) and pl.dim == 1]
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 class RowSparseValueAdamW(AdamW):
     """AdamW (train/adamw.py) whose "values" group steps with a row-sparse rule (see the module docstring)."""
 
@@ -103,22 +99,14 @@ class RowSparseValueAdamW(AdamW):
         """The dtype of state tensor `key` of parameter p: bf16 moments with stochastic rounding, else fp32."""
         return torch.bfloat16 if self._stochastic(p) and key in ("exp_avg", "exp_avg_sq") else torch.float32
 
-    def _value_groups(self) -> List[Dict]:
-        return [g for g in self.param_groups if g.get("name") == "values"]
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        with grads_hidden(self._value_groups()):  # stepped below, row by row
-            super().step()
-        for group in self._value_groups():
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._step_rows(p, group)
-        return loss
+    def _step_group(self, group) -> bool:
+        """The "values" group steps row by row here; AdamW steps the others."""
+        if group.get("name") != "values":
+            return False
+        for p in group["params"]:
+            if p.grad is not None:
+                self._step_rows(p, group)
+        return True
 
     def load_state_dict(self, state_dict) -> None:
         # torch casts every floating state tensor to its parameter's dtype on load: a bf16 table's fp32 master,
@@ -144,7 +132,7 @@ class RowSparseValueAdamW(AdamW):
                     state[key] = torch.zeros_like(p, dtype=self._state_dtype(p, key),
                                                   memory_format=torch.preserve_format)
             else:
-                acc = torch.zeros(p.shape[0], dtype=torch.float32, device=_local(p).device)
+                acc = torch.zeros(p.shape[0], dtype=torch.float32, device=local_tensor(p).device)
                 if hasattr(p, "device_mesh"):
                     from torch.distributed.tensor import DTensor, Replicate
 
@@ -159,11 +147,9 @@ class RowSparseValueAdamW(AdamW):
         if state["step"].device.type != "cpu":  # a checkpoint load may put it beside the parameter: read it sync-free
             state["step"] = state["step"].cpu()
         state["step"] += 1
-        param, grad = _local(p), _local(p.grad)
-        master = _local(state["master"]) if "master" in state else None
-        grad_scale = getattr(self, "grad_scale", None)  # torch's fused AdamW contract: gradients / grad_scale
-        if grad_scale is not None:
-            grad_scale = _local(grad_scale).to(device=param.device, dtype=torch.float32).reshape(())
+        param, grad = local_tensor(p), local_tensor(p.grad)
+        master = local_tensor(state["master"]) if "master" in state else None
+        grad_scale = self.grad_scale_on(param.device)
         row_stat = None
         dims = _sharded_dims(p)
         if self.every_row:
@@ -183,14 +169,14 @@ class RowSparseValueAdamW(AdamW):
             rounding = dict(rounding_seed=_rounding_seed(step), rng_col0=_first_column(p))
         if self.rule == "lazy_adam":
             beta1, beta2 = group["betas"]
-            row_optim.lazy_adam_rows(param, grad, _local(state["exp_avg"]), _local(state["exp_avg_sq"]), row_stat,
-                                     lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
+            row_optim.lazy_adam_rows(param, grad, local_tensor(state["exp_avg"]), local_tensor(state["exp_avg_sq"]),
+                                     row_stat, lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
                                      weight_decay=group["weight_decay"], step=step, master=master,
                                      grad_scale=grad_scale, **rounding)
         else:
-            row_optim.rowwise_adagrad_rows(param, grad, _local(state["row_acc"]), row_stat, lr=lr, eps=group["eps"],
-                                           weight_decay=group["weight_decay"], n_cols=p.shape[1], master=master,
-                                           grad_scale=grad_scale, **rounding)
+            row_optim.rowwise_adagrad_rows(param, grad, local_tensor(state["row_acc"]), row_stat, lr=lr,
+                                           eps=group["eps"], weight_decay=group["weight_decay"], n_cols=p.shape[1],
+                                           master=master, grad_scale=grad_scale, **rounding)
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> Dict[str, int]:
@@ -201,7 +187,7 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> Dict[str, int]:
         for p in group["params"]:
             for t in optimizer.state.get(p, {}).values():
                 if isinstance(t, torch.Tensor):
-                    local = _local(t)
+                    local = local_tensor(t)
                     total += local.numel() * local.element_size()
         out[group.get("name", "?")] = out.get(group.get("name", "?"), 0) + total
     return out

@@ -82,6 +82,22 @@ def parse_override(item: str, example: str):
         raise ConfigError(f"{key}: {_first_line(e)}") from None
 
 
+OMEGACONF_MIN = (2, 4)  # Literal field types (the choices above) need OmegaConf 2.4
+
+
+def require_omegaconf() -> None:
+    """ConfigError when the installed OmegaConf is too old for the schemas' Literal fields: 2.3 fails on the first
+    such field with "Unexpected type annotation", which names neither the package nor the version to install."""
+    import omegaconf
+
+    version = getattr(omegaconf, "__version__", "0")
+    parts = tuple(int(p) if p.isdigit() else 0 for p in version.split(".")[:2])
+    if parts < OMEGACONF_MIN:
+        need = ".".join(map(str, OMEGACONF_MIN))
+        raise ConfigError(f"config: mnemo needs omegaconf >= {need} (Literal field types); this environment has "
+                          f"omegaconf {version}: pip install 'omegaconf>={need}'")
+
+
 def load_structured(schema, path: Optional[str] = None, overrides: Iterable[str] = (),
                     example: str = "key.sub=value"):
     """Dataclass `schema` <- YAML file `path` (optional) <- `key=value` overrides -> a dataclass instance.
@@ -92,6 +108,7 @@ def load_structured(schema, path: Optional[str] = None, overrides: Iterable[str]
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    require_omegaconf()
     layers = [OmegaConf.structured(schema)]
     if path is not None:
         if not os.path.isfile(path):

@@ -51,6 +51,22 @@ def test_eval_cli_errors_name_the_key(capsys):
         "tasks[0]: unknown task 'val_nll'")
 
 
+@pytest.mark.parametrize("module", ["train", "eval"])
+def test_an_old_omegaconf_is_named_with_the_version_to_install(capsys, tmp_path, monkeypatch, module):
+    # OmegaConf 2.3 fails on the schemas' first Literal field ("Unexpected type annotation"), naming no package
+    import omegaconf
+
+    monkeypatch.setattr(omegaconf, "__version__", "2.3.0")
+    argv = [f"run_dir={tmp_path}/r", "train.steps=1"] if module == "train" else ["checkpoint=x", "tasks=[qa]"]
+    msg = _one_config_error(capsys, module, argv)
+    assert msg.startswith("config: mnemo needs omegaconf >= 2.4") and "omegaconf 2.3.0" in msg, msg
+    assert not (tmp_path / "r").exists()
+    monkeypatch.setattr(omegaconf, "__version__", "2.4.0.dev3")
+    from model.cli_config import require_omegaconf
+
+    require_omegaconf()  # a 2.4 pre-release is new enough
+
+
 @pytest.mark.parametrize("module, argv, key", [
     ("torchrun", ["nodes=0"], "nodes: must be >= 1, got 0"),
     ("torchrun", ["gpus_per_node=two"], "gpus_per_node: expected int"),

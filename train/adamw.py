@@ -20,12 +20,9 @@ from typing import Optional
 
 import torch
 
+from .distributed import local_tensor
+
 KERNELS = ("auto", "torch", "triton")
-
-
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local shard, or the tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 @contextlib.contextmanager

@@ -17,6 +17,12 @@ import torch.distributed as dist
 from .config import ConfigError, TrainConfig
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard, or the tensor itself. The shard tensor itself, without DTensor's autograd-aware
+    to_local(): for optimizer, gradient-norm and check code, which runs without autograd."""
+    return t._local_tensor if hasattr(t, "_local_tensor") else t
+
+
 def resolved_shard(cfg: TrainConfig, world_size: int) -> int:
     return cfg.dist.shard if cfg.dist.shard != -1 else max(1, world_size // cfg.dist.replicate)
 

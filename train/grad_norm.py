@@ -16,16 +16,14 @@ import torch
 
 from model import value_parameters
 
+from .distributed import local_tensor
+
 try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover - torch without DTensor
     DTensor = None
 
 PARTS = ("dense", "values")
-
-
-def _local(g: torch.Tensor) -> torch.Tensor:
-    return g._local_tensor if DTensor is not None and isinstance(g, DTensor) else g
 
 
 def _reduce_groups(g: torch.Tensor):
@@ -65,7 +63,7 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> Tuple[torch.Tenso
     # parts' squared sums travel together in one vector.
     by_groups: Dict[tuple, Dict[int, list]] = {}
     for part, g in with_grad:
-        by_groups.setdefault(_reduce_groups(g), {}).setdefault(part, []).append(_local(g))
+        by_groups.setdefault(_reduce_groups(g), {}).setdefault(part, []).append(local_tensor(g))
     part_sq = None
     for groups, by_part in by_groups.items():
         sq = None
@@ -82,6 +80,6 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> Tuple[torch.Tenso
     parts = {PARTS[i]: part_sq[i].sqrt() for i in sorted(present)}
     if max_norm > 0:
         scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for dtype in {_local(g).dtype for g in grads}:
-            torch._foreach_mul_([_local(g) for g in grads if _local(g).dtype == dtype], scale.to(dtype))
+        for dtype in {local_tensor(g).dtype for g in grads}:
+            torch._foreach_mul_([local_tensor(g) for g in grads if local_tensor(g).dtype == dtype], scale.to(dtype))
     return total, parts

@@ -19,6 +19,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .distributed import local_tensor
+
 
 class NonFiniteError(FloatingPointError):
     """Training produced a non-finite loss, gradient norm or parameter; nothing was saved after it."""
@@ -34,7 +36,7 @@ def _finite(*values: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def parameters_finite(module: torch.nn.Module) -> bool:
     """True when every parameter of `module` is finite on every rank (one collective when distributed)."""
-    local = [p._local_tensor if hasattr(p, "_local_tensor") else p for p in module.parameters()]
+    local = [local_tensor(p) for p in module.parameters()]
     local = [t for t in local if t.numel()]
     bad = torch.zeros((), dtype=torch.float32, device=local[0].device if local else "cpu")
     if local:

@@ -44,8 +44,9 @@ import torch.distributed as dist
 
 from ops import row_optim
 
-from .adamw import AdamW, local_tensor
+from .adamw import AdamW
 from .config import ValuePrecision
+from .distributed import local_tensor
 
 # optim.value_optimizer (train/config.py ValueOptimizer) -> its row rule in ops/row_optim.py; adamw is lazy Adam
 # over every row (used here only for a low-precision table, which needs the master copy)

@@ -14,6 +14,9 @@ MFU = tokens/s x model.flops.flops_per_token(cfg, seq_len) / peak bf16 FLOP/s (f
 memory search, lookup, optimizer, loss, ...); matrix products are told apart by the shapes of the op that
 launched them. --append adds the table to a markdown file (card, date, command, and the
 ratio of each model's throughput to the first model's).
+A Memory+ row also gives the share of value rows each memory layer read in one step after the timed ones: on random
+tokens the reads narrow within a few hundred steps, and the step gets faster with them, so a long --warmup measures
+a memory that no longer spreads its reads (BENCHMARKS.md, "random tokens narrow the memory's reads").
 
 --value-optimizers runs every model once per value-table optimizer (optim.value_optimizer), rows named
 "model [optimizer]", each with its optimizer state (GiB, all of it and the value table's part). --loss-steps N then
@@ -45,6 +48,7 @@ from model import attention_kernel, prepare_attention  # noqa: E402
 from model.flops import flops_per_token  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.runtime import setup_runtime  # noqa: E402
+from train.memory_health import track_memory_usage  # noqa: E402
 from train.value_optim import optimizer_state_bytes  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -203,6 +207,9 @@ def bench_model(name: str, overrides: List[str], args, rt_holder: dict, label: s
             row["mfu"] = row["tokens_per_s"] * flops / (peak * 1e12)
     if args.profile_steps and cuda:
         row["split_ms"], row["top_kernels"] = profile_split(setup, args.profile_steps)
+    spread = rows_read(setup)
+    if spread:
+        row["rows_read"] = spread
     del setup
     gc.collect()
     if cuda:
@@ -210,16 +217,33 @@ def bench_model(name: str, overrides: List[str], args, rt_holder: dict, label: s
     return row
 
 
+def _shares(spread) -> str:
+    return " / ".join(f"{100 * v:.1f}%" for v in spread.values()) if spread else "–"
+
+
+def rows_read(setup) -> Dict[int, float]:
+    """{block index: share of the value rows its memory layer reads} in one more, untimed step ({} for a model
+    without memory layers). On random tokens the reads narrow within a few hundred steps (to a few hundred rows
+    per layer), and a lookup over few rows is cheaper: the share says which regime the timed steps saw. Counting
+    changes what the memory blocks trace, so they compile once more here."""
+    usage = track_memory_usage(setup.model)
+    if not usage:
+        return {}
+    setup.step()
+    setup.sync()
+    return {layer: counter.read()["rows_read"] for layer, counter in sorted(usage.items())}
+
+
 def table(rows: List[dict]) -> str:
     base = rows[0]["tokens_per_s"]
     lines = ["| model | attention | tokens/step | step ms | tok/s | vs first | MFU | peak GiB | optim state GiB (values) "
-             "| graphs |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| graphs | rows read |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "–"
         peak = f"{r['peak_gib']:.1f}" if "peak_gib" in r else "–"
         lines.append(f"| {r['model']} | {r.get('attention', '–')} | {r['tokens_per_step']} | {r['step_ms']:.1f} | {r['tokens_per_s'] / 1e3:.1f}k | "
                      f"{r['tokens_per_s'] / base:.3f} | {mfu} | {peak} | {r['optim_state_gib']:.2f} ({r['value_state_gib']:.2f}) | "
-                     f"{r['graphs_compiled']} |")
+                     f"{r['graphs_compiled']} | {_shares(r.get('rows_read'))} |")
     split_rows = [r for r in rows if "split_ms" in r]
     if split_rows:
         keys = sorted({k for r in split_rows for k in r["split_ms"]}, key=lambda k: -max(r["split_ms"].get(k, 0) for r in split_rows))
@@ -279,7 +303,9 @@ def main() -> None:
             if args.note:
                 f.write(f"{args.note}\n")
             f.write(f"Command: `{cmd}` (random tokens, compile, bf16 autocast, one GPU; {args.steps} timed steps "
-                    f"after {args.warmup}). \"vs first\" is the throughput ratio to the first model of the same run.\n\n")
+                    f"after {args.warmup}). \"vs first\" is the throughput ratio to the first model of the same "
+                    f"run; \"rows read\": the share of value rows each memory layer read in one step after the "
+                    f"timed ones.\n\n")
             f.write(out + "\n")
     if args.loss_steps and args.value_optimizers:
         loss_comparison(args, overrides, variants)

@@ -1,6 +1,8 @@
-"""scripts/bench_train.py: which part of the step a profiled kernel is counted in."""
+"""scripts/bench_train.py: which part of the step a profiled kernel is counted in; the memory layers' rows read."""
 import os
 import sys
+
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -25,3 +27,35 @@ def test_kernels_are_counted_in_their_parts():
     ]
     for kernel, op, dims, part in cases:
         assert classify(kernel, op, dims, cfg) == part, (kernel, part)
+
+
+def _setup(overrides, tmp_path):
+    from train.bench_steps import build_steps
+    from train.runtime import setup_runtime
+
+    cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), [
+        "train.batch_size=2", "data.seq_len=32", "train.compile=false", f"run_dir={tmp_path}/run", *overrides])
+    return build_steps(cfg, setup_runtime(cfg), 4)
+
+
+def test_rows_read_is_each_memory_layers_share_of_rows_in_one_more_step(tmp_path):
+    from scripts.bench_train import rows_read
+
+    setup = _setup(["model.memory.layers=[1,3]"], tmp_path)
+    setup.step()
+    seen = {}
+    for name, module in setup.model.named_modules():
+        if type(module).__name__ == "MemoryLayer":
+            original = module.search
+            module.search = lambda x, _f=original, _n=name: seen.setdefault(_n, _f(x))  # the step's own slots
+    spread = rows_read(setup)
+    assert sorted(spread) == [1, 3] and len(seen) == 2
+    for (name, (_, slots)), layer in zip(sorted(seen.items()), sorted(spread)):
+        assert f".{layer}." in f".{name}."
+        assert spread[layer] == torch.unique(slots).numel() / 64 ** 2  # 64 tokens x 32 slots over 4096 rows
+
+
+def test_rows_read_is_empty_for_a_dense_model(tmp_path):
+    from scripts.bench_train import rows_read
+
+    assert rows_read(_setup(["model.memory.layers=[]"], tmp_path)) == {}

@@ -14,9 +14,10 @@ MFU = tokens/s x model.flops.flops_per_token(cfg, seq_len) / peak bf16 FLOP/s (f
 memory search, lookup, optimizer, loss, ...); matrix products are told apart by the shapes of the op that
 launched them. --append adds the table to a markdown file (card, date, command, and the
 ratio of each model's throughput to the first model's).
-A Memory+ row also gives the share of value rows each memory layer read in one step after the timed ones: on random
-tokens the reads narrow within a few hundred steps, and the step gets faster with them, so a long --warmup measures
-a memory that no longer spreads its reads (BENCHMARKS.md, "random tokens narrow the memory's reads").
+A Memory+ row also gives the share of value rows each memory layer read in one step after the timed ones. Early in
+training the reads narrow; on random tokens they fall to a few hundred rows per layer within ~200 steps and stay
+there, and the step gets faster with them, so a long --warmup measures a memory that no longer spreads its reads
+(BENCHMARKS.md, "the memory's reads narrow early in training").
 
 --value-optimizers runs every model once per value-table optimizer (optim.value_optimizer), rows named
 "model [optimizer]", each with its optimizer state (GiB, all of it and the value table's part). --loss-steps N then

@@ -48,8 +48,8 @@ from train.trace_summary import load_events  # noqa: E402
 from model import attention_kernel, prepare_attention  # noqa: E402
 from model.flops import flops_per_token  # noqa: E402
 from train.config import load_config  # noqa: E402
-from train.runtime import setup_runtime  # noqa: E402
 from train.memory_health import track_memory_usage  # noqa: E402
+from train.runtime import setup_runtime  # noqa: E402
 from train.value_optim import optimizer_state_bytes  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -4,6 +4,8 @@ import sys
 
 import torch
 
+from model.memory import MemoryLayer
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from scripts.bench_train import classify  # noqa: E402
@@ -45,7 +47,7 @@ def test_rows_read_is_each_memory_layers_share_of_rows_in_one_more_step(tmp_path
     setup.step()
     seen = {}
     for name, module in setup.model.named_modules():
-        if type(module).__name__ == "MemoryLayer":
+        if isinstance(module, MemoryLayer):
             original = module.search
             module.search = lambda x, _f=original, _n=name: seen.setdefault(_n, _f(x))  # the step's own slots
     spread = rows_read(setup)

@@ -19,6 +19,8 @@ Backward (one kernel, deterministic, no float atomics):
   the launch long after the rest. Without grad_w (the merged pass), each full run of `run_pairs` sorted pairs
   of a row is summed first by a program of its own into an fp32 partial row (`_run_partial_kernel`), and the
   row's program adds its partials in order before its remaining pairs: still one fixed summation order.
+  The dense form can also sum the squares of the gradient it writes (partial sums per program, added in order
+  after the launch), so a gradient-norm clip need not read the table-sized gradient again.
 
 Weights' gradient alone (`lookup_weight_grad`): grad_w in token order, forward-like gathers with a dot per slot, for
 a backward that adds the value gradient later in one pass over several layers (ops/lookup_into_grad.py, merge).
@@ -151,11 +153,12 @@ def _run_partial_kernel(
 @triton.jit
 def _segment_bwd_kernel(
     sorted_rows_ptr, perm_ptr, seg_start_ptr, nseg_ptr, nfull_ptr, cum_ptr, part_ptr,
-    w_ptr, g_ptr, v_ptr, gw_ptr, gv_ptr, rows_out_ptr, untouched_ptr,
+    w_ptr, g_ptr, v_ptr, gw_ptr, gv_ptr, rows_out_ptr, untouched_ptr, sq_ptr,
     P, S, D, stride_g, stride_v, stride_gv,
     RUN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, HAS_RUNS: tl.constexpr,
     COMPUTE_GW: tl.constexpr, SPARSE: tl.constexpr, ZERO_UNTOUCHED: tl.constexpr, ACCUMULATE: tl.constexpr,
-    ADJACENT_CHUNKS: tl.constexpr = 0, ROW_PROGRAMS: tl.constexpr = False,
+    ADJACENT_CHUNKS: tl.constexpr = 0, ROW_PROGRAMS: tl.constexpr = False, SUM_SQUARES: tl.constexpr = False,
+    SQ_PARTS: tl.constexpr = 1,
 ):
     if ADJACENT_CHUNKS > 0:  # a 1-D grid: the column chunks of a segment are ADJACENT_CHUNKS neighbouring programs
         seg = tl.program_id(0) // ADJACENT_CHUNKS
@@ -210,8 +213,15 @@ def _segment_bwd_kernel(
             if ACCUMULATE:  # add to the gradient already there (one rounding to its dtype)
                 row_grad += tl.load(gv_ptr + r * stride_gv + d, mask=dmask, other=0.0,
                                     eviction_policy="evict_first").to(tl.float32)
-            tl.store(gv_ptr + r * stride_gv + d, row_grad.to(gv_ptr.dtype.element_ty), mask=dmask,
-                     eviction_policy="evict_first")
+            written = row_grad.to(gv_ptr.dtype.element_ty)
+            tl.store(gv_ptr + r * stride_gv + d, written, mask=dmask, eviction_policy="evict_first")
+            if SUM_SQUARES:  # this program's parts of the written gradient's squared norm (masked columns are 0)
+                written = written.to(tl.float32)
+                # SQ_PARTS partial sums of 256 columns: one sum over the whole row measured slower in this launch
+                # of a million short programs (BENCHMARKS.md, "the value gradient's norm")
+                part = tl.sum(tl.reshape(written * written, [SQ_PARTS, BLOCK_D // SQ_PARTS]), axis=1)
+                j = tl.arange(0, SQ_PARTS)
+                tl.store(sq_ptr + (seg.to(tl.int64) * tl.num_programs(1) + pid_d) * SQ_PARTS + j, part)
     else:
         # Padding entries of the compact form: row -1, gradient rows left unwritten (only the touched rows' bytes
         # move; up to min(T*S, N) - nseg rows of zeros would otherwise be written for nobody).
@@ -224,6 +234,10 @@ def _segment_bwd_kernel(
                 r = tl.load(untouched_ptr + (seg - nseg)).to(tl.int64)
             tl.store(gv_ptr + r * stride_gv + d, tl.zeros([BLOCK_D], gv_ptr.dtype.element_ty), mask=dmask,
                      eviction_policy="evict_first")
+            if SUM_SQUARES:
+                j = tl.arange(0, SQ_PARTS)
+                tl.store(sq_ptr + (seg.to(tl.int64) * tl.num_programs(1) + pid_d) * SQ_PARTS + j,
+                         tl.zeros([SQ_PARTS], tl.float32))
 
 
 # ------------------------------------------------------------------------------------------------ launchers
@@ -378,7 +392,8 @@ def bwd_config(P: int, M: int, D: int, elem_bytes: int = 2):
 
 
 def lookup_backward(grad_out, indices, weights, values, compute_gw: bool = True,
-                    sparse: bool = False, config=None, accumulate_into=None, run=None, run_config=None):
+                    sparse: bool = False, config=None, accumulate_into=None, run=None, run_config=None,
+                    sum_squares_out=None):
     """Returns (grad_w fp32 [T, S] or None, grad_V) with grad_V dense [N, D], or for sparse=True the compact
     form (rows [M] int64 padded with -1, row_grads [M, D] whose padding rows are not written, nseg [1]);
     M = min(T*S, N).
@@ -386,6 +401,9 @@ def lookup_backward(grad_out, indices, weights, values, compute_gw: bool = True,
     only the touched rows are read and written.
     run: pairs per run of a hot row (default run_pairs; 0: none); run_config: (BLOCK_P, num_warps) of the
     runs' launch (default the segment kernel's).
+    sum_squares_out: a 0-dim fp32 tensor that receives the squared norm of the dense gradient as written (in its
+    dtype), summed by the launch that writes it: the gradient-norm clip then needs no pass over a table-sized
+    gradient. Only for the dense form written whole (not sparse, no accumulate_into).
 
     `values` gives N, D and the default gradient dtype; its rows are read only for grad_w (compute_gw).
     grad_out may be a strided column view (unit stride along D)."""
@@ -396,7 +414,12 @@ def lookup_backward(grad_out, indices, weights, values, compute_gw: bool = True,
     P = T * S
     if accumulate_into is not None and (sparse or accumulate_into.shape != (N, D) or accumulate_into.stride(1) != 1):
         raise ValueError("lookup_backward: accumulate_into must be a dense [N, D] gradient with unit column stride")
+    if sum_squares_out is not None and (sparse or accumulate_into is not None):
+        raise ValueError("lookup_backward: sum_squares_out needs the dense gradient written whole "
+                         "(not sparse, no accumulate_into)")
     if P == 0 or D == 0:
+        if sum_squares_out is not None:
+            sum_squares_out.zero_()  # the gradient is all zeros
         gw = torch.zeros((T, S), dtype=torch.float32, device=dev) if compute_gw else None
         if accumulate_into is not None:  # nothing to add
             return gw, accumulate_into
@@ -453,14 +476,21 @@ def lookup_backward(grad_out, indices, weights, values, compute_gw: bool = True,
     # width; the other forms measured the same or slower there (the merged pass much slower). Why the grid's shape
     # matters is not known (BENCHMARKS.md, "the compact form's stores").
     adjacent = n_d if sparse else 0
+    # parts of 256 columns per program, summed below in a fixed order (deterministic, no atomics)
+    sq_parts_per_program = max(1, block_d // 256)
+    sq_parts = (torch.empty(grid * n_d * sq_parts_per_program, dtype=torch.float32, device=dev)
+                if sum_squares_out is not None else nseg)
     _segment_bwd_kernel[(grid * n_d,) if adjacent else (grid, n_d)](
         sorted_rows, perm, seg_start, nseg, nfull, cum, part,
-        weights, grad_out, values, gw_out, gv, rows_out, untouched,
+        weights, grad_out, values, gw_out, gv, rows_out, untouched, sq_parts,
         P, S, D, grad_out.stride(0), values.stride(0), gv.stride(0),
         RUN=run, BLOCK_P=block_p, BLOCK_D=block_d, HAS_RUNS=J > 0, COMPUTE_GW=compute_gw, SPARSE=sparse,
         ZERO_UNTOUCHED=dense, ACCUMULATE=accumulate_into is not None,
         num_warps=warps, ADJACENT_CHUNKS=adjacent, ROW_PROGRAMS=row_programs,
+        SUM_SQUARES=sum_squares_out is not None, SQ_PARTS=sq_parts_per_program,
     )
+    if sum_squares_out is not None:
+        torch.sum(sq_parts, 0, out=sum_squares_out)
     gw = None
     if compute_gw:
         gw = (gw_part[0] if n_d == 1 else gw_part.sum(0)).view(T, S)  # fixed-order sum: deterministic

@@ -219,6 +219,36 @@ def test_lookup_backward_hot_rows_in_runs(run, run_config):
     torch.testing.assert_close(row_grads[: int(n)], vv.grad[rows[: int(n)]], **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("compute_gw,run", [(True, 0), (False, 0), (False, 2)])
+@pytest.mark.parametrize("block_d", [16, 512])
+def test_lookup_backward_sums_the_written_gradients_squares(dtype, compute_gw, run, block_d):
+    # Both dense forms (touched rows then a list of untouched ones; one program per row, with and without hot-row
+    # runs), column chunks of one part and of two (D over BLOCK_D, masked columns): the sum equals the gradient's
+    # own, as written in its dtype.
+    gen = torch.Generator().manual_seed(3)
+    T, S, N, D = 6, 5, 13, 300
+    idx = torch.randint(0, 4, (T, S), generator=gen)  # duplicates; rows 4.. never read
+    idx[0, :2] = 9
+    w, v = torch.randn(T, S, generator=gen), torch.randn(N, D, generator=gen).to(dtype)
+    g = torch.randn(T, D, generator=gen).to(dtype)
+    idx, w, v, g = idx.to(DEV), w.to(DEV), v.to(DEV), g.to(DEV)
+    for fn, kw in ((lookup_backward, dict(run=run, config=(1, block_d, 2))), (reference.lookup_backward, {})):
+        sq = torch.full((), float("nan"), device=DEV)
+        _, gv = fn(g, idx, w, v, compute_gw=compute_gw, sum_squares_out=sq, **kw)
+        assert gv.dtype == dtype
+        torch.testing.assert_close(sq, gv.float().square().sum(), rtol=1e-5, atol=0)
+    empty = torch.full((), float("nan"), device=DEV)
+    lookup_backward(g[:0], idx[:0], w[:0], v, sum_squares_out=empty)
+    assert float(empty) == 0.0
+    sq = torch.zeros((), device=DEV)
+    for fn in (lookup_backward, reference.lookup_backward):
+        with pytest.raises(ValueError, match="sum_squares_out needs the dense gradient written whole"):
+            fn(g, idx, w, v, accumulate_into=torch.zeros_like(v), sum_squares_out=sq)
+    with pytest.raises(ValueError, match="sum_squares_out needs the dense gradient written whole"):
+        lookup_backward(g, idx, w, v, sparse=True, sum_squares_out=sq)
+
+
 def test_lookup_rejects_bad_input():
     with pytest.raises(ValueError, match="indices must be int32 or int64"):
         memory_lookup(torch.zeros(2, 2), torch.zeros(2, 2), torch.zeros(3, 4))

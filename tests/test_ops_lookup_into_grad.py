@@ -256,3 +256,40 @@ def test_micro_batches_under_activation_checkpointing_add_once_each():
     got, want = table_grad(True, 2), table_grad(False, 2)
     assert (got - want).norm() <= 1e-2 * want.norm()
     assert (table_grad(True, 1) - want).norm() > 0.2 * want.norm()  # a dropped micro-batch would show
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("merge", [False, True])
+def test_the_gradients_squared_norm_is_known_until_it_changes(backend, merge):
+    """The pass that writes .grad whole sums its squares: known while .grad is that tensor, unchanged; unknown once a
+    later pass adds rows, after an in-place change, a new .grad, or none."""
+    dev = device_of(backend)
+    table = torch.nn.Parameter(torch.randn(N, D, generator=torch.Generator().manual_seed(9)).to(dev, torch.bfloat16))
+
+    def backward():
+        loss = 0
+        for idx, w, g in layer_inputs(2):
+            out = ops.memory_lookup_into_grad(idx.to(dev), w.to(dev).requires_grad_(), table, backend=backend,
+                                              merge=merge)
+            loss = loss + (out.float() * g.to(dev)).sum()
+        loss.backward()
+
+    assert ops.grad_sum_of_squares(table) is None  # no gradient yet
+    backward()
+    sq = ops.grad_sum_of_squares(table)
+    if merge:  # one pass writes the whole gradient: its sum is the gradient's
+        assert sq is not None and sq.dtype == torch.float32
+        torch.testing.assert_close(sq, table.grad.float().square().sum(), rtol=1e-5, atol=0)
+    else:  # the second layer's backward added rows to what the first wrote
+        assert sq is None
+    backward()  # gradient accumulation: rows added
+    assert ops.grad_sum_of_squares(table) is None
+    table.grad = None
+    backward()
+    assert (ops.grad_sum_of_squares(table) is not None) == merge
+    table.grad.mul_(0.5)  # e.g. clipping
+    assert ops.grad_sum_of_squares(table) is None
+    table.grad = None
+    backward()
+    table.grad = table.grad.clone()  # the same values in another tensor: not known
+    assert ops.grad_sum_of_squares(table) is None

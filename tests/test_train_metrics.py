@@ -97,17 +97,23 @@ def test_peak_flops_from_gpu_name_or_config():
     assert device_peak_flops(torch.device("cpu"), 2e12) == 2e12
 
 
-@pytest.mark.parametrize("large", [None, 1024])  # 1024: the big gradients take the single-reduction path
-def test_grad_norm_parts_are_the_dense_and_value_norms(large, monkeypatch):
+# 1024: the big gradients take the single-reduction path; bfloat16: the value table's gradient is written by the
+# lookups' merged pass, which sums its squares (ops.grad_sum_of_squares), and the norm takes that sum
+@pytest.mark.parametrize("large,value_dtype", [(None, "float32"), (1024, "float32"), (None, "bfloat16")])
+def test_grad_norm_parts_are_the_dense_and_value_norms(large, value_dtype, monkeypatch):
+    import ops
+
     if large is not None:
         import train.grad_norm
 
         monkeypatch.setattr(train.grad_norm, "_LARGE", large)
-    cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), STEP_SMALL)
+    cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"),
+                      STEP_SMALL + [f"model.memory.value_dtype={value_dtype}"])
     os.environ.pop("WORLD_SIZE", None)
     model = build_model(cfg, setup_runtime(cfg))
     model(torch.randint(0, 4096, (2, 16))).float().pow(2).mean().backward()
-    named = [(n, p.grad.clone()) for n, p in model.named_parameters() if p.grad is not None]
+    assert (ops.grad_sum_of_squares(model.values.weight) is not None) == (value_dtype == "bfloat16")
+    named = [(n, p.grad.to(torch.float32, copy=True)) for n, p in model.named_parameters() if p.grad is not None]
     # by name, independently of the model's own value identification (by type)
     dense = torch.linalg.vector_norm(torch.cat([g.flatten() for n, g in named if n != "values.weight"]))
     values = torch.linalg.vector_norm(torch.cat([g.flatten() for n, g in named if n == "values.weight"]))

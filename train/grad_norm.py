@@ -4,6 +4,9 @@ Parameters can live on different meshes (FSDP-sharded blocks, column-sharded val
 torch.nn.utils.clip_grad_norm_ does not combine into one norm, so each gradient's squared norm is reduced
 over the mesh dims it is sharded on, and the results summed. Replicated dims hold copies: not summed.
 
+A value table's gradient written whole by its lookups' backward comes with its squared norm already summed
+(ops.grad_sum_of_squares): that part is not read again.
+
 The norm is also reported by part ("dense" and "values": the memory value tables), from the same squared sums:
 the value table is updated sparsely and at its own rate, so its gradient scale is worth watching on its own. The value
 tables are model.value_parameters (found by type).
@@ -14,6 +17,7 @@ from typing import Dict, Tuple
 
 import torch
 
+import ops
 from model import value_parameters
 
 from .distributed import local_tensor
@@ -55,16 +59,26 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> Tuple[torch.Tenso
     left out); the parts' squares sum to the total's.
     """
     values = set(value_parameters(model))
-    with_grad = [(1 if p in values else 0, p.grad) for p in model.parameters() if p.grad is not None]  # (part, grad)
+    with_grad = [(1 if p in values else 0, p) for p in model.parameters() if p.grad is not None]  # (part, param)
     if not with_grad:
         return torch.zeros(()), {}
-    grads = [g for _, g in with_grad]
+    grads = [p.grad for _, p in with_grad]
     # One all-reduce per distinct set of groups (not one per parameter: hundreds of tiny collectives); the
-    # parts' squared sums travel together in one vector.
+    # parts' squared sums travel together in one vector. Squared norms known already are local tensors' (no groups).
     by_groups: Dict[tuple, Dict[int, list]] = {}
-    for part, g in with_grad:
-        by_groups.setdefault(_reduce_groups(g), {}).setdefault(part, []).append(local_tensor(g))
+    known: Dict[int, list] = {}
+    for part, p in with_grad:
+        sq = ops.grad_sum_of_squares(p)
+        if sq is not None:
+            known.setdefault(part, []).append(sq)
+        else:
+            by_groups.setdefault(_reduce_groups(p.grad), {}).setdefault(part, []).append(local_tensor(p.grad))
     part_sq = None
+    if known:
+        device = next(iter(known.values()))[0].device
+        part_sq = torch.zeros(len(PARTS), dtype=torch.float32, device=device)
+        for part, sums in known.items():
+            part_sq[part] = torch.stack(sums).sum()
     for groups, by_part in by_groups.items():
         sq = None
         for part, locals_ in by_part.items():

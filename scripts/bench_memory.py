@@ -380,6 +380,30 @@ def bwd_sweep(out_lines):
         torch.cuda.empty_cache()
 
 
+def run_value_grad_norm(rows, T=3 * 16384, S=128, D=1024):
+    """The merged value pass of a training step (three layers' pairs in one launch writing the whole bf16 gradient, as
+    ops/lookup_into_grad.py runs it for memory_373m) with the gradient's squared norm summed by the pass
+    (sum_squares_out), against the pass and then the separate reduction the gradient-norm clip ran before (ref column).
+    Uniform random rows."""
+    idx, w, v, g = lookup_inputs(T, S, D)
+    w, v = w.detach(), v.detach()
+    sq = torch.empty((), device="cuda")
+
+    def summed():
+        triton_lookup.lookup_backward(g, idx, w, v, compute_gw=False, sum_squares_out=sq)
+
+    def separate():
+        _, gv = triton_lookup.lookup_backward(g, idx, w, v, compute_gw=False)
+        torch.linalg.vector_norm(gv, 2.0, dtype=torch.float32)
+
+    pass_only = bench(lambda: triton_lookup.lookup_backward(g, idx, w, v, compute_gw=False))
+    rows.append(dict(name=f"merged value pass + grad norm {T}x{S}x{D} [ref column = the pass, then a separate norm]",
+                     ms=bench(summed), ms_ref=bench(separate), bytes=0, zero_bytes=0, floor_ms=None,
+                     note=f"the pass alone: {pass_only:.3f}"))
+    del idx, w, v, g
+    torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -420,6 +444,7 @@ def main():
         ("memory layer fwd+bwd dim1024 32768", lambda: run_layer("memory layer fwd+bwd dim1024 32768", 32768, args, rows, ceiling)),
         ("memory layer fwd+bwd dim1024 32768 triton search", lambda: run_layer("memory layer fwd+bwd dim1024 32768 triton search", 32768, args, rows, ceiling, impl="triton")),
         ("memory layer module compiled dim1024 32768", lambda: run_module("memory layer module compiled dim1024 32768", 32768, args, rows)),
+        ("merged value pass + grad norm", lambda: run_value_grad_norm(rows)),
     ]
     cases = [(name, fn) for name, fn in cases if not only or name in only]
     if args.slots:  # asked for by its own flag: --only does not filter it out

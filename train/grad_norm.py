@@ -4,8 +4,8 @@ Parameters can live on different meshes (FSDP-sharded blocks, column-sharded val
 torch.nn.utils.clip_grad_norm_ does not combine into one norm, so each gradient's squared norm is reduced
 over the mesh dims it is sharded on, and the results summed. Replicated dims hold copies: not summed.
 
-A value table's gradient written whole by its lookups' backward comes with its squared norm already summed
-(ops.grad_sum_of_squares): that part is not read again.
+A value table's gradient written whole by its lookups' merged pass (ops/lookup_into_grad.py) comes with its squared
+norm already summed (ops.grad_sum_of_squares): that gradient is not read again here.
 
 The norm is also reported by part ("dense" and "values": the memory value tables), from the same squared sums:
 the value table is updated sparsely and at its own rate, so its gradient scale is worth watching on its own. The value

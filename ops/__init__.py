@@ -17,7 +17,7 @@ import torch
 from . import flash_attention, reference
 from .cast import cast_table
 from .cross_entropy import linear_cross_entropy
-from .lookup_into_grad import can_accumulate, grad_sum_of_squares, memory_lookup_into_grad
+from .lookup_into_grad import can_accumulate, grad_nonzero_rows, grad_sum_of_squares, memory_lookup_into_grad
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -123,4 +123,5 @@ def memory_lookup(indices, weights, values, backend: str = "auto"):
 _preload_triton()
 
 __all__ = ["BACKENDS", "product_key_search", "prepare_search", "memory_lookup", "linear_cross_entropy",
-           "cast_table", "memory_lookup_into_grad", "can_accumulate", "grad_sum_of_squares"]
+           "cast_table", "memory_lookup_into_grad", "can_accumulate", "grad_sum_of_squares",
+           "grad_nonzero_rows"]

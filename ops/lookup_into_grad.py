@@ -14,9 +14,11 @@ per layer, and a row's pairs from all layers are summed in fp32 before the one r
 gradient pass"). The pending work lives on the table parameter (`_pending_value_grads`), tagged with the backward
 pass that left it: work left by a pass that failed is dropped, never added to a later one.
 
-The merged pass, when it writes `.grad` whole, also sums its squares as it writes them (grad_sum_of_squares):
-gradient clipping then needs no second read of a table-sized gradient. The sum is kept only while `.grad` is that
-tensor, unchanged: a later pass that adds rows, or any in-place change through torch, makes it unknown again.
+The merged pass, when it writes `.grad` whole, also keeps a summary of it: its squared norm, summed as the rows are
+written (grad_sum_of_squares: gradient clipping then needs no second read of a table-sized gradient), and which rows
+any pair touched (grad_nonzero_rows: every other row is zero, so the value optimizer need not read it). The summary
+holds only while `.grad` is that tensor, unchanged: a later pass that adds rows, or any in-place change through
+torch, makes it unknown again.
 
 Only for a leaf table without gradient hooks (a hook would never see the gradient). Eager only: the `.grad`
 mutation is a side effect torch.compile must not trace (callers keep it out of compiled graphs).
@@ -24,7 +26,7 @@ mutation is a side effect torch.compile must not trace (callers keep it out of c
 from __future__ import annotations
 
 import weakref
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -35,34 +37,58 @@ def _backend_fn(backend: str, device: torch.device, op: str = "lookup_backward")
     return _resolve(op, backend, device)
 
 
+class _GradSummary(NamedTuple):
+    """What the pass that wrote a table's `.grad` whole knows about it, valid while `.grad` is `grad`, unchanged."""
+    grad: weakref.ref
+    version: int
+    sum_of_squares: torch.Tensor  # 0-dim fp32
+    nonzero_rows: torch.Tensor  # [N] bool: rows some pair touched
+
+
 def _add_value_grad(backend: str, table: torch.Tensor, grad_out, indices, weights, compute_gw: bool):
     """One lookup backward whose value gradient goes into table.grad (written whole when there is none yet, else
     added to its touched rows); returns the weights' gradient (None unless compute_gw)."""
     fn = _backend_fn(backend, table.device)
     whole = table.grad is None
-    # Summed by the pass without the weights' gradient only (the merged pass): with it, the sum cost the kernel more
-    # than the separate reduction it saves (BENCHMARKS.md, "the value gradient's norm").
-    sq = torch.empty((), dtype=torch.float32, device=table.device) if whole and not compute_gw else None
+    # Summarised by the pass without the weights' gradient only (the merged pass): with it, the sum cost the kernel
+    # more than the separate reduction it saves (BENCHMARKS.md, "the value gradient's norm").
+    summarise = whole and not compute_gw
+    sq = torch.empty((), dtype=torch.float32, device=table.device) if summarise else None
     with torch.no_grad():
         gw, gv = fn(grad_out, indices, weights, table.detach(), compute_gw=compute_gw, accumulate_into=table.grad,
                     sum_squares_out=sq)
+        nonzero = None
+        if summarise:  # duplicates fill the same value: deterministic
+            nonzero = torch.zeros(table.shape[0], dtype=torch.bool, device=table.device)
+            nonzero.index_fill_(0, indices.reshape(-1).long(), True)
     if whole:
         table.grad = gv
-    # Known for a gradient written whole; a pass that adds rows makes it unknown. The kernels write .grad without
-    # bumping its version, which only torch's own in-place ops do.
-    table._grad_sum_of_squares = (weakref.ref(gv), gv._version, sq) if sq is not None else None
+    # The kernels write .grad without bumping its version, which only torch's own in-place ops do.
+    table._grad_summary = _GradSummary(weakref.ref(gv), gv._version, sq, nonzero) if summarise else None
     return gw
+
+
+def _summary(table: torch.Tensor) -> Optional[_GradSummary]:
+    """table's _GradSummary while it still describes table.grad, else None."""
+    known = getattr(table, "_grad_summary", None)
+    grad = table.grad
+    if known is None or grad is None or known.grad() is not grad or grad._version != known.version:
+        return None
+    return known
 
 
 def grad_sum_of_squares(table: torch.Tensor) -> Optional[torch.Tensor]:
     """The squared norm (fp32, on the device) of `table.grad` when the lookup backward that wrote it whole summed
     it and nothing has changed it since; else None (compute it from the gradient)."""
-    known = getattr(table, "_grad_sum_of_squares", None)
-    grad = table.grad
-    if known is None or grad is None:
-        return None
-    ref, version, sq = known
-    return sq if ref() is grad and grad._version == version else None
+    known = _summary(table)
+    return known.sum_of_squares if known is not None else None
+
+
+def grad_nonzero_rows(table: torch.Tensor) -> Optional[torch.Tensor]:
+    """[N] bool, False on rows of `table.grad` known to be zero (no lookup pair touched them), when the lookup
+    backward that wrote it whole recorded them and nothing has changed it since; else None."""
+    known = _summary(table)
+    return known.nonzero_rows if known is not None else None
 
 
 class _PendingValueGrads:

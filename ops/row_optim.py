@@ -26,6 +26,11 @@ expectation (round-to-nearest would drop them). Lazy Adam's moments may then be 
 the full table (a column shard), so every shard and replica draws the bits the whole table would at its columns.
 Both backends draw the same bits (a 32-bit counter-based hash: random_bits16), cheap beside the update's arithmetic.
 
+`nonzero_rows` ([N] bool, optional): the rows whose gradient may be non-zero. Every other gradient row is taken as
+zero and never read (ops.grad_nonzero_rows: the lookup pass that wrote the gradient knows which rows no pair touched),
+so lazy Adam's and Adagrad's "touched" test has nothing to read there. Given a gradient that is indeed zero on those
+rows, every rule's result is the same bit for bit with or without it.
+
 `grad_scale` (a device scalar, e.g. the gradient-clipping factor's inverse): the gradient is used divided by it, as
 torch's fused AdamW does with its `grad_scale`, so the table's gradient needs no separate scaling pass. A given
 `row_stat` must already be of the scaled gradient.
@@ -56,6 +61,19 @@ def touched_stat(rule: str, grad: torch.Tensor) -> torch.Tensor:
 
 def _rows(stat: torch.Tensor) -> torch.Tensor:
     return (stat > 0).nonzero().squeeze(1)
+
+
+def _known_zero(stat: torch.Tensor, nonzero_rows: Optional[torch.Tensor]) -> torch.Tensor:
+    """The row statistic with the rows known to be zero set to 0 (whatever their gradient holds)."""
+    return stat if nonzero_rows is None else torch.where(nonzero_rows, stat, torch.zeros_like(stat))
+
+
+def _grad_rows(grad, rows, nonzero_rows, grad_scale) -> torch.Tensor:
+    """fp32 gradient rows `rows`, divided by grad_scale, zero where nonzero_rows says so."""
+    g = grad.index_select(0, rows).float()
+    if nonzero_rows is not None:
+        g = torch.where(nonzero_rows.index_select(0, rows)[:, None], g, torch.zeros_like(g))
+    return g / grad_scale if grad_scale is not None else g
 
 
 _U32 = 0xFFFFFFFF
@@ -112,15 +130,14 @@ def _write_rows(param, master, rows, p, rounded) -> None:
 
 @torch.no_grad()
 def lazy_adam_reference(param, grad, exp_avg, exp_avg_sq, row_stat=None, *, lr, beta1, beta2, eps, weight_decay,
-                        step: int, master=None, grad_scale=None, rounding_seed=None, rng_col0: int = 0) -> None:
-    rows = _rows(touched_stat("lazy_adam", grad) if row_stat is None else row_stat)
+                        step: int, master=None, grad_scale=None, rounding_seed=None, rng_col0: int = 0,
+                        nonzero_rows=None) -> None:
+    rows = _rows(_known_zero(touched_stat("lazy_adam", grad), nonzero_rows) if row_stat is None else row_stat)
     if rows.numel() == 0:
         return
     rounded = _rounder(rounding_seed, rows, param.shape[1], rng_col0)
     # rows gathered in fp32 and written back in each tensor's own dtype
-    g = grad.index_select(0, rows).float()
-    if grad_scale is not None:
-        g = g / grad_scale
+    g = _grad_rows(grad, rows, nonzero_rows, grad_scale)
     m = exp_avg.index_select(0, rows).float().lerp_(g, 1 - beta1)
     v = exp_avg_sq.index_select(0, rows).float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
     exp_avg.index_copy_(0, rows, rounded(m, exp_avg, 1))
@@ -136,8 +153,8 @@ def lazy_adam_reference(param, grad, exp_avg, exp_avg_sq, row_stat=None, *, lr, 
 @torch.no_grad()
 def rowwise_adagrad_reference(param, grad, row_acc, row_stat=None, *, lr, eps, weight_decay,
                               n_cols: Optional[int] = None, master=None, grad_scale=None, rounding_seed=None,
-                              rng_col0: int = 0) -> None:
-    stat = touched_stat("rowwise_adagrad", grad) if row_stat is None else row_stat
+                              rng_col0: int = 0, nonzero_rows=None) -> None:
+    stat = _known_zero(touched_stat("rowwise_adagrad", grad), nonzero_rows) if row_stat is None else row_stat
     if grad_scale is not None and row_stat is None:
         stat = stat / (grad_scale.float() * grad_scale.float())
     rows = _rows(stat)
@@ -147,9 +164,7 @@ def rowwise_adagrad_reference(param, grad, row_acc, row_stat=None, *, lr, eps, w
     row_acc.index_copy_(0, rows, acc.to(row_acc.dtype))
     p = (param if master is None else master).index_select(0, rows).float()
     p.mul_(1 - lr * weight_decay)
-    g = grad.index_select(0, rows).float()
-    if grad_scale is not None:
-        g = g / grad_scale
+    g = _grad_rows(grad, rows, nonzero_rows, grad_scale)
     p.sub_(g * (lr / (acc.sqrt() + eps)).unsqueeze(1))
     _write_rows(param, master, rows, p, _rounder(rounding_seed, rows, param.shape[1], rng_col0))
 
@@ -160,6 +175,13 @@ _LOW = (torch.bfloat16, torch.float16)
 def _check_rounding(op: str, param, master, rounding_seed) -> None:
     if rounding_seed is not None and (master is not None or param.dtype != torch.bfloat16):
         raise ValueError(f"ops.{op}: stochastic rounding (rounding_seed) is for a bf16 table without a master")
+
+
+def _check_nonzero_rows(op: str, param, nonzero_rows) -> None:
+    if nonzero_rows is not None and (nonzero_rows.dtype != torch.bool or nonzero_rows.shape != param.shape[:1]
+                                     or nonzero_rows.device != param.device):
+        raise ValueError(f"ops.{op}: nonzero_rows must be a bool tensor of one entry per table row on the table's "
+                         f"device, got {nonzero_rows.dtype} {tuple(nonzero_rows.shape)} on {nonzero_rows.device}")
 
 
 def _triton_kernel(op: str, backend: str, param, grad, master, stochastic: bool, *state: torch.Tensor):
@@ -194,11 +216,12 @@ def _triton_kernel(op: str, backend: str, param, grad, master, stochastic: bool,
 
 def lazy_adam_rows(param, grad, exp_avg, exp_avg_sq, row_stat=None, *, lr, beta1, beta2, eps, weight_decay,
                    step: int, master=None, grad_scale=None, rounding_seed=None, rng_col0: int = 0,
-                   backend: str = "auto") -> None:
+                   nonzero_rows=None, backend: str = "auto") -> None:
     """In place on touched rows of param [N, D], exp_avg, exp_avg_sq ([N, D]) and master; `step` counts from 1."""
     _check_rounding("lazy_adam_rows", param, master, rounding_seed)
+    _check_nonzero_rows("lazy_adam_rows", param, nonzero_rows)
     kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step, master=master,
-              grad_scale=grad_scale, rounding_seed=rounding_seed, rng_col0=rng_col0)
+              grad_scale=grad_scale, rounding_seed=rounding_seed, rng_col0=rng_col0, nonzero_rows=nonzero_rows)
     kernel = _triton_kernel("lazy_adam_rows", backend, param, grad, master, rounding_seed is not None, exp_avg,
                             exp_avg_sq)
     if kernel is not None:
@@ -208,11 +231,12 @@ def lazy_adam_rows(param, grad, exp_avg, exp_avg_sq, row_stat=None, *, lr, beta1
 
 def rowwise_adagrad_rows(param, grad, row_acc, row_stat=None, *, lr, eps, weight_decay,
                          n_cols: Optional[int] = None, master=None, grad_scale=None, rounding_seed=None,
-                         rng_col0: int = 0, backend: str = "auto") -> None:
+                         rng_col0: int = 0, nonzero_rows=None, backend: str = "auto") -> None:
     """In place on touched rows of param [N, D], row_acc [N] and master; n_cols: the full row's width (default D)."""
     _check_rounding("rowwise_adagrad_rows", param, master, rounding_seed)
+    _check_nonzero_rows("rowwise_adagrad_rows", param, nonzero_rows)
     kw = dict(lr=lr, eps=eps, weight_decay=weight_decay, n_cols=n_cols, master=master, grad_scale=grad_scale,
-              rounding_seed=rounding_seed, rng_col0=rng_col0)
+              rounding_seed=rounding_seed, rng_col0=rng_col0, nonzero_rows=nonzero_rows)
     kernel = _triton_kernel("rowwise_adagrad_rows", backend, param, grad, master, rounding_seed is not None, row_acc)
     if kernel is not None:
         return kernel(param, grad, row_acc, row_stat, **kw)

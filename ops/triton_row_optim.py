@@ -8,6 +8,9 @@ the set of touched rows never leaves the device.
 HAS_MASTER: `p_ptr` is the fp32 master copy and `w_ptr` the low-precision (bf16) table: the rule updates the master
 and writes both, the table as the master rounded, in the same pass.
 
+HAS_NONZERO: a row flagged False in `nz_ptr` (ops.row_optim's `nonzero_rows`) has a zero gradient: the program reads
+none of it, for its statistic or its update (a row of no columns to the loops, and masked loads).
+
 HAS_SCALE: every gradient is divided by the device scalar at `scale_ptr` as it is read (the clip factor, torch's
 fused AdamW's `grad_scale` contract), so clipping needs no separate pass over the table's gradient; a precomputed
 row statistic is taken as already scaled.
@@ -84,16 +87,26 @@ def _random_bits_kernel(out_ptr, seed, n_cols, rng_col0, BLOCK: tl.constexpr):
         tl.store(out_ptr + 2 * plane + base + cols, b2.to(tl.int32), mask=mask)
 
 
+@triton.jit
+def _grad_cols(nz_ptr, row, n_cols, HAS_NONZERO: tl.constexpr):
+    """How many of the row's gradient columns to read: all, or none for a row known to be zero."""
+    if HAS_NONZERO:
+        return tl.where(tl.load(nz_ptr + row) != 0, n_cols, 0)
+    return n_cols
+
+
 @triton.jit(do_not_specialize=["seed"])
-def _lazy_adam_kernel(p_ptr, w_ptr, g_ptr, m_ptr, v_ptr, stat_ptr, scale_ptr, n_cols, decay, beta1, beta2, eps,
-                      step_size, bias2_sqrt, seed, rng_col0, HAS_STAT: tl.constexpr, HAS_MASTER: tl.constexpr,
-                      HAS_SCALE: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
+def _lazy_adam_kernel(p_ptr, w_ptr, g_ptr, m_ptr, v_ptr, stat_ptr, nz_ptr, scale_ptr, n_cols, decay, beta1, beta2,
+                      eps, step_size, bias2_sqrt, seed, rng_col0, HAS_STAT: tl.constexpr, HAS_NONZERO: tl.constexpr,
+                      HAS_MASTER: tl.constexpr, HAS_SCALE: tl.constexpr, STOCHASTIC: tl.constexpr,
+                      BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = row * n_cols
+    g_cols = _grad_cols(nz_ptr, row, n_cols, HAS_NONZERO)
     if HAS_STAT:
         stat = tl.load(stat_ptr + row)
     else:
-        stat = _row_stat(g_ptr, base, n_cols, False, BLOCK)  # max |g|: > 0 whatever the (positive) scale
+        stat = _row_stat(g_ptr, base, g_cols, False, BLOCK)  # max |g|: > 0 whatever the (positive) scale
     scale = 1.0
     if HAS_SCALE:
         scale = tl.load(scale_ptr).to(tl.float32)
@@ -101,7 +114,7 @@ def _lazy_adam_kernel(p_ptr, w_ptr, g_ptr, m_ptr, v_ptr, stat_ptr, scale_ptr, n_
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < n_cols
-            g = tl.load(g_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + base + cols, mask=cols < g_cols, other=0.0).to(tl.float32)
             if HAS_SCALE:
                 g = g / scale
             p = tl.load(p_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
@@ -123,18 +136,20 @@ def _lazy_adam_kernel(p_ptr, w_ptr, g_ptr, m_ptr, v_ptr, stat_ptr, scale_ptr, n_
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _rowwise_adagrad_kernel(p_ptr, w_ptr, g_ptr, acc_ptr, stat_ptr, scale_ptr, n_cols, inv_full_cols, decay, lr, eps,
-                            seed, rng_col0, HAS_STAT: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_SCALE: tl.constexpr,
-                            STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
+def _rowwise_adagrad_kernel(p_ptr, w_ptr, g_ptr, acc_ptr, stat_ptr, nz_ptr, scale_ptr, n_cols, inv_full_cols, decay,
+                            lr, eps, seed, rng_col0, HAS_STAT: tl.constexpr, HAS_NONZERO: tl.constexpr,
+                            HAS_MASTER: tl.constexpr, HAS_SCALE: tl.constexpr, STOCHASTIC: tl.constexpr,
+                            BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = row * n_cols
+    g_cols = _grad_cols(nz_ptr, row, n_cols, HAS_NONZERO)
     scale = 1.0
     if HAS_SCALE:
         scale = tl.load(scale_ptr).to(tl.float32)
     if HAS_STAT:
         stat = tl.load(stat_ptr + row)
     else:
-        stat = _row_stat(g_ptr, base, n_cols, True, BLOCK)
+        stat = _row_stat(g_ptr, base, g_cols, True, BLOCK)
         if HAS_SCALE:
             stat = stat / (scale * scale)
     if stat > 0:
@@ -147,7 +162,7 @@ def _rowwise_adagrad_kernel(p_ptr, w_ptr, g_ptr, acc_ptr, stat_ptr, scale_ptr, n
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < n_cols
-            g = tl.load(g_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + base + cols, mask=cols < g_cols, other=0.0).to(tl.float32)
             p = tl.load(p_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
             p = p * decay - step * g
             if STOCHASTIC:
@@ -181,7 +196,8 @@ def _check(param, *same):
 
 
 def lazy_adam_rows(param, grad, exp_avg, exp_avg_sq, row_stat=None, *, lr, beta1, beta2, eps, weight_decay,
-                   step: int, master=None, grad_scale=None, rounding_seed=None, rng_col0: int = 0) -> None:
+                   step: int, master=None, grad_scale=None, rounding_seed=None, rng_col0: int = 0,
+                   nonzero_rows=None) -> None:
     _check(param, grad, exp_avg, exp_avg_sq, *([master] if master is not None else []))
     n_rows, n_cols = param.shape
     if n_rows == 0 or n_cols == 0:
@@ -191,15 +207,18 @@ def lazy_adam_rows(param, grad, exp_avg, exp_avg_sq, row_stat=None, *, lr, beta1
     stat = row_stat.float().contiguous() if row_stat is not None else param  # unused pointer when no statistic
     p, w = (param, param) if master is None else (master, param)
     scale = grad_scale if grad_scale is not None else param  # unused pointer when no scale
-    _lazy_adam_kernel[(n_rows,)](p, w, grad, exp_avg, exp_avg_sq, stat, scale, n_cols, 1 - lr * weight_decay, beta1,
-                                 beta2, eps, lr / bias1, bias2_sqrt, rounding_seed or 0, rng_col0,
-                                 HAS_STAT=row_stat is not None, HAS_MASTER=master is not None,
+    nz = nonzero_rows.contiguous() if nonzero_rows is not None else param  # unused pointer: every row is read
+    _lazy_adam_kernel[(n_rows,)](p, w, grad, exp_avg, exp_avg_sq, stat, nz, scale, n_cols, 1 - lr * weight_decay,
+                                 beta1, beta2, eps, lr / bias1, bias2_sqrt, rounding_seed or 0, rng_col0,
+                                 HAS_STAT=row_stat is not None, HAS_NONZERO=nonzero_rows is not None,
+                                 HAS_MASTER=master is not None,
                                  HAS_SCALE=grad_scale is not None, STOCHASTIC=rounding_seed is not None, BLOCK=block,
                                  num_warps=_adam_warps(block))
 
 
 def rowwise_adagrad_rows(param, grad, row_acc, row_stat=None, *, lr, eps, weight_decay, n_cols=None,
-                         master=None, grad_scale=None, rounding_seed=None, rng_col0: int = 0) -> None:
+                         master=None, grad_scale=None, rounding_seed=None, rng_col0: int = 0,
+                         nonzero_rows=None) -> None:
     _check(param, grad, *([master] if master is not None else []))
     assert row_acc.shape == param.shape[:1], "row_optim: the row accumulator needs one value per row"
     n_rows, local_cols = param.shape
@@ -209,9 +228,11 @@ def rowwise_adagrad_rows(param, grad, row_acc, row_stat=None, *, lr, eps, weight
     stat = row_stat.float().contiguous() if row_stat is not None else param
     p, w = (param, param) if master is None else (master, param)
     scale = grad_scale if grad_scale is not None else param  # unused pointer when no scale
-    _rowwise_adagrad_kernel[(n_rows,)](p, w, grad, row_acc, stat, scale, local_cols, 1.0 / (n_cols or local_cols),
-                                       1 - lr * weight_decay, lr, eps, rounding_seed or 0, rng_col0,
-                                       HAS_STAT=row_stat is not None, HAS_MASTER=master is not None,
+    nz = nonzero_rows.contiguous() if nonzero_rows is not None else param  # unused pointer: every row is read
+    _rowwise_adagrad_kernel[(n_rows,)](p, w, grad, row_acc, stat, nz, scale, local_cols,
+                                       1.0 / (n_cols or local_cols), 1 - lr * weight_decay, lr, eps,
+                                       rounding_seed or 0, rng_col0, HAS_STAT=row_stat is not None,
+                                       HAS_NONZERO=nonzero_rows is not None, HAS_MASTER=master is not None,
                                        HAS_SCALE=grad_scale is not None, STOCHASTIC=rounding_seed is not None,
                                        BLOCK=block,
                                        num_warps=max(1, min(8, block // 128)))

@@ -260,9 +260,9 @@ def test_micro_batches_under_activation_checkpointing_add_once_each():
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("merge", [False, True])
-def test_the_gradients_squared_norm_is_known_until_it_changes(backend, merge):
-    """The pass that writes .grad whole sums its squares: known while .grad is that tensor, unchanged; unknown once a
-    later pass adds rows, after an in-place change, a new .grad, or none."""
+def test_the_gradients_summary_is_known_until_it_changes(backend, merge):
+    """The pass that writes .grad whole sums its squares and records the rows its pairs touched: known while .grad is
+    that tensor, unchanged; unknown once a later pass adds rows, after an in-place change, a new .grad, or none."""
     dev = device_of(backend)
     table = torch.nn.Parameter(torch.randn(N, D, generator=torch.Generator().manual_seed(9)).to(dev, torch.bfloat16))
 
@@ -274,22 +274,31 @@ def test_the_gradients_squared_norm_is_known_until_it_changes(backend, merge):
             loss = loss + (out.float() * g.to(dev)).sum()
         loss.backward()
 
-    assert ops.grad_sum_of_squares(table) is None  # no gradient yet
+    def known():
+        sq, rows = ops.grad_sum_of_squares(table), ops.grad_nonzero_rows(table)
+        assert (sq is None) == (rows is None)  # one summary
+        return sq, rows
+
+    assert known()[0] is None  # no gradient yet
     backward()
-    sq = ops.grad_sum_of_squares(table)
-    if merge:  # one pass writes the whole gradient: its sum is the gradient's
+    sq, rows = known()
+    if merge:  # one pass writes the whole gradient: its sum is the gradient's, its rows the ones the layers read
         assert sq is not None and sq.dtype == torch.float32
         torch.testing.assert_close(sq, table.grad.float().square().sum(), rtol=1e-5, atol=0)
+        read = torch.zeros(N, dtype=torch.bool)
+        read[torch.cat([idx.reshape(-1) for idx, _, _ in layer_inputs(2)])] = True
+        assert not read.all() and torch.equal(rows.cpu(), read)
+        assert not table.grad[~rows].any() and table.grad[rows].float().abs().sum(1).gt(0).all()
     else:  # the second layer's backward added rows to what the first wrote
         assert sq is None
     backward()  # gradient accumulation: rows added
-    assert ops.grad_sum_of_squares(table) is None
+    assert known()[0] is None
     table.grad = None
     backward()
-    assert (ops.grad_sum_of_squares(table) is not None) == merge
+    assert (known()[0] is not None) == merge
     table.grad.mul_(0.5)  # e.g. clipping
-    assert ops.grad_sum_of_squares(table) is None
+    assert known()[0] is None
     table.grad = None
     backward()
     table.grad = table.grad.clone()  # the same values in another tensor: not known
-    assert ops.grad_sum_of_squares(table) is None
+    assert known()[0] is None

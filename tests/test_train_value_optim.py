@@ -147,6 +147,44 @@ def test_adagrad_kernel_reads_each_rows_accumulator_once_on_gpu(given_stat):
     torch.testing.assert_close(out["triton"][0], out["reference"][0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.any_device  # the Triton backend's tensors on the GPU when there is one
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("rule, every_row", [("lazy_adam", False), ("lazy_adam", True), ("rowwise_adagrad", False)])
+def test_rows_known_to_be_zero_are_not_read(rule, every_row, backend):
+    """nonzero_rows: a gradient row flagged False is taken as zero. With the real gradient (zero there) the step is
+    the one without flags, bit for bit; with garbage written on those rows it still is, so they were never read."""
+    dev = device_of(backend)
+    table = torch.randn(N, D, generator=torch.Generator().manual_seed(4)).to(dev)
+    grad = sparse_grads(1)[0].to(dev)
+    nonzero = torch.zeros(N, dtype=torch.bool, device=dev)
+    nonzero[READS] = True
+    nonzero[0] = True  # flagged, yet its gradient is zero: "may be non-zero"
+    poisoned = grad.clone()
+    poisoned[~nonzero] = 1e3
+    stat = torch.ones(N, device=dev) if every_row else None  # every row counted as touched: AdamW
+
+    def step(g, rows):
+        p = table.clone()
+        state = [torch.full((N, D), 0.5, device=dev), torch.full((N, D), 0.25, device=dev)] if rule == "lazy_adam" \
+            else [torch.full((N,), 0.5, device=dev)]
+        kw = dict(lr=LR, eps=EPS, weight_decay=WD, grad_scale=torch.tensor(2.0, device=dev), nonzero_rows=rows,
+                  backend=backend)
+        if rule == "lazy_adam":
+            row_optim.lazy_adam_rows(p, g, *state, stat, beta1=BETAS[0], beta2=BETAS[1], step=3, **kw)
+        else:
+            row_optim.rowwise_adagrad_rows(p, g, *state, stat, **kw)
+        return [p.cpu()] + [s.cpu() for s in state]
+
+    want = step(grad, None)
+    for got in (step(grad, nonzero), step(poisoned, nonzero)):
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert not torch.equal(step(poisoned, None)[0], want[0])  # read, the garbage would show
+    if every_row:  # every row moves, the untouched ones by their moments and weight decay
+        assert (want[0] != table.cpu()).all()
+    with pytest.raises(ValueError, match="nonzero_rows must be a bool tensor of one entry per table row"):
+        step(grad, nonzero.float())
+
+
 # ------------------------------------------------------------------------------------------ the optimizer object
 def two_group_params(seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -247,6 +285,46 @@ def test_short_training_run_learns(choice):
     moved = (model.values.weight.detach() != table).any(dim=1)
     assert 0 < read.sum() < table.shape[0]  # 16 * 16 rows: some never read
     assert torch.equal(moved, read)
+
+
+@pytest.mark.parametrize("choice, rule", [("adamw", "lazy_adam_rows"), ("sparse_adam", "lazy_adam_rows"),
+                                          ("rowwise_adagrad", "rowwise_adagrad_rows")])
+def test_sparse_value_steps_skip_rows_the_merged_pass_left_zero(choice, rule, monkeypatch):
+    """A bf16 table whose gradient the lookups' merged pass wrote, clipped inside the optimizer (a clip that scales
+    .grad in place makes the pass's record unknown): a sparse rule is told which rows no pair touched
+    (ops.grad_nonzero_rows) and moves the table exactly as it does without being told; every-row AdamW is not told."""
+    import ops
+
+    flags = []
+    real = getattr(row_optim, rule)
+
+    def spy(*args, **kw):
+        flags.append(kw.get("nonzero_rows"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(row_optim, rule, spy)
+    tables = []
+    for told in (True, False):
+        if not told:
+            monkeypatch.setattr(ops, "grad_nonzero_rows", lambda table: None)
+        cfg, rt, model = tiny(f"optim.value_optimizer={choice}", "model.memory.value_dtype=bfloat16",
+                              "model.memory.n_keys=16", "optim.clip_in_optimizer=true")
+        opt = build_optimizer(model, cfg.optim)
+        assert isinstance(opt, RowSparseValueAdamW)
+        sched = build_scheduler(opt, cfg.optim, cfg.train.steps)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            batch = torch.randint(0, cfg.model.vocab_size, (2, cfg.data.seq_len + 1), generator=gen)
+            train_step(model, opt, sched, [batch], cfg, rt)
+        tables.append(model.values.weight.detach().clone())
+    told_flags, untold_flags = flags[:3], flags[3:]
+    assert len(untold_flags) == 3 and all(f is None for f in untold_flags)
+    if choice == "adamw":
+        assert all(f is None for f in told_flags)
+    else:
+        n_rows = tables[0].shape[0]
+        assert all(f is not None and 0 < int(f.sum()) < n_rows for f in told_flags)  # 16 * 16 rows: some never read
+    assert torch.equal(tables[0], tables[1])
 
 
 def test_bad_value_optimizer_is_rejected_by_name():

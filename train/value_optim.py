@@ -26,6 +26,11 @@ the state) and the element's place in the full table: a resume continues exactly
 writes the same values. A resume cannot switch precision (train/resume.py refuses optimizer changes);
 checkpoint.init_from starts a new run from the weights.
 
+Rows no lookup touched: when the table's gradient was written whole by the lookups' merged pass, that pass recorded
+which rows any pair touched (ops.grad_nonzero_rows), and the sparse rules skip reading the other rows' gradient (zero
+by construction) to find they were not touched. Every-row AdamW is not told: its step, which moves every row's weights
+and moments anyway, measured no faster for it (BENCHMARKS.md, "rows known to be zero").
+
 Gradient clipping inside the step: `optimizer.grad_scale` (a device scalar, None by default), which torch's fused
 AdamW divides the other groups' gradients by, is honoured by the row rules too (the kernels divide as they read), so
 a clip factor set there needs no separate pass over the value table's gradient.
@@ -42,6 +47,7 @@ from typing import Dict, List, get_args
 import torch
 import torch.distributed as dist
 
+import ops
 from ops import row_optim
 
 from .adamw import AdamW
@@ -163,6 +169,8 @@ class RowSparseValueAdamW(AdamW):
                 dist.all_reduce(row_stat, op=op, group=p.device_mesh.get_group(d))
             if grad_scale is not None and self.rule == "rowwise_adagrad":
                 row_stat = row_stat / grad_scale.square()  # the statistic of the scaled gradient
+        # None for a column-sharded table: its lookups never write .grad themselves (ops.can_accumulate)
+        nonzero_rows = None if self.every_row else ops.grad_nonzero_rows(p)
         lr = float(group["lr"])
         step = int(state["step"].item())
         rounding = {}
@@ -173,11 +181,12 @@ class RowSparseValueAdamW(AdamW):
             row_optim.lazy_adam_rows(param, grad, local_tensor(state["exp_avg"]), local_tensor(state["exp_avg_sq"]),
                                      row_stat, lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
                                      weight_decay=group["weight_decay"], step=step, master=master,
-                                     grad_scale=grad_scale, **rounding)
+                                     grad_scale=grad_scale, nonzero_rows=nonzero_rows, **rounding)
         else:
             row_optim.rowwise_adagrad_rows(param, grad, local_tensor(state["row_acc"]), row_stat, lr=lr,
                                            eps=group["eps"], weight_decay=group["weight_decay"], n_cols=p.shape[1],
-                                           master=master, grad_scale=grad_scale, **rounding)
+                                           master=master, grad_scale=grad_scale, nonzero_rows=nonzero_rows,
+                                           **rounding)
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> Dict[str, int]:

@@ -54,13 +54,10 @@ def _add_value_grad(backend: str, table: torch.Tensor, grad_out, indices, weight
     # more than the separate reduction it saves (BENCHMARKS.md, "the value gradient's norm").
     summarise = whole and not compute_gw
     sq = torch.empty((), dtype=torch.float32, device=table.device) if summarise else None
+    nonzero = torch.empty(table.shape[0], dtype=torch.bool, device=table.device) if summarise else None
     with torch.no_grad():
         gw, gv = fn(grad_out, indices, weights, table.detach(), compute_gw=compute_gw, accumulate_into=table.grad,
-                    sum_squares_out=sq)
-        nonzero = None
-        if summarise:  # duplicates fill the same value: deterministic
-            nonzero = torch.zeros(table.shape[0], dtype=torch.bool, device=table.device)
-            nonzero.index_fill_(0, indices.reshape(-1).long(), True)
+                    sum_squares_out=sq, nonzero_rows_out=nonzero)
     if whole:
         table.grad = gv
     # The kernels write .grad without bumping its version, which only torch's own in-place ops do.

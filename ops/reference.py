@@ -154,19 +154,22 @@ def value_grad(grad_out, indices, weights, values, chunk: int, accumulate_into: 
 
 
 def lookup_backward(grad_out, indices, weights, values, compute_gw: bool = True, accumulate_into=None,
-                    chunk_tokens: Optional[int] = None, sum_squares_out=None):
+                    chunk_tokens: Optional[int] = None, sum_squares_out=None, nonzero_rows_out=None):
     """The lookup's backward without autograd: (grad_weights [T, S] or None, grad_values), the value gradient dense
-    or added to `accumulate_into` (see value_grad). sum_squares_out: a 0-dim fp32 tensor set to the squared norm
-    of a dense gradient written whole (the Triton kernel's contract; here a separate reduction)."""
-    if sum_squares_out is not None and accumulate_into is not None:
-        raise ValueError("lookup_backward: sum_squares_out needs the dense gradient written whole "
-                         "(no accumulate_into)")
+    or added to `accumulate_into` (see value_grad). For a dense gradient written whole, as the Triton kernel's
+    contract says: sum_squares_out, a 0-dim fp32 tensor, is set to its squared norm (here a separate reduction);
+    nonzero_rows_out, an [N] bool tensor, to which rows some pair touched."""
+    for name, out in (("sum_squares_out", sum_squares_out), ("nonzero_rows_out", nonzero_rows_out)):
+        if out is not None and accumulate_into is not None:
+            raise ValueError(f"lookup_backward: {name} needs the dense gradient written whole (no accumulate_into)")
     chunk = _chunk_tokens(indices.shape[1], values.shape[1], chunk_tokens)
     indices = indices.long()
     grad_w = weight_grad(grad_out, indices, weights, values, chunk) if compute_gw else None
     grad_v = value_grad(grad_out, indices, weights, values, chunk, accumulate_into)
     if sum_squares_out is not None:
         sum_squares_out.copy_(grad_v.to(torch.promote_types(grad_v.dtype, torch.float32)).square().sum())
+    if nonzero_rows_out is not None:
+        nonzero_rows_out.zero_().index_fill_(0, indices.reshape(-1), grad_v.shape[1] > 0)
     return grad_w, grad_v
 
 

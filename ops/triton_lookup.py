@@ -393,7 +393,7 @@ def bwd_config(P: int, M: int, D: int, elem_bytes: int = 2):
 
 def lookup_backward(grad_out, indices, weights, values, compute_gw: bool = True,
                     sparse: bool = False, config=None, accumulate_into=None, run=None, run_config=None,
-                    sum_squares_out=None):
+                    sum_squares_out=None, nonzero_rows_out=None):
     """Returns (grad_w fp32 [T, S] or None, grad_V) with grad_V dense [N, D], or for sparse=True the compact
     form (rows [M] int64 padded with -1, row_grads [M, D] whose padding rows are not written, nseg [1]);
     M = min(T*S, N).
@@ -404,6 +404,8 @@ def lookup_backward(grad_out, indices, weights, values, compute_gw: bool = True,
     sum_squares_out: a 0-dim fp32 tensor that receives the squared norm of the dense gradient as written (in its
     dtype), summed by the launch that writes it: the gradient-norm clip then needs no pass over a table-sized
     gradient. Only for the dense form written whole (not sparse, no accumulate_into).
+    nonzero_rows_out: an [N] bool tensor that receives which rows some pair touched (every other row of the dense
+    gradient is zero), read off the sorted pairs; same condition.
 
     `values` gives N, D and the default gradient dtype; its rows are read only for grad_w (compute_gw).
     grad_out may be a strided column view (unit stride along D)."""
@@ -414,12 +416,15 @@ def lookup_backward(grad_out, indices, weights, values, compute_gw: bool = True,
     P = T * S
     if accumulate_into is not None and (sparse or accumulate_into.shape != (N, D) or accumulate_into.stride(1) != 1):
         raise ValueError("lookup_backward: accumulate_into must be a dense [N, D] gradient with unit column stride")
-    if sum_squares_out is not None and (sparse or accumulate_into is not None):
-        raise ValueError("lookup_backward: sum_squares_out needs the dense gradient written whole "
-                         "(not sparse, no accumulate_into)")
+    for name, out in (("sum_squares_out", sum_squares_out), ("nonzero_rows_out", nonzero_rows_out)):
+        if out is not None and (sparse or accumulate_into is not None):
+            raise ValueError(f"lookup_backward: {name} needs the dense gradient written whole "
+                             "(not sparse, no accumulate_into)")
     if P == 0 or D == 0:
         if sum_squares_out is not None:
             sum_squares_out.zero_()  # the gradient is all zeros
+        if nonzero_rows_out is not None:
+            nonzero_rows_out.zero_()  # no pairs, or rows without elements
         gw = torch.zeros((T, S), dtype=torch.float32, device=dev) if compute_gw else None
         if accumulate_into is not None:  # nothing to add
             return gw, accumulate_into
@@ -439,6 +444,11 @@ def lookup_backward(grad_out, indices, weights, values, compute_gw: bool = True,
         nseg = seg_start  # not read with row programs
     else:
         seg_start, nseg, M = _segments(sorted_rows, N)
+    if nonzero_rows_out is not None:
+        if row_programs:  # row r has pairs when its range is not empty
+            torch.gt(seg_start[1:], seg_start[:-1], out=nonzero_rows_out)
+        else:
+            nonzero_rows_out.zero_().index_fill_(0, sorted_rows.long(), True)
     block_p, block_d, warps = config or bwd_config(P, min(P, N), D, grad_out.element_size())
     n_d = triton.cdiv(D, block_d)
     gw_part = torch.empty((n_d, P), dtype=torch.float32, device=dev) if compute_gw else None

@@ -222,7 +222,7 @@ def test_lookup_backward_hot_rows_in_runs(run, run_config):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("compute_gw,run", [(True, 0), (False, 0), (False, 2)])
 @pytest.mark.parametrize("block_d", [16, 512])
-def test_lookup_backward_sums_the_written_gradients_squares(dtype, compute_gw, run, block_d):
+def test_lookup_backward_sums_the_written_gradients_squares_and_marks_its_rows(dtype, compute_gw, run, block_d):
     # Both dense forms (touched rows then a list of untouched ones; one program per row, with and without hot-row
     # runs), column chunks of one part and of two (D over BLOCK_D, masked columns): the sum equals the gradient's
     # own, as written in its dtype.
@@ -233,20 +233,25 @@ def test_lookup_backward_sums_the_written_gradients_squares(dtype, compute_gw, r
     w, v = torch.randn(T, S, generator=gen), torch.randn(N, D, generator=gen).to(dtype)
     g = torch.randn(T, D, generator=gen).to(dtype)
     idx, w, v, g = idx.to(DEV), w.to(DEV), v.to(DEV), g.to(DEV)
+    read = torch.zeros(N, dtype=torch.bool, device=DEV)
+    read[idx.reshape(-1)] = True
     for fn, kw in ((lookup_backward, dict(run=run, config=(1, block_d, 2))), (reference.lookup_backward, {})):
         sq = torch.full((), float("nan"), device=DEV)
-        _, gv = fn(g, idx, w, v, compute_gw=compute_gw, sum_squares_out=sq, **kw)
+        nonzero = (torch.arange(N, device=DEV) % 2).bool()  # overwritten whole
+        _, gv = fn(g, idx, w, v, compute_gw=compute_gw, sum_squares_out=sq, nonzero_rows_out=nonzero, **kw)
         assert gv.dtype == dtype
         torch.testing.assert_close(sq, gv.float().square().sum(), rtol=1e-5, atol=0)
-    empty = torch.full((), float("nan"), device=DEV)
-    lookup_backward(g[:0], idx[:0], w[:0], v, sum_squares_out=empty)
-    assert float(empty) == 0.0
-    sq = torch.zeros((), device=DEV)
-    for fn in (lookup_backward, reference.lookup_backward):
-        with pytest.raises(ValueError, match="sum_squares_out needs the dense gradient written whole"):
-            fn(g, idx, w, v, accumulate_into=torch.zeros_like(v), sum_squares_out=sq)
-    with pytest.raises(ValueError, match="sum_squares_out needs the dense gradient written whole"):
-        lookup_backward(g, idx, w, v, sparse=True, sum_squares_out=sq)
+        assert torch.equal(nonzero, read) and not gv[~nonzero].any()  # the rows some pair touched
+    empty, none_read = torch.full((), float("nan"), device=DEV), torch.ones(N, dtype=torch.bool, device=DEV)
+    lookup_backward(g[:0], idx[:0], w[:0], v, sum_squares_out=empty, nonzero_rows_out=none_read)
+    assert float(empty) == 0.0 and not none_read.any()
+    sq, nonzero = torch.zeros((), device=DEV), torch.zeros(N, dtype=torch.bool, device=DEV)
+    for name, out in (("sum_squares_out", sq), ("nonzero_rows_out", nonzero)):
+        for fn in (lookup_backward, reference.lookup_backward):
+            with pytest.raises(ValueError, match=f"{name} needs the dense gradient written whole"):
+                fn(g, idx, w, v, accumulate_into=torch.zeros_like(v), **{name: out})
+        with pytest.raises(ValueError, match=f"{name} needs the dense gradient written whole"):
+            lookup_backward(g, idx, w, v, sparse=True, **{name: out})
 
 
 def test_lookup_rejects_bad_input():

@@ -151,6 +151,13 @@ def _run_partial_kernel(
 
 
 @triton.jit
+def _store_square_parts(sq_ptr, seg, pid_d, parts, SQ_PARTS: tl.constexpr):
+    """Program (seg, pid_d)'s SQ_PARTS partial sums of squares, in grid order among every program's."""
+    j = tl.arange(0, SQ_PARTS)
+    tl.store(sq_ptr + (seg.to(tl.int64) * tl.num_programs(1) + pid_d) * SQ_PARTS + j, parts)
+
+
+@triton.jit
 def _segment_bwd_kernel(
     sorted_rows_ptr, perm_ptr, seg_start_ptr, nseg_ptr, nfull_ptr, cum_ptr, part_ptr,
     w_ptr, g_ptr, v_ptr, gw_ptr, gv_ptr, rows_out_ptr, untouched_ptr, sq_ptr,
@@ -220,8 +227,7 @@ def _segment_bwd_kernel(
                 # SQ_PARTS partial sums of 256 columns: one sum over the whole row measured slower in this launch
                 # of a million short programs (BENCHMARKS.md, "the value gradient's norm")
                 part = tl.sum(tl.reshape(written * written, [SQ_PARTS, BLOCK_D // SQ_PARTS]), axis=1)
-                j = tl.arange(0, SQ_PARTS)
-                tl.store(sq_ptr + (seg.to(tl.int64) * tl.num_programs(1) + pid_d) * SQ_PARTS + j, part)
+                _store_square_parts(sq_ptr, seg, pid_d, part, SQ_PARTS)
     else:
         # Padding entries of the compact form: row -1, gradient rows left unwritten (only the touched rows' bytes
         # move; up to min(T*S, N) - nseg rows of zeros would otherwise be written for nobody).
@@ -235,9 +241,7 @@ def _segment_bwd_kernel(
             tl.store(gv_ptr + r * stride_gv + d, tl.zeros([BLOCK_D], gv_ptr.dtype.element_ty), mask=dmask,
                      eviction_policy="evict_first")
             if SUM_SQUARES:
-                j = tl.arange(0, SQ_PARTS)
-                tl.store(sq_ptr + (seg.to(tl.int64) * tl.num_programs(1) + pid_d) * SQ_PARTS + j,
-                         tl.zeros([SQ_PARTS], tl.float32))
+                _store_square_parts(sq_ptr, seg, pid_d, tl.zeros([SQ_PARTS], tl.float32), SQ_PARTS)
 
 
 # ------------------------------------------------------------------------------------------------ launchers

@@ -16,7 +16,7 @@ pass that left it: work left by a pass that failed is dropped, never added to a 
 
 The merged pass, when it writes `.grad` whole, also keeps a summary of it: its squared norm, summed as the rows are
 written (grad_sum_of_squares: gradient clipping then needs no second read of a table-sized gradient), and which rows
-any pair touched (grad_nonzero_rows: every other row is zero, so the value optimizer need not read it). The summary
+any pair touched (grad_nonzero_rows: every other row is zero, so a sparse value rule need not read it). The summary
 holds only while `.grad` is that tensor, unchanged: a later pass that adds rows, or any in-place change through
 torch, makes it unknown again.
 

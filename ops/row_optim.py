@@ -27,9 +27,9 @@ the full table (a column shard), so every shard and replica draws the bits the w
 Both backends draw the same bits (a 32-bit counter-based hash: random_bits16), cheap beside the update's arithmetic.
 
 `nonzero_rows` ([N] bool, optional): the rows whose gradient may be non-zero. Every other gradient row is taken as
-zero and never read (ops.grad_nonzero_rows: the lookup pass that wrote the gradient knows which rows no pair touched),
-so lazy Adam's and Adagrad's "touched" test has nothing to read there. Given a gradient that is indeed zero on those
-rows, every rule's result is the same bit for bit with or without it.
+zero, and the Triton kernels do not read it (ops.grad_nonzero_rows: the lookup pass that wrote the gradient knows
+which rows no pair touched), so lazy Adam's and Adagrad's "touched" test has nothing to read there. Given a gradient
+that is indeed zero on those rows, every rule's result is the same bit for bit with or without it.
 
 `grad_scale` (a device scalar, e.g. the gradient-clipping factor's inverse): the gradient is used divided by it, as
 torch's fused AdamW does with its `grad_scale`, so the table's gradient needs no separate scaling pass. A given

@@ -11,6 +11,11 @@ accesses; any others to a second one without.
 The update is torch.optim.AdamW's (decoupled weight decay, bias corrections from each tensor's own step count, read on
 the device: no host sync), with its fused kernels' `grad_scale` contract: gradients are divided by the device scalar
 as they are read (the clip factor, train/optim.set_clip_scale). It agrees with torch's fused AdamW to fp32 rounding.
+
+Master weights (`copies`): the fp32 tensors stepped are masters of bf16 copies that the model computes with. The
+gradients are then the copies' (bf16, read as fp32) and each updated master is written to its copy rounded to
+nearest even, the rounding of torch's `.to(torch.bfloat16)`, so the copy is what autocast would have cast the master
+to. bf16 tensors are addressed from a second base pointer, the lowest of their addresses.
 """
 from __future__ import annotations
 
@@ -25,31 +30,48 @@ _WARPS = 4
 
 
 @triton.jit
-def _adamw_kernel(base_ptr, off_ptr, n_tensors, chunk_tensor_ptr, chunk_start_ptr, numel_ptr, scale_ptr,
+def _bf16_nearest_even(x):
+    """fp32 -> bf16 rounded to nearest even, as torch's `.to(torch.bfloat16)`, spelled in integer operations: the
+    Triton interpreter's own cast truncates, and a copy must be bit-equal to autocast's cast on every backend. NaN
+    stays a (quiet) NaN of its sign."""
+    xi = x.to(tl.uint32, bitcast=True)
+    rounded = xi + 0x7FFF + ((xi >> 16) & 1)
+    hi = tl.where(x != x, (xi >> 16) | 0x40, rounded >> 16)
+    return hi.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _adamw_kernel(base_ptr, half_ptr, off_ptr, n_tensors, chunk_tensor_ptr, chunk_start_ptr, numel_ptr, scale_ptr,
                   lr, weight_decay, beta1, beta2, eps,
-                  HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr):
+                  HAS_SCALE: tl.constexpr, COPIES: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr):
     c = tl.program_id(0)
     k = tl.load(chunk_tensor_ptr + c)
     start = tl.multiple_of(tl.load(chunk_start_ptr + c), BLOCK)
     n = tl.load(numel_ptr + k)
-    # off_ptr: [5, n_tensors] element offsets from base_ptr of the parameters, gradients, first and second moments,
-    # and step counts
+    # off_ptr: [6, n_tensors] element offsets from base_ptr of the parameters, gradients, first and second moments,
+    # step counts and (unused without COPIES) the copies; with COPIES the gradients' and copies' offsets are from
+    # half_ptr, in bf16 elements
     p_off = tl.load(off_ptr + k)
     g_off = tl.load(off_ptr + n_tensors + k)
     m_off = tl.load(off_ptr + 2 * n_tensors + k)
     v_off = tl.load(off_ptr + 3 * n_tensors + k)
     step = tl.load(base_ptr + tl.load(off_ptr + 4 * n_tensors + k))
+    c_off = tl.load(off_ptr + 5 * n_tensors + k)
     if VEC > 1:  # the host checked: 16-byte aligned buffers of a multiple of VEC elements
         n = tl.multiple_of(n, VEC)
         p_off = tl.multiple_of(p_off, VEC)
         g_off = tl.multiple_of(g_off, VEC)
         m_off = tl.multiple_of(m_off, VEC)
         v_off = tl.multiple_of(v_off, VEC)
+        c_off = tl.multiple_of(c_off, VEC)
     bias1 = 1 - tl.exp2(step * tl.log2(beta1))
     bias2_sqrt = tl.sqrt(1 - tl.exp2(step * tl.log2(beta2)))
     offs = start + tl.arange(0, BLOCK)
     mask = offs < n
-    g = tl.load(base_ptr + g_off + offs, mask=mask, other=0.0)
+    if COPIES:
+        g = tl.load(half_ptr + g_off + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        g = tl.load(base_ptr + g_off + offs, mask=mask, other=0.0)
     if HAS_SCALE:
         g = g / tl.load(scale_ptr).to(tl.float32)
     p = tl.load(base_ptr + p_off + offs, mask=mask, other=0.0)
@@ -62,43 +84,59 @@ def _adamw_kernel(base_ptr, off_ptr, n_tensors, chunk_tensor_ptr, chunk_start_pt
     tl.store(base_ptr + m_off + offs, m, mask=mask)
     tl.store(base_ptr + v_off + offs, v, mask=mask)
     tl.store(base_ptr + p_off + offs, p, mask=mask)
+    if COPIES:
+        tl.store(half_ptr + c_off + offs, _bf16_nearest_even(p), mask=mask)
 
 
-def _check_state(params, exp_avgs, exp_avg_sqs, steps) -> None:
-    lists = (params, exp_avgs, exp_avg_sqs, steps)
+def _check_state(params, exp_avgs, exp_avg_sqs, steps, copies) -> None:
+    lists = (params, exp_avgs, exp_avg_sqs, steps) + ((copies,) if copies is not None else ())
     if len({len(ts) for ts in lists}) != 1:
-        raise ValueError("adamw: params, exp_avgs, exp_avg_sqs and steps must be lists of one length")
-    for p, m, v, s in zip(*lists):
+        raise ValueError("adamw: params, exp_avgs, exp_avg_sqs, steps (and copies) must be lists of one length")
+    for p, m, v, s in zip(*lists[:4]):
         if not all(t.dtype == torch.float32 and t.is_contiguous() and t.device == p.device for t in (p, m, v, s)):
             raise ValueError("adamw: every tensor must be a contiguous fp32 tensor on the parameters' device")
         if not (p.shape == m.shape == v.shape and s.numel() == 1):
             raise ValueError(f"adamw: shapes differ: param {tuple(p.shape)}, moments {tuple(m.shape)} / "
                              f"{tuple(v.shape)}, step {tuple(s.shape)}")
+    for p, c in zip(params, copies or ()):
+        if not (c.dtype == torch.bfloat16 and c.is_contiguous() and c.device == p.device and c.shape == p.shape):
+            raise ValueError(f"adamw: a copy must be a contiguous bf16 tensor shaped like its master {tuple(p.shape)} "
+                             f"on its device, got {c.dtype} {tuple(c.shape)} on {c.device}")
 
 
-def _aligned(ptr: int, numel: int) -> bool:
-    return ptr % 16 == 0 and numel % 4 == 0
+def _aligned(t: torch.Tensor) -> bool:
+    """Whether t takes 16-byte (4-element fp32, and bf16 alongside) accesses: 4 * element size-aligned data, a
+    multiple of 4 elements."""
+    return t.data_ptr() % (4 * t.element_size()) == 0 and t.numel() % 4 == 0
+
+
+# rows of the kernel's offset table
+_P, _G, _M, _V, _STEP, _COPY = range(6)
 
 
 class AdamWLaunch:
     """The kernel's launch over one list of parameters and their state (checked and tabled once): `step(grads, ...)`
     updates them. The gradients, new tensors every step, are checked and addressed at each call; the host work per
-    call is a few attribute reads per tensor and one small copy to the device."""
+    call is a few attribute reads per tensor and one small copy to the device.
 
-    def __init__(self, params, exp_avgs, exp_avg_sqs, steps):
-        _check_state(params, exp_avgs, exp_avg_sqs, steps)
+    copies: bf16 tensors the parameters are the fp32 masters of; the gradients are then the copies' (bf16), and each
+    step writes the updated masters to them (see the module docstring)."""
+
+    def __init__(self, params, exp_avgs, exp_avg_sqs, steps, copies=None):
+        _check_state(params, exp_avgs, exp_avg_sqs, steps, copies)
         self.device = params[0].device if params else None
         self.n = len(params)
+        self.grad_dtype = torch.bfloat16 if copies is not None else torch.float32
         keep = [i for i, p in enumerate(params) if p.numel() > 0]
-        fixed = [[ts[i] for i in keep] for ts in (params, exp_avgs, exp_avg_sqs, steps)]
+        # the fixed tensors by table row (the gradients' row filled at each step)
+        self.rows = [[t[i] for i in keep] for t in (params, params, exp_avgs, exp_avg_sqs, steps,
+                                                     copies if copies is not None else params)]
         self.keep = keep
-        self.shapes = [p.shape for p in fixed[0]]
-        # data addresses of the fixed tensors, per list: [4, n] (params, first and second moments, steps)
-        self.fixed_ptrs = torch.tensor([[t.data_ptr() for t in ts] for ts in fixed], dtype=torch.int64)
-        self.numels = torch.tensor([p.numel() for p in fixed[0]], dtype=torch.int64)
-        self.vec_ok = torch.tensor([all(_aligned(t.data_ptr(), t.numel()) for t in (p, m, v))
-                                    for p, m, v in zip(*fixed[:3])], dtype=torch.bool)
-        self.fixed = fixed
+        self.shapes = [p.shape for p in self.rows[_P]]
+        self.fixed_ptrs = torch.tensor([[t.data_ptr() for t in ts] for ts in self.rows], dtype=torch.int64)
+        self.numels = torch.tensor([p.numel() for p in self.rows[_P]], dtype=torch.int64)
+        self.vec_ok = torch.tensor([all(_aligned(self.rows[r][i]) for r in (_P, _M, _V, _COPY))
+                                    for i in range(len(keep))], dtype=torch.bool)
         self._tables = {}  # (indices of a launch) -> ChunkTable
 
     def _table(self, part: torch.Tensor) -> "ChunkTable":
@@ -116,33 +154,48 @@ class AdamWLaunch:
             return
         grads = [grads[i] for i in self.keep]
         for g, shape in zip(grads, self.shapes):
-            if not (g.dtype == torch.float32 and g.is_contiguous() and g.shape == shape):
-                raise ValueError(f"adamw: a gradient must be a contiguous fp32 tensor shaped like its parameter "
-                                 f"{tuple(shape)}, got {g.dtype} {tuple(g.shape)}")
-        g_ptrs = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64)
+            if not (g.dtype == self.grad_dtype and g.is_contiguous() and g.shape == shape):
+                name = "bf16" if self.grad_dtype == torch.bfloat16 else "fp32"
+                raise ValueError(f"adamw: a gradient must be a contiguous {name} tensor shaped like its "
+                                 f"parameter {tuple(shape)}, got {g.dtype} {tuple(g.shape)}")
         if grads[0].device != self.device:
             raise ValueError(f"adamw: gradients on {grads[0].device}, parameters on {self.device}")
-        vec = self.vec_ok & (g_ptrs % 16 == 0)
-        ptrs = torch.cat([self.fixed_ptrs[:1], g_ptrs[None], self.fixed_ptrs[1:]])  # params, grads, moments, steps
+        rows = list(self.rows)
+        rows[_G] = grads
+        ptrs = self.fixed_ptrs.clone()
+        ptrs[_G] = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64)
+        vec = self.vec_ok & torch.tensor([_aligned(g) for g in grads], dtype=torch.bool)
+        copies = self.grad_dtype == torch.bfloat16
+        # rows addressed from the bf16 base: the gradients and copies with copies, none without
+        half_rows = [_G, _COPY] if copies else []
+        full_rows = [r for r in range(6) if r not in half_rows and not (r == _COPY and not copies)]
         for part, width in ((vec.nonzero().flatten(), 4), ((~vec).nonzero().flatten(), 1)):
             if part.numel() == 0:
                 continue
             table = self._table(part)
-            sel = ptrs[:, part]
-            # the base: the launch's lowest address (offsets >= 0); 16-byte accesses need it 16-byte aligned too
-            row, col = divmod(int(sel.argmin()), part.numel())
-            lists = (self.fixed[0], grads, *self.fixed[1:])
-            base = lists[row][int(part[col])]
-            if base.data_ptr() % 16:
-                width = 1
-            offsets = ((sel - base.data_ptr()) // 4).flatten()
+            offsets = torch.zeros((6, part.numel()), dtype=torch.int64)
+            bases = []
+            for which in (full_rows, half_rows):
+                if not which:
+                    bases.append(None)
+                    continue
+                sel = ptrs[which][:, part]
+                # the base: the lowest address of these rows (offsets >= 0); wide accesses need it aligned too
+                row, col = divmod(int(sel.argmin()), part.numel())
+                base = rows[which[row]][int(part[col])]
+                if base.data_ptr() % (4 * base.element_size()):
+                    width = 1
+                offsets[which] = (sel - base.data_ptr()) // base.element_size()
+                bases.append(base)
+            base, half = bases
+            offsets = offsets.flatten()
             if base.is_cuda:
                 offsets = offsets.pin_memory().to(base.device, non_blocking=True)
-            scale = grad_scale if grad_scale is not None else base  # unused pointer without a scale
+            scale = grad_scale if grad_scale is not None else base  # unused pointers: the base
             _adamw_kernel[(table.n_chunks,)](
-                base, offsets, part.numel(), table.chunk_tensor, table.chunk_start, table.numel, scale,
-                lr, weight_decay, beta1, beta2, eps,
-                HAS_SCALE=grad_scale is not None, BLOCK=BLOCK, VEC=width, num_warps=_WARPS)
+                base, half if half is not None else base, offsets, part.numel(), table.chunk_tensor,
+                table.chunk_start, table.numel, scale, lr, weight_decay, beta1, beta2, eps,
+                HAS_SCALE=grad_scale is not None, COPIES=copies, BLOCK=BLOCK, VEC=width, num_warps=_WARPS)
 
 
 class ChunkTable:
@@ -163,8 +216,10 @@ class ChunkTable:
 
 def adamw_step(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[torch.Tensor],
                exp_avg_sqs: List[torch.Tensor], steps: List[torch.Tensor], *, lr: float, weight_decay: float,
-               beta1: float, beta2: float, eps: float, grad_scale: Optional[torch.Tensor] = None) -> None:
-    """One AdamW update of every params[i] in place (moments too), steps[i] already advanced to this step's count.
+               beta1: float, beta2: float, eps: float, grad_scale: Optional[torch.Tensor] = None,
+               copies: Optional[List[torch.Tensor]] = None) -> None:
+    """One AdamW update of every params[i] in place (moments too), steps[i] already advanced to this step's count;
+    with `copies`, grads are theirs and each updated params[i] is written to copies[i] (AdamWLaunch).
     A caller that steps the same tensors again keeps an AdamWLaunch instead (its checks and tables are built once)."""
-    AdamWLaunch(params, exp_avgs, exp_avg_sqs, steps).step(grads, lr=lr, weight_decay=weight_decay, beta1=beta1,
+    AdamWLaunch(params, exp_avgs, exp_avg_sqs, steps, copies).step(grads, lr=lr, weight_decay=weight_decay, beta1=beta1,
                                                             beta2=beta2, eps=eps, grad_scale=grad_scale)

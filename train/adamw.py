@@ -12,6 +12,10 @@ contiguous fp32 tensors on CUDA, without amsgrad, maximize, capturable, differen
 makes them, stay with torch's kernel: the kernel has run on one GPU only.
 "torch": always torch's. "triton": the kernel on any device (CPU under the Triton interpreter, for tests), an error
 for a group it cannot take.
+
+masters (train/master_weights.MasterWeights): bf16 parameters with fp32 masters. The kernel steps a master with its
+parameter's bf16 gradient and writes the result to the parameter (ops/triton_adamw.py, `copies`); the moments are
+fp32, made like the master. torch's AdamW cannot step them, so a group holding one steps through the kernel or fails.
 """
 from __future__ import annotations
 
@@ -42,12 +46,22 @@ def grads_hidden(groups):
 class AdamW(torch.optim.AdamW):
     """torch.optim.AdamW; see the module docstring for `kernel`."""
 
-    def __init__(self, params, kernel: str = "auto", **adamw_kwargs):
+    def __init__(self, params, kernel: str = "auto", masters=None, **adamw_kwargs):
         if kernel not in KERNELS:
             raise ValueError(f"optim.adamw_kernel: must be one of {', '.join(KERNELS)}, got {kernel!r}")
+        if masters and kernel == "torch":
+            raise ValueError("optim.adamw_kernel=torch cannot step bf16 weights with fp32 masters")
         super().__init__(params, **adamw_kwargs)
         self.kernel = kernel
-        self._launches: dict = {}  # id(group) -> (what it was built for, its AdamWLaunch or None)
+        self.masters = masters  # MasterWeights or None
+        self._launches: dict = {}  # id(group) -> (what it was built for, [(AdamWLaunch, its params)] or None)
+
+    def _master(self, p):
+        return self.masters.master_of(p) if self.masters is not None else None
+
+    def _state_dtype(self, p: torch.Tensor, key: str) -> torch.dtype:
+        """The dtype of floating state tensor `key` of p (fp32 here; a subclass may keep some in bf16)."""
+        return torch.float32
 
     def _why_not(self, group, params) -> Optional[str]:
         """Why the Triton kernel cannot take this group's parameters (None: it can). Its per-tensor checks ran when
@@ -62,10 +76,13 @@ class AdamW(torch.optim.AdamW):
         for p in params:
             if hasattr(p, "device_mesh") or hasattr(p.grad, "device_mesh"):
                 return "a sharded (DTensor) parameter"
-            if p.grad.is_sparse or p.grad.dtype != torch.float32:
-                return "a gradient that is not a dense fp32 tensor"
+            master = self._master(p)
+            grad_dtype = torch.float32 if master is None else torch.bfloat16
+            if p.grad.is_sparse or p.grad.dtype != grad_dtype:
+                return f"a gradient that is not a dense {'fp32' if master is None else 'bf16'} tensor"
             state = self.state[p]
-            tensors = [p] + ([state["exp_avg"], state["exp_avg_sq"], state["step"]] if state else [])
+            tensors = [p if master is None else master]
+            tensors += [state["exp_avg"], state["exp_avg_sq"], state["step"]] if state else []
             if not all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors):
                 return "a parameter or state that is not a contiguous fp32 tensor"
             if self.kernel == "auto" and not all(t.is_cuda for t in tensors):
@@ -81,38 +98,61 @@ class AdamW(torch.optim.AdamW):
 
     def load_state_dict(self, state_dict) -> None:
         self._launches.clear()  # the loaded state lives in new tensors
+        # torch casts every floating state tensor to its parameter's dtype on load: a bf16 parameter's fp32 moments
+        # (and master) would lose their low bits, and the resume its exactness. Keep each in its own dtype.
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        keep = {}
+        for sid, p in zip(saved_ids, params):
+            if p.dtype != torch.float32 and sid in state_dict["state"]:
+                keep[p] = {k: v for k, v in state_dict["state"][sid].items()
+                           if k != "step" and isinstance(v, torch.Tensor) and v.is_floating_point()}
         super().load_state_dict(state_dict)
+        for p, tensors in keep.items():
+            for k, v in tensors.items():
+                self.state[p][k] = v.to(device=p.device, dtype=self._state_dtype(p, k))
 
     def _launch(self, group, params):
-        """The kernel's launch for `params`, this group's parameters with a gradient (built once per layout, state
-        created as torch's fused AdamW creates it), or None when torch's AdamW steps the group."""
-        if self.kernel == "torch" or not params:
+        """The kernel's launches for `params`, this group's parameters with a gradient: [(AdamWLaunch, its params)],
+        one for the fp32 parameters and one for those with masters (built once per layout, state created as torch's
+        fused AdamW creates it), or None when torch's AdamW steps the group."""
+        if not params:
             return None
         key = (self._layout(params), getattr(self, "found_inf", None) is None)
         cached = self._launches.get(id(group))
         if cached is not None and cached[0] == key:
             return cached[1]
-        why = self._why_not(group, params)
+        mastered = [p for p in params if self._master(p) is not None]
+        why = "optim.adamw_kernel=torch" if self.kernel == "torch" else self._why_not(group, params)
         if why is None:
             try:
                 from ops.triton_adamw import AdamWLaunch
             except ImportError as e:  # no usable Triton here: torch's kernel, as for any group it cannot take
                 why = f"the kernel is unavailable: {e}"
-        launch = None
+        launches = None
         if why is not None:
+            if mastered:
+                raise RuntimeError(f"train.weight_dtype=bf16: the Triton AdamW kernel cannot step the group of "
+                                   f"weights with fp32 masters: {why}")
             if self.kernel == "triton":
                 raise RuntimeError(f"optim.adamw_kernel=triton: the kernel cannot step this group: {why}")
         else:
-            for p in params:
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            launch = AdamWLaunch(params, *([self.state[p][k] for p in params]
-                                           for k in ("exp_avg", "exp_avg_sq", "step")))
-        self._launches[id(group)] = (key, launch)
-        return launch
+            launches = []
+            plain = [p for p in params if self._master(p) is None]
+            for part, copies in ((plain, False), (mastered, True)):
+                if not part:
+                    continue
+                stepped = [self._master(p) if copies else p for p in part]
+                for p, t in zip(part, stepped):
+                    state = self.state[p]
+                    if not state:
+                        state["step"] = torch.zeros((), dtype=torch.float32, device=t.device)
+                        state["exp_avg"] = torch.zeros_like(t, memory_format=torch.preserve_format)
+                        state["exp_avg_sq"] = torch.zeros_like(t, memory_format=torch.preserve_format)
+                state_lists = ([self.state[p][k] for p in part] for k in ("exp_avg", "exp_avg_sq", "step"))
+                launches.append((AdamWLaunch(stepped, *state_lists, copies=part if copies else None), part))
+        self._launches[id(group)] = (key, launches)
+        return launches
 
     def _step_group(self, group) -> bool:
         """Step `group` by a rule of a subclass's own and return True; False (here, always) leaves it to AdamW."""
@@ -128,12 +168,12 @@ class AdamW(torch.optim.AdamW):
         for group in self.param_groups:
             if self._step_group(group):
                 continue
-            params = [p for p in group["params"] if p.grad is not None]
-            launch = self._launch(group, params)
-            if launch is None:
+            launches = self._launch(group, [p for p in group["params"] if p.grad is not None])
+            if launches is None:
                 by_torch.append(group)
             else:
-                self._kernel_step(group, launch, params)
+                for launch, params in launches:
+                    self._kernel_step(group, launch, params)
         if any(p.grad is not None for g in by_torch for p in g["params"]):
             torch_ids = {id(g) for g in by_torch}
             with grads_hidden([g for g in self.param_groups if id(g) not in torch_ids]):  # stepped above

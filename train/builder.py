@@ -18,6 +18,7 @@ from model.checkpoint import model_config_to_dict
 
 from .checkpoint import load_newest
 from .config import ConfigError, TrainConfig
+from .master_weights import apply_master_weights
 from .memory_health import track_memory_usage
 from .optim import build_optimizer, build_scheduler
 from .parallelize import parallelize
@@ -91,7 +92,8 @@ def build_training(cfg: TrainConfig, rt: Runtime, tokenizer=None, schedule_steps
         restrict_value_rows(model, cfg.train.trainable_rows)
     usage = track_memory_usage(model) if cfg.logging.memory_health else {}
     model = parallelize(model, cfg, rt)
-    optimizer = build_optimizer(model, cfg.optim)
+    masters = apply_master_weights(model, cfg, rt)
+    optimizer = build_optimizer(model, cfg.optim, masters)
     schedule_steps = cfg.train.steps if schedule_steps is None else schedule_steps
     scheduler = build_scheduler(optimizer, cfg.optim, schedule_steps)
     loader = None

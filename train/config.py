@@ -28,7 +28,8 @@ ReduceDtype = Literal["fp32", "bf16", "param"]
 DistBackend = Literal["auto", "nccl", "gloo"]
 ValueOptimizer = Literal["adamw", "sparse_adam", "rowwise_adagrad"]  # row rules: train/value_optim.py
 ValuePrecision = Literal["fp32_master", "bf16_stochastic"]  # a bf16 value table's update: train/value_optim.py
-AdamWKernel = Literal["auto", "torch"]  # the update kernel of the AdamW groups: train/adamw.py
+AdamWKernel = Literal["auto", "torch", "triton"]  # the update kernel of the AdamW groups: train/adamw.py
+WeightDtype = Literal["auto", "fp32", "bf16"]  # the blocks' linear weights: train/master_weights.py
 CompileScope = Literal["blocks", "model"]  # what train.compile compiles: train/parallelize.py
 
 # What `python -m train` trains without config= (the same as `make train`).
@@ -67,7 +68,8 @@ class OptimConfig:
     # multiplying every gradient. The same update up to rounding. Uses the fused AdamW on any device.
     clip_in_optimizer: bool = False
     # The AdamW update's kernel: auto (mnemo's multi-tensor Triton kernel for fp32 parameters on a GPU, the same
-    # update as torch's fused AdamW at a higher bandwidth; torch's AdamW elsewhere) or torch (always torch's). The
+    # update as torch's fused AdamW at a higher bandwidth; torch's AdamW elsewhere), torch (always torch's) or triton
+    # (the kernel on any device: on a CPU under the Triton interpreter, TRITON_INTERPRET=1, slow: for tests). The
     # optimizer state and checkpoints are torch's either way.
     adamw_kernel: AdamWKernel = "auto"
 
@@ -99,6 +101,11 @@ class LoopConfig:
     seed: int = 0
     device: Device = "auto"
     precision: Precision = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    # The blocks' linear weights (train/master_weights.py): fp32 (autocast casts them at every use and their
+    # gradients back), or bf16 with fp32 masters beside them that the optimizer steps: the same step without those
+    # casts. Checkpoints hold the fp32 masters either way. bf16 takes bf16 autocast, one process, grad_accum 1 and
+    # the Triton AdamW kernel; auto: bf16 where the run has all of them on a GPU, else fp32.
+    weight_dtype: WeightDtype = "auto"
     compile: bool = False
     # With compile: "blocks" compiles each block on its own (fast to compile; embedding, final norm and loss run
     # eagerly); "model" compiles the whole forward as one program (one process only), so that the elementwise
@@ -232,9 +239,27 @@ class TrainConfig:
             raise ConfigError(str(e)) from None
         if not self.run_dir:
             raise ConfigError("run_dir: must not be empty")
+        conflict = weight_dtype_conflict(self)
+        if self.train.weight_dtype == "bf16" and conflict:
+            raise ConfigError(f"train.weight_dtype=bf16: not for this run: {conflict}")
         if self.optim.value_precision == "bf16_stochastic" and self.model.memory.value_dtype != "bfloat16":
             raise ConfigError("optim.value_precision: bf16_stochastic updates a bf16 value table; set "
                               f"model.memory.value_dtype=bfloat16 (got {self.model.memory.value_dtype})")
+
+
+def weight_dtype_conflict(cfg: TrainConfig) -> Optional[str]:
+    """What in the config rules out bf16 weights with fp32 masters (train.weight_dtype), or None; what the device and
+    process count rule out is train/master_weights.resolve_weight_dtype's to say."""
+    if cfg.train.precision == "fp32":
+        return "it needs bf16 autocast (train.precision=fp32)"
+    if cfg.train.grad_accum > 1:
+        return f"train.grad_accum={cfg.train.grad_accum}: the micro-batches' gradients would be summed in bf16"
+    if cfg.optim.adamw_kernel == "torch":
+        return "optim.adamw_kernel=torch: the masters are stepped by the Triton AdamW kernel"
+    if cfg.optim.grad_clip > 0 and not cfg.optim.clip_in_optimizer:
+        return ("optim.clip_in_optimizer=false: a separate clipping pass would round the scaled bf16 gradients; "
+                "set optim.clip_in_optimizer=true (or optim.grad_clip=0)")
+    return None
 
 
 def resolve_config_path(path: str) -> str:

@@ -46,11 +46,12 @@ def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> List[Dict]:
     return [dict(params=ps, name=g, **settings[g]) for g, ps in members.items() if ps]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, masters=None) -> torch.optim.Optimizer:
+    """masters: the MasterWeights of bf16 weights (train/master_weights.py), which the AdamW kernel steps."""
     # foreach=False keeps the CPU path deterministic and simple; fused kernels are a GPU speed-up. Clipping inside
     # the optimizer needs the fused kernel's gradient scale, which CPUs have too.
     fused = cfg.clip_in_optimizer or all(p.is_cuda for p in model.parameters())
-    kwargs = dict(betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None, kernel=cfg.adamw_kernel)
+    kwargs = dict(betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None, kernel=cfg.adamw_kernel, masters=masters)
     # the value table's row-sparse rule, or fp32 master weights for a bf16 table (train/value_optim.py)
     if cfg.value_optimizer != "adamw" or any(p.dtype != torch.float32 for p in value_parameters(model)):
         return RowSparseValueAdamW(param_groups(model, cfg), cfg.value_optimizer, cfg.value_precision, **kwargs)

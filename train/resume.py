@@ -30,7 +30,7 @@ FREE = (
     "train.max_skipped_steps",
     "data.num_workers", "data.prefetch", "data.chunk_docs", "data.pin_memory", "data.max_warnings", "data.strict",
     "model.memory.backend", "model.attention_backend", "model.max_seq_len", "model.memory.accumulate_value_grad",
-    "model.memory.merge_value_grads", "optim.adamw_kernel",
+    "model.memory.merge_value_grads", "optim.adamw_kernel", "train.weight_dtype",
 )
 WARNED = ("train.batch_size", "train.grad_accum", "train.precision", "model.residual_dtype", "optim.grad_clip",
           "optim.clip_in_optimizer", "data.val")

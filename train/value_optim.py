@@ -115,21 +115,6 @@ class RowSparseValueAdamW(AdamW):
                 self._step_rows(p, group)
         return True
 
-    def load_state_dict(self, state_dict) -> None:
-        # torch casts every floating state tensor to its parameter's dtype on load: a bf16 table's fp32 master,
-        # moments and row accumulator would lose their low bits (and the resume its exactness). Keep them fp32.
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        keep = {}
-        for sid, p in zip(saved_ids, params):
-            if p.dtype != torch.float32 and sid in state_dict["state"]:
-                keep[p] = {k: v for k, v in state_dict["state"][sid].items()
-                           if k != "step" and isinstance(v, torch.Tensor) and v.is_floating_point()}
-        super().load_state_dict(state_dict)
-        for p, tensors in keep.items():
-            for k, v in tensors.items():
-                self.state[p][k] = v.to(device=p.device, dtype=self._state_dtype(p, k))
-
     def _init_state(self, p: torch.Tensor) -> Dict:
         state = self.state[p]
         if not state:

@@ -198,6 +198,8 @@ def bench_model(name: str, overrides: List[str], args, rt_holder: dict, label: s
         "flops_per_token": flops,
         "graphs_compiled": int(counters["stats"].get("unique_graphs", 0)),
         "attention": attention_kernel(cfg.model.attention_backend, cfg.model.head_dim, rt.device, rt.dtype),
+        # the blocks' linear weights (train.weight_dtype): bf16 with fp32 masters, or fp32 cast by autocast
+        "weights": "bf16" if getattr(setup.optimizer, "masters", None) else "fp32",
         "optim_state_gib": sum(state.values()) / 2**30,
         "value_state_gib": state.get("values", 0) / 2**30,
     }
@@ -237,12 +239,12 @@ def rows_read(setup) -> Dict[int, float]:
 
 def table(rows: List[dict]) -> str:
     base = rows[0]["tokens_per_s"]
-    lines = ["| model | attention | tokens/step | step ms | tok/s | vs first | MFU | peak GiB | optim state GiB (values) "
-             "| graphs | rows read |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | attention | weights | tokens/step | step ms | tok/s | vs first | MFU | peak GiB "
+             "| optim state GiB (values) | graphs | rows read |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "–"
         peak = f"{r['peak_gib']:.1f}" if "peak_gib" in r else "–"
-        lines.append(f"| {r['model']} | {r.get('attention', '–')} | {r['tokens_per_step']} | {r['step_ms']:.1f} | {r['tokens_per_s'] / 1e3:.1f}k | "
+        lines.append(f"| {r['model']} | {r.get('attention', '–')} | {r.get('weights', '–')} | {r['tokens_per_step']} | {r['step_ms']:.1f} | {r['tokens_per_s'] / 1e3:.1f}k | "
                      f"{r['tokens_per_s'] / base:.3f} | {mfu} | {peak} | {r['optim_state_gib']:.2f} ({r['value_state_gib']:.2f}) | "
                      f"{r['graphs_compiled']} | {_shares(r.get('rows_read'))} |")
     split_rows = [r for r in rows if "split_ms" in r]

@@ -34,6 +34,19 @@ def torch_reference(params, grads_per_step, lr=LR, wd=WD, grad_scale=None, start
     return [r.detach() for r in ref], opt
 
 
+def kernel_steps(params, grads_per_step, grad_scale=None, copies=None):
+    """The kernel's steps over grads_per_step from fresh moments: the stepped copies of params."""
+    ps = [p.clone() for p in params]
+    ms, vs = [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps]
+    steps = [torch.zeros((), device=p.device) for p in ps]
+    for grads in grads_per_step:
+        for s in steps:
+            s += 1
+        adamw_step(ps, grads, ms, vs, steps, lr=LR, weight_decay=WD, beta1=BETAS[0], beta2=BETAS[1], eps=EPS,
+                   grad_scale=grad_scale, copies=copies)
+    return ps
+
+
 @pytest.mark.any_device  # the kernel's tensors on the GPU when there is one
 @pytest.mark.parametrize("scaled", [False, True])
 def test_kernel_steps_like_torch_adamw(scaled):
@@ -42,14 +55,7 @@ def test_kernel_steps_like_torch_adamw(scaled):
     grads_per_step = [[torch.randn_like(p) for p in params] for _ in range(3)]
     grad_scale = torch.tensor(2.5, device=dev) if scaled else None
     want, _ = torch_reference(params, grads_per_step, grad_scale=grad_scale)
-    ps = [p.clone() for p in params]
-    ms, vs = [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps]
-    steps = [torch.zeros((), device=dev) for _ in ps]
-    for grads in grads_per_step:
-        for s in steps:
-            s += 1
-        adamw_step(ps, grads, ms, vs, steps, lr=LR, weight_decay=WD, beta1=BETAS[0], beta2=BETAS[1], eps=EPS,
-                   grad_scale=grad_scale)
+    ps = kernel_steps(params, grads_per_step, grad_scale)
     for got, ref, p0 in zip(ps, want, params):
         assert got.shape == ref.shape
         if p0.numel():

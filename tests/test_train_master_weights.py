@@ -12,7 +12,7 @@ import torch
 
 from _train_helpers import RUN_SMALL, STEP_SMALL
 from ops.triton_adamw import adamw_step
-from test_train_adamw import BETAS, EPS, LR, WD, device, tensors, torch_reference
+from test_train_adamw import EPS, LR, WD, device, kernel_steps, tensors, torch_reference
 from train.builder import build_training
 from train.config import ConfigError, load_config
 from train.loop import run
@@ -38,14 +38,7 @@ def test_kernel_steps_masters_by_bf16_gradients_and_writes_copies_rounded(scaled
     grads_per_step = [[torch.randn_like(m).to(BF16) for m in masters] for _ in range(3)]
     grad_scale = torch.tensor(2.5, device=dev) if scaled else None
     want, _ = torch_reference(masters, [[g.float() for g in gs] for gs in grads_per_step], grad_scale=grad_scale)
-    ps = [m.clone() for m in masters]
-    ms, vs = [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps]
-    steps = [torch.zeros((), device=dev) for _ in ps]
-    for grads in grads_per_step:
-        for s in steps:
-            s += 1
-        adamw_step(ps, grads, ms, vs, steps, lr=LR, weight_decay=WD, beta1=BETAS[0], beta2=BETAS[1], eps=EPS,
-                   grad_scale=grad_scale, copies=copies)
+    ps = kernel_steps(masters, grads_per_step, grad_scale, copies)
     for got, copy, ref, m0 in zip(ps, copies, want, masters):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
         assert torch.equal(copy, got.to(BF16))  # bit for bit the cast autocast would make

@@ -97,6 +97,18 @@ def test_peak_flops_from_gpu_name_or_config():
     assert device_peak_flops(torch.device("cpu"), 2e12) == 2e12
 
 
+@pytest.mark.any_device  # on a GPU, torch's multi-tensor norm takes one dtype per call
+def test_sum_of_squares_over_gradients_of_mixed_dtypes():
+    from train.grad_norm import _sum_of_squares
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    g = torch.Generator().manual_seed(0)
+    shapes = [((5,), torch.float32), ((3, 4), torch.bfloat16), ((7,), torch.float32), ((2,), torch.bfloat16)]
+    tensors = [torch.randn(shape, generator=g).to(dev, dtype) for shape, dtype in shapes]
+    want = sum(float(t.double().pow(2).sum()) for t in tensors)
+    assert float(_sum_of_squares(tensors)) == pytest.approx(want, rel=1e-6)
+
+
 # 1024: the big gradients take the single-reduction path; bfloat16: the value table's gradient is written by the
 # lookups' merged pass, which sums its squares (ops.grad_sum_of_squares), and the norm takes that sum
 @pytest.mark.parametrize("large,value_dtype", [(None, "float32"), (1024, "float32"), (None, "bfloat16")])

@@ -43,10 +43,16 @@ _LARGE = 1 << 26
 
 
 def _sum_of_squares(tensors) -> torch.Tensor:
-    """fp32 sum of the squared elements of `tensors`: one multi-tensor kernel for the many small ones, a plain
-    reduction per large one."""
+    """fp32 sum of the squared elements of `tensors`: one multi-tensor kernel per dtype for the many small ones, a
+    plain reduction per large one."""
     small = [t for t in tensors if t.numel() < _LARGE]
-    norms = list(torch._foreach_norm(small, 2.0, dtype=torch.float32)) if small else []
+    norms = [None] * len(small)
+    # One call per dtype: a list of mixed dtypes (bf16 weights' gradients beside fp32 ones) falls off
+    # torch._foreach_norm's multi-tensor path into one slow reduction per tensor (BENCHMARKS.md, "bf16 weights").
+    for dtype in dict.fromkeys(t.dtype for t in small):
+        at = [i for i, t in enumerate(small) if t.dtype == dtype]
+        for i, norm in zip(at, torch._foreach_norm([small[i] for i in at], 2.0, dtype=torch.float32)):
+            norms[i] = norm
     norms += [torch.linalg.vector_norm(t, 2.0, dtype=torch.float32) for t in tensors if t.numel() >= _LARGE]
     return torch.stack(norms).pow(2).sum()
 

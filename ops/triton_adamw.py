@@ -105,8 +105,8 @@ def _check_state(params, exp_avgs, exp_avg_sqs, steps, copies) -> None:
 
 
 def _aligned(t: torch.Tensor) -> bool:
-    """Whether t takes 16-byte (4-element fp32, and bf16 alongside) accesses: 4 * element size-aligned data, a
-    multiple of 4 elements."""
+    """Whether t can be read 4 elements at a time (the vector launch): its address a multiple of 4 elements' bytes
+    (16 for fp32, 8 for bf16) and its size a multiple of 4."""
     return t.data_ptr() % (4 * t.element_size()) == 0 and t.numel() % 4 == 0
 
 
@@ -164,11 +164,12 @@ class AdamWLaunch:
         rows[_G] = grads
         ptrs = self.fixed_ptrs.clone()
         ptrs[_G] = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64)
-        vec = self.vec_ok & torch.tensor([_aligned(g) for g in grads], dtype=torch.bool)
+        # (a gradient is shaped like its parameter, whose size vec_ok checked)
+        vec = self.vec_ok & (ptrs[_G] % (4 * grads[0].element_size()) == 0)
         copies = self.grad_dtype == torch.bfloat16
-        # rows addressed from the bf16 base: the gradients and copies with copies, none without
+        # rows addressed from the fp32 base and from the bf16 one (none without copies; the copies' row unused then)
+        full_rows = [_P, _M, _V, _STEP] + ([] if copies else [_G])
         half_rows = [_G, _COPY] if copies else []
-        full_rows = [r for r in range(6) if r not in half_rows and not (r == _COPY and not copies)]
         for part, width in ((vec.nonzero().flatten(), 4), ((~vec).nonzero().flatten(), 1)):
             if part.numel() == 0:
                 continue

@@ -122,6 +122,22 @@ def test_auto_keeps_fp32_weights_on_a_cpu():
     assert all(p.dtype == torch.float32 for p in state.model.parameters())
 
 
+def test_auto_takes_bf16_weights_on_one_gpu_and_fp32_where_fsdp_shards():
+    from types import SimpleNamespace
+
+    from train.master_weights import resolve_weight_dtype
+
+    def rt(world_size):  # a run's device facts, without a GPU
+        return SimpleNamespace(dtype=BF16, world_size=world_size, device=torch.device("cuda"))
+
+    cfg = load_config(TINY, STEP_SMALL + ["optim.clip_in_optimizer=true"])  # adamw_kernel=auto
+    assert resolve_weight_dtype(cfg, rt(1)) == "bf16"
+    assert resolve_weight_dtype(cfg, rt(2)) == "fp32"
+    explicit = load_config(TINY, STEP_SMALL + ["optim.clip_in_optimizer=true", "train.weight_dtype=bf16"])
+    with pytest.raises(ConfigError, match="train.weight_dtype=bf16.*FSDP2"):
+        resolve_weight_dtype(explicit, rt(2))
+
+
 @pytest.mark.parametrize("overrides, key", [
     (["train.precision=fp32"], "train.precision=fp32"),
     (["train.grad_accum=2"], "train.grad_accum=2"),

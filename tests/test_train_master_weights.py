@@ -10,9 +10,11 @@ import os
 import pytest
 import torch
 
-from _train_helpers import RUN_SMALL, STEP_SMALL
+from _train_helpers import STEP_SMALL
 from ops.triton_adamw import adamw_step
 from test_train_adamw import EPS, LR, WD, device, kernel_steps, tensors, torch_reference
+from test_train_loop import config, losses
+from test_train_speed_modes import build, train
 from train.builder import build_training
 from train.config import ConfigError, load_config
 from train.loop import run
@@ -77,29 +79,11 @@ def test_kernel_refuses_gradients_and_copies_of_other_dtypes():
 
 
 # ------------------------------------------------------------------------------------------------ training step
-def build(*overrides):
-    os.environ.pop("WORLD_SIZE", None)
-    cfg = load_config(TINY, STEP_SMALL + ["train.device=cpu"] + list(overrides))
-    rt = setup_runtime(cfg)
-    return cfg, rt, build_training(cfg, rt)
-
-
-def train(*overrides, steps=4):
-    cfg, rt, state = build(*overrides)
-    g = torch.Generator().manual_seed(7)
-    out = []
-    for _ in range(steps):
-        batch = torch.randint(0, 4096, (3, 17), generator=g)
-        loss, (norm, _) = train_step(state.model, state.optimizer, state.scheduler, [batch], cfg, rt)
-        out.append((float(loss), float(norm)))
-    return out, state
-
-
 def test_bf16_weights_step_exactly_as_autocast_does():
-    ref, ref_state = train(*MODES, "train.weight_dtype=fp32")
-    got, state = train(*MODES, "train.weight_dtype=bf16")
-    assert got == ref  # losses and gradient norms, bit for bit (the clip bit: norms above 0.05)
-    assert min(norm for _, norm in got) > 0.05
+    ref_losses, ref_norms, ref_state = train(*MODES, "train.weight_dtype=fp32", steps=4)
+    got_losses, got_norms, state = train(*MODES, "train.weight_dtype=bf16", steps=4)
+    assert got_losses == ref_losses and got_norms == ref_norms  # bit for bit (the clip bit: norms above 0.05)
+    assert min(got_norms) > 0.05
     masters = state.optimizer.masters
     linear = {n for n, m in state.model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("layers.")}
     for name, p in state.model.named_parameters():
@@ -158,14 +142,7 @@ def test_bf16_weights_without_the_kernel_on_this_device_are_refused_before_any_s
 
 # ------------------------------------------------------------------------------------------------- checkpoints
 def run_config(run_dir, *extra):
-    return load_config(TINY, RUN_SMALL + MODES + ["train.device=cpu", f"run_dir={run_dir}"] + list(extra))
-
-
-def logged(run_dir):
-    import json
-
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+    return config(run_dir, *MODES, "train.device=cpu", *extra)
 
 
 @pytest.mark.slow
@@ -173,12 +150,12 @@ def test_checkpoints_hold_the_masters_and_resume_exactly_in_either_weight_dtype(
     """A run with bf16 weights stopped at step 3 continues bit for bit, whether resumed with bf16 or fp32 weights
     (the checkpoint is the fp32 run's, tensor for tensor), and an fp32 run's checkpoint resumes with bf16 weights."""
     run(run_config(tmp_path / "full", "train.weight_dtype=fp32", "train.steps=6", "checkpoint.every=0"))
-    full = logged(tmp_path / "full")
+    full = losses(tmp_path / "full")
     for first, then in (("bf16", "bf16"), ("bf16", "fp32"), ("fp32", "bf16")):
         d = tmp_path / f"{first}_{then}"
         run(run_config(d, f"train.weight_dtype={first}", "train.steps=3", "checkpoint.every=3"))
         run(run_config(d, f"train.weight_dtype={then}", "train.steps=6", "checkpoint.every=3"))
-        assert logged(d) == full, (first, then)
+        assert losses(d) == full, (first, then)
 
 
 def test_init_from_an_export_sets_the_masters_exactly(tmp_path):

@@ -25,19 +25,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_cast import bf16_nearest_even
+
 BLOCK = 1024  # elements per program: 8 fp32 per thread of 4 warps (the launch sweep in BENCHMARKS.md)
 _WARPS = 4
-
-
-@triton.jit
-def _bf16_nearest_even(x):
-    """fp32 -> bf16 rounded to nearest even, as torch's `.to(torch.bfloat16)`, spelled in integer operations: the
-    Triton interpreter's own cast truncates, and a copy must be bit-equal to autocast's cast on every backend. NaN
-    stays a (quiet) NaN of its sign."""
-    xi = x.to(tl.uint32, bitcast=True)
-    rounded = xi + 0x7FFF + ((xi >> 16) & 1)
-    hi = tl.where(x != x, (xi >> 16) | 0x40, rounded >> 16)
-    return hi.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
@@ -85,7 +76,7 @@ def _adamw_kernel(base_ptr, half_ptr, off_ptr, n_tensors, chunk_tensor_ptr, chun
     tl.store(base_ptr + v_off + offs, v, mask=mask)
     tl.store(base_ptr + p_off + offs, p, mask=mask)
     if COPIES:
-        tl.store(half_ptr + c_off + offs, _bf16_nearest_even(p), mask=mask)
+        tl.store(half_ptr + c_off + offs, bf16_nearest_even(p), mask=mask)
 
 
 def _check_state(params, exp_avgs, exp_avg_sqs, steps, copies) -> None:

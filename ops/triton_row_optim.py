@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_cast import round_to
+
 
 @triton.jit
 def _row_stat(g_ptr, base, n_cols, SUM_SQ: tl.constexpr, BLOCK: tl.constexpr):
@@ -128,11 +130,11 @@ def _lazy_adam_kernel(p_ptr, w_ptr, g_ptr, m_ptr, v_ptr, stat_ptr, nz_ptr, scale
                 m = _round_stochastic(m, r_m)
                 v = _round_stochastic(v, r_v)
                 p = _round_stochastic(p, r_p)
-            tl.store(m_ptr + base + cols, m.to(m_ptr.dtype.element_ty), mask=mask)
-            tl.store(v_ptr + base + cols, v.to(v_ptr.dtype.element_ty), mask=mask)
-            tl.store(p_ptr + base + cols, p.to(p_ptr.dtype.element_ty), mask=mask)
+            tl.store(m_ptr + base + cols, round_to(m, m_ptr.dtype.element_ty), mask=mask)
+            tl.store(v_ptr + base + cols, round_to(v, v_ptr.dtype.element_ty), mask=mask)
+            tl.store(p_ptr + base + cols, round_to(p, p_ptr.dtype.element_ty), mask=mask)
             if HAS_MASTER:
-                tl.store(w_ptr + base + cols, p.to(w_ptr.dtype.element_ty), mask=mask)
+                tl.store(w_ptr + base + cols, round_to(p, w_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -168,9 +170,9 @@ def _rowwise_adagrad_kernel(p_ptr, w_ptr, g_ptr, acc_ptr, stat_ptr, nz_ptr, scal
             if STOCHASTIC:
                 r_p, _, _ = _random_bits(seed, row, cols, rng_col0)
                 p = _round_stochastic(p, r_p)
-            tl.store(p_ptr + base + cols, p.to(p_ptr.dtype.element_ty), mask=mask)
+            tl.store(p_ptr + base + cols, round_to(p, p_ptr.dtype.element_ty), mask=mask)
             if HAS_MASTER:
-                tl.store(w_ptr + base + cols, p.to(w_ptr.dtype.element_ty), mask=mask)
+                tl.store(w_ptr + base + cols, round_to(p, w_ptr.dtype.element_ty), mask=mask)
 
 
 def _block(n_cols: int) -> int:

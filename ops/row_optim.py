@@ -131,8 +131,11 @@ def _write_rows(param, master, rows, p, rounded) -> None:
 @torch.no_grad()
 def lazy_adam_reference(param, grad, exp_avg, exp_avg_sq, row_stat=None, *, lr, beta1, beta2, eps, weight_decay,
                         step: int, master=None, grad_scale=None, rounding_seed=None, rng_col0: int = 0,
-                        nonzero_rows=None) -> None:
-    rows = _rows(_known_zero(touched_stat("lazy_adam", grad), nonzero_rows) if row_stat is None else row_stat)
+                        nonzero_rows=None, every_row: bool = False) -> None:
+    if every_row:
+        rows = torch.arange(param.shape[0], device=param.device)
+    else:
+        rows = _rows(_known_zero(touched_stat("lazy_adam", grad), nonzero_rows) if row_stat is None else row_stat)
     if rows.numel() == 0:
         return
     rounded = _rounder(rounding_seed, rows, param.shape[1], rng_col0)
@@ -216,12 +219,14 @@ def _triton_kernel(op: str, backend: str, param, grad, master, stochastic: bool,
 
 def lazy_adam_rows(param, grad, exp_avg, exp_avg_sq, row_stat=None, *, lr, beta1, beta2, eps, weight_decay,
                    step: int, master=None, grad_scale=None, rounding_seed=None, rng_col0: int = 0,
-                   nonzero_rows=None, backend: str = "auto") -> None:
-    """In place on touched rows of param [N, D], exp_avg, exp_avg_sq ([N, D]) and master; `step` counts from 1."""
+                   nonzero_rows=None, every_row: bool = False, backend: str = "auto") -> None:
+    """In place on touched rows of param [N, D], exp_avg, exp_avg_sq ([N, D]) and master; `step` counts from 1.
+    every_row: step every row, touched or not (AdamW); row_stat is then not read."""
     _check_rounding("lazy_adam_rows", param, master, rounding_seed)
     _check_nonzero_rows("lazy_adam_rows", param, nonzero_rows)
     kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step, master=master,
-              grad_scale=grad_scale, rounding_seed=rounding_seed, rng_col0=rng_col0, nonzero_rows=nonzero_rows)
+              grad_scale=grad_scale, rounding_seed=rounding_seed, rng_col0=rng_col0, nonzero_rows=nonzero_rows,
+              every_row=every_row)
     kernel = _triton_kernel("lazy_adam_rows", backend, param, grad, master, rounding_seed is not None, exp_avg,
                             exp_avg_sq)
     if kernel is not None:

@@ -53,6 +53,15 @@ def _round_stochastic(x, bits):
 
 
 @triton.jit
+def _round_stochastic_to(x, bits, dtype: tl.constexpr):
+    """x rounded at random to a bf16 neighbour when it is stored as bf16; an fp32 store keeps it as it is."""
+    if dtype == tl.bfloat16:
+        return _round_stochastic(x, bits)
+    else:
+        return x
+
+
+@triton.jit
 def _fmix32(x):
     x ^= x >> 16
     x *= 0x85EBCA6B
@@ -99,13 +108,15 @@ def _grad_cols(nz_ptr, row, n_cols, HAS_NONZERO: tl.constexpr):
 
 @triton.jit(do_not_specialize=["seed"])
 def _lazy_adam_kernel(p_ptr, w_ptr, g_ptr, m_ptr, v_ptr, stat_ptr, nz_ptr, scale_ptr, n_cols, decay, beta1, beta2,
-                      eps, step_size, bias2_sqrt, seed, rng_col0, HAS_STAT: tl.constexpr, HAS_NONZERO: tl.constexpr,
-                      HAS_MASTER: tl.constexpr, HAS_SCALE: tl.constexpr, STOCHASTIC: tl.constexpr,
-                      BLOCK: tl.constexpr):
+                      eps, step_size, bias2_sqrt, seed, rng_col0, EVERY_ROW: tl.constexpr, HAS_STAT: tl.constexpr,
+                      HAS_NONZERO: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_SCALE: tl.constexpr,
+                      STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = row * n_cols
     g_cols = _grad_cols(nz_ptr, row, n_cols, HAS_NONZERO)
-    if HAS_STAT:
+    if EVERY_ROW:  # AdamW: no statistic to read, no branch
+        stat = 1.0
+    elif HAS_STAT:
         stat = tl.load(stat_ptr + row)
     else:
         stat = _row_stat(g_ptr, base, g_cols, False, BLOCK)  # max |g|: > 0 whatever the (positive) scale
@@ -127,12 +138,13 @@ def _lazy_adam_kernel(p_ptr, w_ptr, g_ptr, m_ptr, v_ptr, stat_ptr, nz_ptr, scale
             p = p * decay - step_size * (m / (tl.sqrt(v) / bias2_sqrt + eps))
             if STOCHASTIC:
                 r_p, r_m, r_v = _random_bits(seed, row, cols, rng_col0)
-                m = _round_stochastic(m, r_m)
-                v = _round_stochastic(v, r_v)
-                p = _round_stochastic(p, r_p)
-            tl.store(m_ptr + base + cols, round_to(m, m_ptr.dtype.element_ty), mask=mask)
-            tl.store(v_ptr + base + cols, round_to(v, v_ptr.dtype.element_ty), mask=mask)
-            tl.store(p_ptr + base + cols, round_to(p, p_ptr.dtype.element_ty), mask=mask)
+                m = _round_stochastic_to(m, r_m, m_ptr.dtype.element_ty)
+                v = _round_stochastic_to(v, r_v, v_ptr.dtype.element_ty)
+                p = _round_stochastic_to(p, r_p, p_ptr.dtype.element_ty)
+            # Each value is exact in its store's dtype here (fp32, or rounded to a bf16 neighbour): a plain conversion.
+            tl.store(m_ptr + base + cols, m.to(m_ptr.dtype.element_ty), mask=mask)
+            tl.store(v_ptr + base + cols, v.to(v_ptr.dtype.element_ty), mask=mask)
+            tl.store(p_ptr + base + cols, p.to(p_ptr.dtype.element_ty), mask=mask)
             if HAS_MASTER:
                 tl.store(w_ptr + base + cols, round_to(p, w_ptr.dtype.element_ty), mask=mask)
 
@@ -170,7 +182,7 @@ def _rowwise_adagrad_kernel(p_ptr, w_ptr, g_ptr, acc_ptr, stat_ptr, nz_ptr, scal
             if STOCHASTIC:
                 r_p, _, _ = _random_bits(seed, row, cols, rng_col0)
                 p = _round_stochastic(p, r_p)
-            tl.store(p_ptr + base + cols, round_to(p, p_ptr.dtype.element_ty), mask=mask)
+            tl.store(p_ptr + base + cols, p.to(p_ptr.dtype.element_ty), mask=mask)  # exact, as in lazy Adam
             if HAS_MASTER:
                 tl.store(w_ptr + base + cols, round_to(p, w_ptr.dtype.element_ty), mask=mask)
 
@@ -199,7 +211,7 @@ def _check(param, *same):
 
 def lazy_adam_rows(param, grad, exp_avg, exp_avg_sq, row_stat=None, *, lr, beta1, beta2, eps, weight_decay,
                    step: int, master=None, grad_scale=None, rounding_seed=None, rng_col0: int = 0,
-                   nonzero_rows=None) -> None:
+                   nonzero_rows=None, every_row: bool = False) -> None:
     _check(param, grad, exp_avg, exp_avg_sq, *([master] if master is not None else []))
     n_rows, n_cols = param.shape
     if n_rows == 0 or n_cols == 0:
@@ -212,7 +224,7 @@ def lazy_adam_rows(param, grad, exp_avg, exp_avg_sq, row_stat=None, *, lr, beta1
     nz = nonzero_rows.contiguous() if nonzero_rows is not None else param  # unused pointer: every row is read
     _lazy_adam_kernel[(n_rows,)](p, w, grad, exp_avg, exp_avg_sq, stat, nz, scale, n_cols, 1 - lr * weight_decay,
                                  beta1, beta2, eps, lr / bias1, bias2_sqrt, rounding_seed or 0, rng_col0,
-                                 HAS_STAT=row_stat is not None, HAS_NONZERO=nonzero_rows is not None,
+                                 EVERY_ROW=every_row, HAS_STAT=row_stat is not None, HAS_NONZERO=nonzero_rows is not None,
                                  HAS_MASTER=master is not None,
                                  HAS_SCALE=grad_scale is not None, STOCHASTIC=rounding_seed is not None, BLOCK=block,
                                  num_warps=_adam_warps(block))

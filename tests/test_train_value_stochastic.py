@@ -15,7 +15,7 @@ from _train_helpers import STEP_SMALL
 from ops import row_optim
 from test_train_loop import config, losses
 from test_train_value_master import tiny
-from test_train_value_optim import BETAS, EPS, READS, UNREAD, device_of, sparse_grads
+from test_train_value_optim import BETAS, EPS, LR, READS, UNREAD, WD, D, N, device_of, sparse_grads
 from train.config import ConfigError, load_config
 from train.loop import run
 from train.optim import build_optimizer, build_scheduler
@@ -94,6 +94,44 @@ def test_every_write_is_a_neighbour_of_the_exact_update_and_unread_rows_stay(rul
     table = table.cpu()
     assert_neighbour(table[READS], exact[READS])
     assert torch.equal(table[UNREAD], start[UNREAD])
+
+
+@pytest.mark.any_device  # the Triton backend's tensors on the GPU when there is one
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("moments", [BF16, torch.float32])
+def test_every_row_adamw_steps_unread_rows_and_rounds_only_bf16_stores(moments, backend):
+    """every_row (the presets' AdamW over a bf16 table): unread rows are stepped too (weight decay, the moments'
+    momentum), each bf16 write is a neighbour of the exact fp32 update, fp32 moments are stored unrounded, and being
+    told which rows' gradient is zero (nonzero_rows: not read) changes no bit."""
+    dev = device_of(backend)
+    g = torch.Generator().manual_seed(4)
+    start = torch.randn(N, D, generator=g).to(BF16)
+    m0, v0 = torch.randn(N, D, generator=g) * 0.01, torch.rand(N, D, generator=g) * 1e-4
+    m0, v0 = m0.to(moments).float(), v0.to(moments).float()  # representable in either dtype
+    grad = sparse_grads(1)[0].to(BF16)
+    scale = 1.5
+    kw = dict(lr=LR, beta1=BETAS[0], beta2=BETAS[1], eps=EPS, weight_decay=WD, step=3, every_row=True)
+    exact, em, ev = start.float(), m0.clone(), v0.clone()  # the fp32 rule, no rounding
+    row_optim.lazy_adam_rows(exact, grad.float() / scale, em, ev, backend="reference", **kw)
+    outs = []
+    for told in (False, True):
+        table, m, v = (t.to(dev, copy=True) for t in (start, m0.to(moments), v0.to(moments)))
+        nonzero = (grad != 0).any(dim=1).to(dev) if told else None
+        row_optim.lazy_adam_rows(table, grad.to(dev), m, v, rounding_seed=7, nonzero_rows=nonzero,
+                                 grad_scale=torch.tensor(scale, device=dev), backend=backend, **kw)
+        outs.append([t.cpu() for t in (table, m, v)])
+    table, m, v = outs[0]
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+    assert_neighbour(table, exact)
+    assert (table[UNREAD] != start[UNREAD]).any(dim=1).all()  # every unread row moved
+    if moments == BF16:
+        assert_neighbour(m, em)
+        assert_neighbour(v, ev)
+    else:
+        assert m.dtype == v.dtype == torch.float32
+        # (a GPU contracts to FMAs and divides approximately: a few ulps of moments near 1e-2, some of which cancel)
+        torch.testing.assert_close(m, em, rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(v, ev, rtol=1e-6, atol=1e-8)
 
 
 @pytest.mark.any_device  # the Triton backend's tensors on the GPU when there is one

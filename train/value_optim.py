@@ -27,9 +27,8 @@ writes the same values. A resume cannot switch precision (train/resume.py refuse
 checkpoint.init_from starts a new run from the weights.
 
 Rows no lookup touched: when the table's gradient was written whole by the lookups' merged pass, that pass recorded
-which rows any pair touched (ops.grad_nonzero_rows), and the sparse rules skip reading the other rows' gradient (zero
-by construction) to find they were not touched. Every-row AdamW is not told: its step, which moves every row's weights
-and moments anyway, measured no faster for it (BENCHMARKS.md, "rows known to be zero").
+which rows any pair touched (ops.grad_nonzero_rows), and the rules skip reading the other rows' gradient (zero by
+construction): the sparse rules to find they were not touched, every-row AdamW in its update.
 
 Gradient clipping inside the step: `optimizer.grad_scale` (a device scalar, None by default), which torch's fused
 AdamW divides the other groups' gradients by, is honoured by the row rules too (the kernels divide as they read), so
@@ -144,9 +143,7 @@ class RowSparseValueAdamW(AdamW):
         grad_scale = self.grad_scale_on(param.device)
         row_stat = None
         dims = _sharded_dims(p)
-        if self.every_row:
-            row_stat = torch.ones(param.shape[0], dtype=torch.float32, device=param.device)
-        elif dims:
+        if dims and not self.every_row:
             # the full row's statistic: every column shard must see the same touched rows (and row mean square)
             row_stat = row_optim.touched_stat(self.rule, grad)
             op = dist.ReduceOp.MAX if self.rule == "lazy_adam" else dist.ReduceOp.SUM
@@ -155,7 +152,7 @@ class RowSparseValueAdamW(AdamW):
             if grad_scale is not None and self.rule == "rowwise_adagrad":
                 row_stat = row_stat / grad_scale.square()  # the statistic of the scaled gradient
         # None for a column-sharded table: its lookups never write .grad themselves (ops.can_accumulate)
-        nonzero_rows = None if self.every_row else ops.grad_nonzero_rows(p)
+        nonzero_rows = ops.grad_nonzero_rows(p)
         lr = float(group["lr"])
         step = int(state["step"].item())
         rounding = {}
@@ -166,7 +163,8 @@ class RowSparseValueAdamW(AdamW):
             row_optim.lazy_adam_rows(param, grad, local_tensor(state["exp_avg"]), local_tensor(state["exp_avg_sq"]),
                                      row_stat, lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
                                      weight_decay=group["weight_decay"], step=step, master=master,
-                                     grad_scale=grad_scale, nonzero_rows=nonzero_rows, **rounding)
+                                     grad_scale=grad_scale, nonzero_rows=nonzero_rows, every_row=self.every_row,
+                                     **rounding)
         else:
             row_optim.rowwise_adagrad_rows(param, grad, local_tensor(state["row_acc"]), row_stat, lr=lr,
                                            eps=group["eps"], weight_decay=group["weight_decay"], n_cols=p.shape[1],

@@ -224,8 +224,8 @@ def lazy_adam_rows(param, grad, exp_avg, exp_avg_sq, row_stat=None, *, lr, beta1
     nz = nonzero_rows.contiguous() if nonzero_rows is not None else param  # unused pointer: every row is read
     _lazy_adam_kernel[(n_rows,)](p, w, grad, exp_avg, exp_avg_sq, stat, nz, scale, n_cols, 1 - lr * weight_decay,
                                  beta1, beta2, eps, lr / bias1, bias2_sqrt, rounding_seed or 0, rng_col0,
-                                 EVERY_ROW=every_row, HAS_STAT=row_stat is not None, HAS_NONZERO=nonzero_rows is not None,
-                                 HAS_MASTER=master is not None,
+                                 EVERY_ROW=every_row, HAS_STAT=row_stat is not None,
+                                 HAS_NONZERO=nonzero_rows is not None, HAS_MASTER=master is not None,
                                  HAS_SCALE=grad_scale is not None, STOCHASTIC=rounding_seed is not None, BLOCK=block,
                                  num_warps=_adam_warps(block))
 

@@ -213,5 +213,6 @@ def adamw_step(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: 
     """One AdamW update of every params[i] in place (moments too), steps[i] already advanced to this step's count;
     with `copies`, grads are theirs and each updated params[i] is written to copies[i] (AdamWLaunch).
     A caller that steps the same tensors again keeps an AdamWLaunch instead (its checks and tables are built once)."""
-    AdamWLaunch(params, exp_avgs, exp_avg_sqs, steps, copies).step(grads, lr=lr, weight_decay=weight_decay, beta1=beta1,
-                                                            beta2=beta2, eps=eps, grad_scale=grad_scale)
+    AdamWLaunch(params, exp_avgs, exp_avg_sqs, steps, copies).step(grads, lr=lr, weight_decay=weight_decay,
+                                                                   beta1=beta1, beta2=beta2, eps=eps,
+                                                                   grad_scale=grad_scale)

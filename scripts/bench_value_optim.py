@@ -80,7 +80,6 @@ def bench_bf16_table(rows: int, dim: int, iters: int, touched) -> None:
     p = (torch.randn(rows, dim, device="cuda") * 0.03).to(bf16)
     g = (torch.randn(rows, dim, device="cuda") * 1e-3).to(bf16)
     m, v = torch.zeros_like(p), torch.zeros_like(p)
-    every_row = torch.ones(rows, device="cuda")
     scale = torch.tensor(1.5, device="cuda")
     from bench_memory import copy_ceiling  # this directory: the device-to-device copy's TB/s
 
@@ -88,7 +87,7 @@ def bench_bf16_table(rows: int, dim: int, iters: int, touched) -> None:
     n = rows * dim
     res = {}
     def update(nonzero_rows=None):
-        return lambda: row_optim.lazy_adam_rows(p, g, m, v, every_row, lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8,
+        return lambda: row_optim.lazy_adam_rows(p, g, m, v, every_row=True, lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8,
                                                 weight_decay=0.1, step=5, grad_scale=scale, rounding_seed=12345,
                                                 nonzero_rows=nonzero_rows, backend="triton")
 

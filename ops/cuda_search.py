@@ -48,7 +48,7 @@ constexpr unsigned FULL = 0xffffffffu;
 // Unsigned order of the result == float order (-0 below +0, NaN above +inf), as the Triton kernel's packing.
 __device__ __forceinline__ uint32_t order_key(float f) {
     const uint32_t b = __float_as_uint(f);
-    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+    return b ^ ((uint32_t)((int32_t)b >> 31) | 0x80000000u);  // negative: all bits flipped; else the sign bit set
 }
 __device__ __forceinline__ float from_key(uint32_t k) {
     return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
@@ -195,8 +195,13 @@ __device__ __forceinline__ bool candidate_pair(int c, int knn, int first, int to
 // A row of NK scores as order keys, element j * 32 + lane in k[j]; 0 (below every score) past the row's end.
 template <int PER>
 __device__ __forceinline__ void load_keys(const float* row, int NK, int lane, uint32_t (&k)[PER]) {
+    if (NK == PER * 32) {  // a whole row (1024 sub-keys: 32 per lane): no bound to test per key
 #pragma unroll
-    for (int j = 0; j < PER; ++j) k[j] = j * 32 + lane < NK ? order_key(row[j * 32 + lane]) : 0u;
+        for (int j = 0; j < PER; ++j) k[j] = order_key(row[j * 32 + lane]);
+    } else {
+#pragma unroll
+        for (int j = 0; j < PER; ++j) k[j] = j * 32 + lane < NK ? order_key(row[j * 32 + lane]) : 0u;
+    }
 }
 
 // s1, s2: [H, T, NK] fp32 scores of the two halves; one warp per row t * H + h; out: [T, H, knn].

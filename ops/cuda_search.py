@@ -48,7 +48,7 @@ constexpr unsigned FULL = 0xffffffffu;
 // Unsigned order of the result == float order (-0 below +0, NaN above +inf), as the Triton kernel's packing.
 __device__ __forceinline__ uint32_t order_key(float f) {
     const uint32_t b = __float_as_uint(f);
-    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+    return b ^ ((uint32_t)((int32_t)b >> 31) | 0x80000000u);  // negative: all bits flipped; else the sign bit set
 }
 __device__ __forceinline__ float from_key(uint32_t k) {
     return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
@@ -101,6 +101,25 @@ __device__ __forceinline__ int warp_inclusive_sum(int v, int lane) {
 __device__ __forceinline__ int leading_zeros(uint32_t v) { return __clz(v); }
 __device__ __forceinline__ int leading_zeros(uint64_t v) { return __clzll(v); }
 
+// How many of a lane's keys are >= cand (cand >= 1), summed in four independent parts: one running sum chains every
+// key's add after the last one's, a serial dependency per key in every bit step of the select. 32-bit keys count by
+// a carry: k + (2^32 - cand) carries out exactly when k >= cand, and the add-with-carry takes it (two instructions
+// per key, where a compare, an add and a select took three).
+__device__ __forceinline__ void add_if_at_least(int& c, uint32_t k, uint32_t neg_cand) {
+    asm("{\n\t.reg .u32 t;\n\tadd.cc.u32 t, %1, %2;\n\taddc.u32 %0, %0, 0;\n\t}" : "+r"(c) : "r"(k), "r"(neg_cand));
+}
+__device__ __forceinline__ void add_if_at_least(int& c, uint64_t k, uint64_t cand) { c += k >= cand; }
+__device__ __forceinline__ uint32_t carry_operand(uint32_t cand) { return 0u - cand; }
+__device__ __forceinline__ uint64_t carry_operand(uint64_t cand) { return cand; }
+template <typename K, int PER>
+__device__ __forceinline__ int count_at_least(const K (&k)[PER], K cand) {
+    const K operand = carry_operand(cand);
+    int part[4] = {0, 0, 0, 0};
+#pragma unroll
+    for (int j = 0; j < PER; ++j) add_if_at_least(part[j % 4], k[j], operand);
+    return (part[0] + part[1]) + (part[2] + part[3]);
+}
+
 // The 32 largest of the warp's PER * 32 keys (element j * 32 + lane in k[j] of that lane), equal keys at the cut
 // taken in element order; lane l returns the l-th largest, staged. `stage` is 32 words of this warp's shared memory.
 template <typename K, int PER>
@@ -117,10 +136,7 @@ __device__ __forceinline__ uint64_t top32(const K (&k)[PER], int lane, uint64_t*
     K thr = bit < 0 ? lo : lo & ~((K(2) << bit) - K(1));  // the common bits, zeros below: <= lo
     for (; bit >= 0; --bit) {
         const K cand = thr | (K(1) << bit);
-        int count = 0;
-#pragma unroll
-        for (int j = 0; j < PER; ++j) count += k[j] >= cand;
-        count = __reduce_add_sync(FULL, count);
+        const int count = __reduce_add_sync(FULL, count_at_least<K, PER>(k, cand));
         if (count >= 32) {
             thr = cand;
             if (count == 32) break;  // exactly 32 keys >= thr: they are the set
@@ -179,8 +195,13 @@ __device__ __forceinline__ bool candidate_pair(int c, int knn, int first, int to
 // A row of NK scores as order keys, element j * 32 + lane in k[j]; 0 (below every score) past the row's end.
 template <int PER>
 __device__ __forceinline__ void load_keys(const float* row, int NK, int lane, uint32_t (&k)[PER]) {
+    if (NK == PER * 32) {  // a whole row (1024 sub-keys: 32 per lane): no bound to test per key
 #pragma unroll
-    for (int j = 0; j < PER; ++j) k[j] = j * 32 + lane < NK ? order_key(row[j * 32 + lane]) : 0u;
+        for (int j = 0; j < PER; ++j) k[j] = order_key(row[j * 32 + lane]);
+    } else {
+#pragma unroll
+        for (int j = 0; j < PER; ++j) k[j] = j * 32 + lane < NK ? order_key(row[j * 32 + lane]) : 0u;
+    }
 }
 
 // s1, s2: [H, T, NK] fp32 scores of the two halves; one warp per row t * H + h; out: [T, H, knn].

@@ -70,8 +70,9 @@ __device__ __forceinline__ uint64_t warp_sort_desc(uint64_t v, int lane) {
             const uint64_t other = __shfl_xor_sync(FULL, v, stride);
             const bool descending = (lane & size) == 0;
             const bool lower = (lane & stride) == 0;
-            const uint64_t hi = v > other ? v : other, lo = v > other ? other : v;
-            v = (lower == descending) ? hi : lo;
+            // the lane keeps the larger word where lower == descending, else the smaller: one compare (equal words
+            // are the same either way)
+            v = ((v > other) == (lower == descending)) ? v : other;
         }
     }
     return v;

@@ -119,10 +119,22 @@ __device__ __forceinline__ int count_at_least(const K (&k)[PER], K cand) {
     return (part[0] + part[1]) + (part[2] + part[3]);
 }
 
+// The largest of the warp's keys below `below` (0 if none).
+template <typename K, int PER>
+__device__ __forceinline__ K largest_below(const K (&k)[PER], K below) {
+    K m = 0;
+#pragma unroll
+    for (int j = 0; j < PER; ++j) m = (k[j] < below && k[j] > m) ? k[j] : m;
+    return warp_max(m);
+}
+
 // The 32nd largest of the warp's PER * 32 keys (element j * 32 + lane in k[j] of that lane), or a key with exactly
 // 32 keys at or above it. It lies between the smallest lane maximum (each lane holds a key >= it: 32 keys) and the
 // largest key, and a bisection of that interval needs fewer counts than a walk down the bits from the first bit in
 // which the two differ (which spans the whole exponent range between them). Invariant: >= 32 keys >= lo, < 32 > hi.
+// A bisection never tries a key below lo, so when the 32nd largest is lo itself (the 32 largest in 32 lanes: a
+// dominant first sub-key puts its 32 candidate pairs there) it would close in on lo bit by bit; but as soon as 31
+// keys lie at or above mid, the 32nd is the largest key below mid.
 template <typename K, int PER>
 __device__ __forceinline__ K cut_key(const K (&k)[PER]) {
     K lane_max = k[0];
@@ -135,6 +147,8 @@ __device__ __forceinline__ K cut_key(const K (&k)[PER]) {
         if (count >= 32) {
             lo = mid;
             if (count == 32) break;  // exactly 32 keys >= mid: they are the set
+        } else if (count == 31) {
+            return largest_below<K, PER>(k, mid);
         } else {
             hi = mid - 1;
         }

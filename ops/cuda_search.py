@@ -70,8 +70,9 @@ __device__ __forceinline__ uint64_t warp_sort_desc(uint64_t v, int lane) {
             const uint64_t other = __shfl_xor_sync(FULL, v, stride);
             const bool descending = (lane & size) == 0;
             const bool lower = (lane & stride) == 0;
-            const uint64_t hi = v > other ? v : other, lo = v > other ? other : v;
-            v = (lower == descending) ? hi : lo;
+            // the lane keeps the larger word where lower == descending, else the smaller: one compare (equal words
+            // are the same either way)
+            v = ((v > other) == (lower == descending)) ? v : other;
         }
     }
     return v;
@@ -98,8 +99,6 @@ __device__ __forceinline__ int warp_inclusive_sum(int v, int lane) {
     }
     return v;
 }
-__device__ __forceinline__ int leading_zeros(uint32_t v) { return __clz(v); }
-__device__ __forceinline__ int leading_zeros(uint64_t v) { return __clzll(v); }
 
 // How many of a lane's keys are >= cand (cand >= 1), summed in four independent parts: one running sum chains every
 // key's add after the last one's, a serial dependency per key in every bit step of the select. 32-bit keys count by
@@ -120,60 +119,138 @@ __device__ __forceinline__ int count_at_least(const K (&k)[PER], K cand) {
     return (part[0] + part[1]) + (part[2] + part[3]);
 }
 
-// The 32 largest of the warp's PER * 32 keys (element j * 32 + lane in k[j] of that lane), equal keys at the cut
-// taken in element order; lane l returns the l-th largest, staged. `stage` is 32 words of this warp's shared memory.
+// The largest of the warp's keys below `below` (0 if none).
 template <typename K, int PER>
-__device__ __forceinline__ uint64_t top32(const K (&k)[PER], int lane, uint64_t* stage) {
-    constexpr int BITS = 8 * sizeof(K);
-    // The 32nd largest lies between the smallest lane maximum (each lane holds a key >= it: 32 keys) and the
-    // largest key, so it has their common leading bits: the radix select starts at the first bit where they differ
-    // (about half of the bits of typical scores).
+__device__ __forceinline__ K largest_below(const K (&k)[PER], K below) {
+    K m = 0;
+#pragma unroll
+    for (int j = 0; j < PER; ++j) m = (k[j] < below && k[j] > m) ? k[j] : m;
+    return warp_max(m);
+}
+
+// The 32nd largest of the warp's PER * 32 keys (element j * 32 + lane in k[j] of that lane), or a key with exactly
+// 32 keys at or above it. It lies between the smallest lane maximum (each lane holds a key >= it: 32 keys) and the
+// largest key, and a bisection of that interval needs fewer counts than a walk down the bits from the first bit in
+// which the two differ (which spans the whole exponent range between them). Invariant: >= 32 keys >= lo, < 32 > hi.
+// A bisection never tries a key below lo, so when the 32nd largest is lo itself (the 32 largest in 32 lanes: a
+// dominant first sub-key puts its 32 candidate pairs there) it would close in on lo bit by bit; but as soon as 31
+// keys lie at or above mid, the 32nd is the largest key below mid.
+template <typename K, int PER>
+__device__ __forceinline__ K cut_key(const K (&k)[PER]) {
     K lane_max = k[0];
 #pragma unroll
     for (int j = 1; j < PER; ++j) lane_max = k[j] > lane_max ? k[j] : lane_max;
-    const K lo = warp_min(lane_max), hi = warp_max(lane_max);
-    int bit = lo == hi ? -1 : BITS - 1 - leading_zeros(lo ^ hi);
-    K thr = bit < 0 ? lo : lo & ~((K(2) << bit) - K(1));  // the common bits, zeros below: <= lo
-    for (; bit >= 0; --bit) {
-        const K cand = thr | (K(1) << bit);
-        const int count = __reduce_add_sync(FULL, count_at_least<K, PER>(k, cand));
+    K lo = warp_min(lane_max), hi = warp_max(lane_max);
+    while (lo < hi) {
+        const K mid = hi - ((hi - lo) >> 1);  // in (lo, hi], so >= 1 as count_at_least needs
+        const int count = __reduce_add_sync(FULL, count_at_least<K, PER>(k, mid));
         if (count >= 32) {
-            thr = cand;
-            if (count == 32) break;  // exactly 32 keys >= thr: they are the set
+            lo = mid;
+            if (count == 32) break;  // exactly 32 keys >= mid: they are the set
+        } else if (count == 31) {
+            return largest_below<K, PER>(k, mid);
+        } else {
+            hi = mid - 1;
         }
     }
+    return lo;
+}
+
+// Stages the keys >= thr when there are exactly 32: every lane writes its own after the lanes before it.
+template <typename K, int PER>
+__device__ __forceinline__ void stage_at_least(const K (&k)[PER], K thr, int mine, int lane, uint64_t* stage) {
+    int at = warp_inclusive_sum(mine, lane) - mine;
+#pragma unroll
+    for (int j = 0; j < PER; ++j)
+        if (k[j] >= thr) stage[at++] = staged(k[j], j * 32 + lane);
+}
+
+// Stages the 32 largest when more than 32 keys are >= thr (a tie at the cut): all keys > thr, then the keys == thr
+// in element order until 32.
+template <typename K, int PER>
+__device__ __forceinline__ void stage_with_ties(const K (&k)[PER], K thr, int lane, uint64_t* stage) {
     const uint32_t before = (1u << lane) - 1u;
-    int mine_at_least = 0;
+    int above = 0;
 #pragma unroll
-    for (int j = 0; j < PER; ++j) mine_at_least += k[j] >= thr;
-    if (__reduce_add_sync(FULL, mine_at_least) == 32) {
-        // No tie at the cut (the usual case): every lane writes its keys >= thr after the lanes before it.
-        int at = warp_inclusive_sum(mine_at_least, lane) - mine_at_least;
+    for (int j = 0; j < PER; ++j) above += k[j] > thr;
+    const int room = 32 - __reduce_add_sync(FULL, above);
+    int taken = 0, equal_seen = 0;
 #pragma unroll
-        for (int j = 0; j < PER; ++j)
-            if (k[j] >= thr) stage[at++] = staged(k[j], j * 32 + lane);
-    } else {
-        // More than 32 keys >= thr: all keys > thr, then the keys == thr in element order until 32.
-        int above = 0;
-#pragma unroll
-        for (int j = 0; j < PER; ++j) above += k[j] > thr;
-        const int room = 32 - __reduce_add_sync(FULL, above);
-        int taken = 0, equal_seen = 0;
-#pragma unroll
-        for (int j = 0; j < PER; ++j) {
-            const bool equal = k[j] == thr;
-            const uint32_t equal_mask = __ballot_sync(FULL, equal);
-            const bool take = k[j] > thr || (equal && equal_seen + __popc(equal_mask & before) < room);
-            const uint32_t take_mask = __ballot_sync(FULL, take);
-            if (take) stage[taken + __popc(take_mask & before)] = staged(k[j], j * 32 + lane);
-            taken += __popc(take_mask);
-            equal_seen += __popc(equal_mask);
-        }
+    for (int j = 0; j < PER; ++j) {
+        const bool equal = k[j] == thr;
+        const uint32_t equal_mask = __ballot_sync(FULL, equal);
+        const bool take = k[j] > thr || (equal && equal_seen + __popc(equal_mask & before) < room);
+        const uint32_t take_mask = __ballot_sync(FULL, take);
+        if (take) stage[taken + __popc(take_mask & before)] = staged(k[j], j * 32 + lane);
+        taken += __popc(take_mask);
+        equal_seen += __popc(equal_mask);
     }
+}
+
+// Lane l gets the l-th largest of the 32 staged words.
+__device__ __forceinline__ uint64_t sorted_stage(const uint64_t* stage, int lane) {
     __syncwarp();
     const uint64_t mine = stage[lane];
     __syncwarp();  // the stage is free for the next select
     return warp_sort_desc(mine, lane);
+}
+
+// Stages the 32 largest of the warp's keys given their cut key thr (cut_key), equal keys at the cut taken in element
+// order. `stage` is 32 words of this warp's shared memory.
+template <typename K, int PER>
+__device__ __forceinline__ void stage_top32(const K (&k)[PER], K thr, int lane, uint64_t* stage) {
+    int mine = 0;
+#pragma unroll
+    for (int j = 0; j < PER; ++j) mine += k[j] >= thr;
+    if (__reduce_add_sync(FULL, mine) == 32) stage_at_least<K, PER>(k, thr, mine, lane, stage);
+    else stage_with_ties<K, PER>(k, thr, lane, stage);
+}
+
+// The 32 largest of the warp's PER * 32 keys (element j * 32 + lane in k[j] of that lane); lane l returns the l-th
+// largest, staged.
+template <typename K, int PER>
+__device__ __forceinline__ uint64_t top32(const K (&k)[PER], int lane, uint64_t* stage) {
+    stage_top32<K, PER>(k, cut_key<K, PER>(k), lane, stage);
+    return sorted_stage(stage, lane);
+}
+
+// Bit PER - 1 - j of the result says whether k[j] >= cand (cand >= 1): the add-with-carry doubles the mask and adds
+// the carry, two instructions per key.
+template <int PER>
+__device__ __forceinline__ uint32_t mask_at_least(const uint32_t (&k)[PER], uint32_t cand) {
+    const uint32_t neg_cand = 0u - cand;
+    uint32_t m = 0;
+#pragma unroll
+    for (int j = 0; j < PER; ++j)
+        asm("{\n\t.reg .u32 t;\n\tadd.cc.u32 t, %1, %2;\n\taddc.u32 %0, %0, %0;\n\t}"
+            : "+r"(m) : "r"(k[j]), "r"(neg_cand));
+    return m;
+}
+
+// top32 for a row of sub-key scores (k loaded from `row` by load_keys). About one key per lane is chosen, so without
+// a tie at the cut each lane marks its chosen keys in a mask and stages only those, reading each again from `row`
+// (just loaded, so from L1): a register array cannot be indexed by a loop over set bits.
+template <int PER>
+__device__ __forceinline__ uint64_t top32_row(const uint32_t (&k)[PER], const float* row, int lane, uint64_t* stage) {
+    const uint32_t thr = cut_key<uint32_t, PER>(k);
+    if (PER > 32 || thr == 0u) {  // a mask of more than 32 keys, or padding keys (0) in the count: the general path
+        stage_top32<uint32_t, PER>(k, thr, lane, stage);
+        return sorted_stage(stage, lane);
+    }
+    uint32_t m = mask_at_least<PER>(k, thr);
+    const int mine = __popc(m);
+    if (__reduce_add_sync(FULL, mine) != 32) {
+        stage_with_ties<uint32_t, PER>(k, thr, lane, stage);
+    } else {
+        int at = warp_inclusive_sum(mine, lane) - mine;
+        while (m) {
+            const int bit = 31 - __clz(m);
+            m ^= 1u << bit;
+            const int e = (PER - 1 - bit) * 32 + lane;
+            stage[at++] = staged(order_key(row[e]), e);
+        }
+    }
+    return sorted_stage(stage, lane);
 }
 
 // Candidate c of the rank pairs (a, b) with (a+1)(b+1) <= knn, a-major: rank a has knn / (a+1) pairs, starting at
@@ -216,10 +293,12 @@ __global__ void pk_select_kernel(const float* __restrict__ s1, const float* __re
     const int64_t t = row / H, h = row % H;
     uint64_t* stage = stages + warp * 32;
     uint32_t k[PER];
-    load_keys(s1 + (h * T + t) * NK, NK, lane, k);
-    const uint64_t best1 = top32<uint32_t, PER>(k, lane, stage);
-    load_keys(s2 + (h * T + t) * NK, NK, lane, k);
-    const uint64_t best2 = top32<uint32_t, PER>(k, lane, stage);
+    const float* row1 = s1 + (h * T + t) * NK;
+    load_keys(row1, NK, lane, k);
+    const uint64_t best1 = top32_row<PER>(k, row1, lane, stage);
+    const float* row2 = s2 + (h * T + t) * NK;
+    load_keys(row2, NK, lane, k);
+    const uint64_t best2 = top32_row<PER>(k, row2, lane, stage);
     // lane r holds rank r of each half; candidate c = (rank a of half 1, rank b of half 2)
     const float v1 = from_key((uint32_t)(best1 >> 32)), v2 = from_key((uint32_t)(best2 >> 32));
     const uint32_t i1 = ~(uint32_t)best1, i2 = ~(uint32_t)best2;

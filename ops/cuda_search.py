@@ -7,9 +7,9 @@ another order than the Triton kernel's tensor-core dots, so the two can round a 
 then pick differently between slots whose scores are that close. Why a second implementation: most of the
 Triton search's time is its bitonic top-k moving data through shared memory (BENCHMARKS.md), and Triton cannot keep
 a row in one warp's registers. Here a warp holds a row of sub-key scores (32 per lane for 1024 keys) and finds its
-32nd largest by a radix select on the scores' order-preserving bits (a warp-wide count per bit, starting below the
-leading bits that the smallest lane maximum and the largest score share, stopping as soon as exactly 32 keys lie
-above the bits fixed so far), then gathers the 32 (by a prefix sum over lanes, or by ballots in element order when
+32nd largest by bisecting, over the scores' order-preserving bits, the interval from the smallest lane maximum to the
+largest score (a warp-wide count per step, stopping as soon as exactly 32 keys lie at or above the midpoint), then
+gathers the 32 (each lane its own, marked in a mask, after the lanes before it; by ballots in element order when
 keys tie at the cut) and sorts them with shuffles.
 The same select takes the top 32 of the candidate sums s1[a] + s2[b] with (a+1)(b+1) <= knn. The backward is the
 Triton search's (dense gradient rows over the sub-keys, then GEMMs), with those rows written by a kernel here: one

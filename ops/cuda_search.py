@@ -101,7 +101,7 @@ __device__ __forceinline__ int warp_inclusive_sum(int v, int lane) {
 }
 
 // How many of a lane's keys are >= cand (cand >= 1), summed in four independent parts: one running sum chains every
-// key's add after the last one's, a serial dependency per key in every bit step of the select. 32-bit keys count by
+// key's add after the last one's, a serial dependency per key in every step of the select. 32-bit keys count by
 // a carry: k + (2^32 - cand) carries out exactly when k >= cand, and the add-with-carry takes it (two instructions
 // per key, where a compare, an add and a select took three).
 __device__ __forceinline__ void add_if_at_least(int& c, uint32_t k, uint32_t neg_cand) {

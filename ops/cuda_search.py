@@ -134,7 +134,9 @@ __device__ __forceinline__ K largest_below(const K (&k)[PER], K below) {
 // which the two differ (which spans the whole exponent range between them). Invariant: >= 32 keys >= lo, < 32 > hi.
 // A bisection never tries a key below lo, so when the 32nd largest is lo itself (the 32 largest in 32 lanes: a
 // dominant first sub-key puts its 32 candidate pairs there) it would close in on lo bit by bit; but as soon as 31
-// keys lie at or above mid, the 32nd is the largest key below mid.
+// keys lie at or above mid, the 32nd is the largest key below mid. Only the candidates' (64-bit) select takes that
+// pass: in a row of sub-key scores the 32 largest lie in 32 lanes with a probability of about 32!/32^32, and the
+// test in every step costs the rows more than it saves.
 template <typename K, int PER>
 __device__ __forceinline__ K cut_key(const K (&k)[PER]) {
     K lane_max = k[0];
@@ -147,7 +149,7 @@ __device__ __forceinline__ K cut_key(const K (&k)[PER]) {
         if (count >= 32) {
             lo = mid;
             if (count == 32) break;  // exactly 32 keys >= mid: they are the set
-        } else if (count == 31) {
+        } else if (sizeof(K) == 8 && count == 31) {
             return largest_below<K, PER>(k, mid);
         } else {
             hi = mid - 1;

@@ -80,11 +80,6 @@ __device__ __forceinline__ uint64_t warp_sort_desc(uint64_t v, int lane) {
 
 __device__ __forceinline__ uint32_t warp_min(uint32_t v) { return __reduce_min_sync(FULL, v); }
 __device__ __forceinline__ uint32_t warp_max(uint32_t v) { return __reduce_max_sync(FULL, v); }
-__device__ __forceinline__ uint64_t warp_min(uint64_t v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) { const uint64_t w = __shfl_xor_sync(FULL, v, o); v = w < v ? w : v; }
-    return v;
-}
 __device__ __forceinline__ uint64_t warp_max(uint64_t v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) { const uint64_t w = __shfl_xor_sync(FULL, v, o); v = w > v ? w : v; }
@@ -119,6 +114,18 @@ __device__ __forceinline__ int count_at_least(const K (&k)[PER], K cand) {
     return (part[0] + part[1]) + (part[2] + part[3]);
 }
 
+// Bounds of the bisection from the lanes' maxima: their smallest and largest. A candidate's 64-bit word takes the
+// bounds of its high word (the score's key), one warp reduction each: a bisection needs them no tighter.
+__device__ __forceinline__ void key_bounds(uint32_t lane_max, uint32_t& lo, uint32_t& hi) {
+    lo = warp_min(lane_max);
+    hi = warp_max(lane_max);
+}
+__device__ __forceinline__ void key_bounds(uint64_t lane_max, uint64_t& lo, uint64_t& hi) {
+    const uint32_t high = (uint32_t)(lane_max >> 32);
+    lo = (uint64_t)warp_min(high) << 32;
+    hi = ((uint64_t)warp_max(high) << 32) | 0xffffffffull;
+}
+
 // The largest of the warp's keys below `below` (0 if none).
 template <typename K, int PER>
 __device__ __forceinline__ K largest_below(const K (&k)[PER], K below) {
@@ -134,20 +141,23 @@ __device__ __forceinline__ K largest_below(const K (&k)[PER], K below) {
 // which the two differ (which spans the whole exponent range between them). Invariant: >= 32 keys >= lo, < 32 > hi.
 // A bisection never tries a key below lo, so when the 32nd largest is lo itself (the 32 largest in 32 lanes: a
 // dominant first sub-key puts its 32 candidate pairs there) it would close in on lo bit by bit; but as soon as 31
-// keys lie at or above mid, the 32nd is the largest key below mid.
+// keys lie at or above mid, the 32nd is the largest key below mid. Only the candidates' (64-bit) select takes that
+// pass: in a row of sub-key scores the 32 largest lie in 32 lanes with a probability of about 32!/32^32, and the
+// test in every step costs the rows more than it saves.
 template <typename K, int PER>
 __device__ __forceinline__ K cut_key(const K (&k)[PER]) {
     K lane_max = k[0];
 #pragma unroll
     for (int j = 1; j < PER; ++j) lane_max = k[j] > lane_max ? k[j] : lane_max;
-    K lo = warp_min(lane_max), hi = warp_max(lane_max);
+    K lo, hi;
+    key_bounds(lane_max, lo, hi);
     while (lo < hi) {
         const K mid = hi - ((hi - lo) >> 1);  // in (lo, hi], so >= 1 as count_at_least needs
         const int count = __reduce_add_sync(FULL, count_at_least<K, PER>(k, mid));
         if (count >= 32) {
             lo = mid;
             if (count == 32) break;  // exactly 32 keys >= mid: they are the set
-        } else if (count == 31) {
+        } else if (sizeof(K) == 8 && count == 31) {
             return largest_below<K, PER>(k, mid);
         } else {
             hi = mid - 1;

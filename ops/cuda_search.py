@@ -15,18 +15,17 @@ The same select takes the top 32 of the candidate sums s1[a] + s2[b] with (a+1)(
 Triton search's (dense gradient rows over the sub-keys, then GEMMs), with those rows written by a kernel here: one
 warp builds a token's two rows in shared memory and stores them whole, so no buffer is zeroed first.
 
-Built on first use with torch.utils.cpp_extension.load_inline (needs nvcc and ninja; kept in torch's extension
-cache, so later processes only load it). ops.product_key_search's "auto" backend takes this path for CUDA
-bf16/fp16 queries with knn <= 32 and n_keys <= 2048; when the build fails it warns once and runs the Triton kernel
-(the same search up to the rounding above). Importing this module builds nothing.
+Built on first use (ops/cuda_build.py: needs nvcc and ninja; kept in torch's extension cache, so later processes
+only load it). ops.product_key_search's "auto" backend takes this path for CUDA bf16/fp16 queries with knn <= 32
+and n_keys <= 2048; when the build fails it warns once and runs the Triton kernel (the same search up to the rounding
+above). Importing this module builds nothing.
 """
 import functools
-import os
-import shutil
 import warnings
 
 import torch
 
+from . import cuda_build
 from .triton_search import _bmm_f32, check_search_args, empty_results, register_search_autograd, search_backward
 from .triton_search import search_backward_fake, search_forward_fake
 from .triton_search import search_forward as triton_forward
@@ -473,25 +472,10 @@ _CPP = ("void pk_select(at::Tensor s1, at::Tensor s2, at::Tensor scores, at::Ten
         "void pk_dense_rows(at::Tensor idx, at::Tensor g, at::Tensor w1, at::Tensor w2, int64_t t0);")
 
 
-def _ninja_on_path() -> None:
-    """torch's build runs `ninja` from PATH; the `ninja` package installed in a virtual environment is only on PATH
-    while that environment is activated (not for `.venv/bin/python -m train`), so add its directory when missing."""
-    if shutil.which("ninja") is None:
-        try:
-            import ninja
-        except ImportError:
-            return  # the build then fails with torch's own message, and the search stays on Triton
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-
-
 @functools.cache
 def _extension():
     """The compiled selection (built by the first call on a machine, loaded from torch's extension cache after)."""
-    from torch.utils.cpp_extension import load_inline
-
-    _ninja_on_path()
-    return load_inline(name="mnemo_pk_select", cpp_sources=_CPP, cuda_sources=KERNELS + _HOST,
-                       functions=["pk_select", "pk_dense_rows"], extra_cuda_cflags=["-O3"], verbose=False)
+    return cuda_build.load("mnemo_pk_select", _CPP, KERNELS + _HOST, ["pk_select", "pk_dense_rows"])
 
 
 @functools.cache

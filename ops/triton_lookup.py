@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import cuda_sort
+
 
 def _npow2(x: int) -> int:
     return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
@@ -316,8 +318,11 @@ def lookup_weight_grad(grad_out, indices, weights, values, config=None):
 
 
 def _sort_pairs(indices: torch.Tensor, n_rows: int):
-    """(sorted_rows, perm): the pairs' rows in increasing order, and each sorted pair's flat index (stable)."""
+    """(sorted_rows, perm): the pairs' rows in increasing order, and each sorted pair's flat index (stable); int32
+    rows when n_rows < 2^31, perm int32 from the compiled sort (CUDA) or int64 from torch.sort."""
     flat = indices.reshape(-1)
+    if cuda_sort.applies(flat, n_rows) and cuda_sort.available():
+        return cuda_sort.sort_pairs(flat, n_rows)
     keys = flat.to(torch.int32) if n_rows < 2**31 else flat.to(torch.int64)  # 32-bit keys sort faster
     return torch.sort(keys, stable=True)
 

@@ -8,7 +8,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 import ops  # noqa: E402
-from ops import cuda_search, triton_search  # noqa: E402
+from ops import cuda_build, cuda_search, triton_search  # noqa: E402
 
 pytestmark = pytest.mark.any_device  # its tensors go to the GPU when there is one
 
@@ -88,12 +88,12 @@ def test_the_ninja_of_an_inactive_venv_is_put_on_path(monkeypatch, tmp_path):
 
     monkeypatch.setenv("PATH", "/usr/bin")
     monkeypatch.setitem(sys.modules, "ninja", types.SimpleNamespace(BIN_DIR=str(tmp_path)))
-    monkeypatch.setattr(cuda_search.shutil, "which", lambda name: "/usr/bin/ninja")
-    cuda_search._ninja_on_path()
-    assert cuda_search.os.environ["PATH"] == "/usr/bin"  # found: left alone
-    monkeypatch.setattr(cuda_search.shutil, "which", lambda name: None)
-    cuda_search._ninja_on_path()
-    assert cuda_search.os.environ["PATH"].split(":")[0] == str(tmp_path)
+    monkeypatch.setattr(cuda_build.shutil, "which", lambda name: "/usr/bin/ninja")
+    cuda_build._ninja_on_path()
+    assert cuda_build.os.environ["PATH"] == "/usr/bin"  # found: left alone
+    monkeypatch.setattr(cuda_build.shutil, "which", lambda name: None)
+    cuda_build._ninja_on_path()
+    assert cuda_build.os.environ["PATH"].split(":")[0] == str(tmp_path)
 
 
 CASES = [  # T, H, NK, half, knn, dtype, kind

@@ -1,6 +1,7 @@
-"""The compiled kernels' device code (ops/cuda_search.py's KERNELS) compiles, wherever the CUDA compiler is installed,
-GPU or not: a syntax or type error in a kernel shows here, not first on a GPU machine at the build at first use. Every
-kernel the host code launches is instantiated in that source, so ptxas compiles each one for the H100/H200 target."""
+"""The compiled kernels' device code (ops/cuda_search.py's and ops/cuda_sort.py's KERNELS) compiles, wherever the
+CUDA compiler is installed, GPU or not: a syntax or type error in a kernel shows here, not first on a GPU machine at
+the build at first use. Every kernel the host code launches is instantiated in that source, so ptxas compiles each one
+for the H100/H200 target."""
 import os
 import re
 import shutil
@@ -8,7 +9,7 @@ import subprocess
 
 import pytest
 
-from ops import cuda_search
+from ops import cuda_search, cuda_sort
 
 
 def _nvcc():
@@ -44,3 +45,12 @@ def test_a_kernel_error_is_reported(tmp_path):
     broken = cuda_search.KERNELS.replace("__syncwarp();", "__syncwarp(", 1)
     out = _compile(broken, tmp_path)
     assert out.returncode != 0 and "error" in out.stderr
+
+
+@needs_nvcc
+def test_pair_sort_compiles_for_sm90(tmp_path):
+    out = _compile(cuda_sort.KERNELS, tmp_path)
+    assert out.returncode == 0, out.stderr[-4000:]
+    compiled = re.findall(r"Compiling entry function '(\w+)'", out.stderr)
+    assert sum("pair_inputs_kernel" in name for name in compiled) == 2  # int64 and int32 rows
+    assert any("DeviceRadixSort" in name for name in compiled)  # CUB's passes, instantiated for both

@@ -6,7 +6,7 @@
 # The base is the official PyTorch image with torch 2.11.0 (pyproject.toml needs torch >= 2.11), CUDA 12.8 and
 # cuDNN 9, pinned by its version tag. The devel flavour carries a C compiler and the CUDA toolkit, which Triton
 # and torch.compile use at run time to build their launchers and kernels, and which builds the compiled
-# product-key search (ops/cuda_search.py, nvcc) at its first use.
+# product-key search and pair sort (ops/cuda_search.py, ops/cuda_sort.py; nvcc) at their first use.
 FROM pytorch/pytorch:2.11.0-cuda12.8-cudnn9-devel
 
 WORKDIR /workspace/mnemo

@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     amp = pick_dtype(cfg.precision, device)
     try:
         model, _ = load_model(ckpt, device)
-        note = prepare_memory_kernels(model.cfg, device, amp)
+        note = prepare_memory_kernels(model.cfg, device, amp, backward=False)  # evaluation runs no backward
         if note and rank == 0:
             print(note)
         with open(os.path.join(ckpt, "meta.json")) as f:

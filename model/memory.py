@@ -166,14 +166,17 @@ def value_pool(cfg: ModelConfig) -> ValuePool:
     return ValuePool(cfg.memory.n_keys**2, cfg.v_dim, value_init_std(cfg), dtype)
 
 
-def prepare_memory_kernels(cfg: ModelConfig, device, autocast_dtype: Optional[torch.dtype]) -> Optional[str]:
+def prepare_memory_kernels(cfg: ModelConfig, device, autocast_dtype: Optional[torch.dtype],
+                           backward: bool = True) -> Optional[str]:
     """Build (or load) now the compiled kernels this model's memory layers will call on `device` under
-    `autocast_dtype` (ops.prepare_search), so that no first forward waits on a build. A line for the log, or None
-    when none is used."""
+    `autocast_dtype` (ops.prepare_search; with `backward`, for training, also ops.prepare_pair_sort), so that no
+    first step waits on a build. Lines for the log, or None when none is used."""
     memory = cfg.memory
     if not memory.resolved_layers(cfg.n_layers):
         return None
-    return ops.prepare_search(device, autocast_dtype, memory.knn, memory.n_keys, memory.backend)
+    notes = [ops.prepare_search(device, autocast_dtype, memory.knn, memory.n_keys, memory.backend),
+             ops.prepare_pair_sort(device, memory.backend) if backward else None]
+    return "\n".join(note for note in notes if note) or None
 
 
 def _unit_rows(keys: torch.Tensor, eps: float) -> torch.Tensor:

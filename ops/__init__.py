@@ -5,7 +5,8 @@ The Triton kernels live in ops/triton_*.py. On a machine with CUDA they are impo
 _preload_triton); without CUDA only when the triton backend is asked for, so CPU machines never need Triton.
 A kernel that fails to import leaves "auto" on the reference. For bf16/fp16 queries on CUDA, "auto" searches with
 ops/cuda_search.py (a compiled top-k, built at first use; the Triton kernel when it cannot be built), "triton" with
-the Triton kernel (both exact for their scores, which may differ in the last bit).
+the Triton kernel (both exact for their scores, which may differ in the last bit). The Triton lookup backward sorts
+its pairs with ops/cuda_sort.py (a compiled CUB sort, built at first use; torch.sort when it cannot be built).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import time
 
 import torch
 
-from . import flash_attention, reference
+from . import cuda_sort, flash_attention, reference
 from .cast import cast_table
 from .cross_entropy import linear_cross_entropy
 from .lookup_into_grad import can_accumulate, grad_nonzero_rows, grad_sum_of_squares, memory_lookup_into_grad
@@ -115,6 +116,23 @@ def prepare_search(device, query_dtype, knn: int, n_keys: int, backend: str = "a
             "then loaded from torch's extension cache)")
 
 
+def prepare_pair_sort(device, backend: str = "auto"):
+    """Build (or load) now the lookup backward's compiled pair sort (ops/cuda_sort.py) when training on `device` with
+    this backend would use it: its first build on a machine (about a minute and a half: CUB) then happens before
+    training rather than inside the first backward. Returns a line for the log, or None when it is not used here."""
+    if backend == "reference" or torch.device(device).type != "cuda":
+        return None
+    try:
+        _triton_impl("lookup_backward")
+    except ImportError:  # "auto" runs the reference backward (torch only); "triton" reports it when used
+        return None
+    start = time.perf_counter()
+    if not cuda_sort.available():  # warned once with the reason
+        return "memory lookup backward: the compiled pair sort could not be built; torch.sort runs"
+    return (f"memory lookup backward: compiled pair sort ready in {time.perf_counter() - start:.1f} s (built once per "
+            "machine, then loaded from torch's extension cache)")
+
+
 def memory_lookup(indices, weights, values, backend: str = "auto"):
     """indices [T, S] int32/int64, weights [T, S], values [N, D] -> [T, D] in values.dtype (fp32 accumulation)."""
     return _resolve("memory_lookup", backend, values.device)(indices, weights, values)
@@ -122,6 +140,6 @@ def memory_lookup(indices, weights, values, backend: str = "auto"):
 
 _preload_triton()
 
-__all__ = ["BACKENDS", "product_key_search", "prepare_search", "memory_lookup", "linear_cross_entropy",
-           "cast_table", "memory_lookup_into_grad", "can_accumulate", "grad_sum_of_squares",
+__all__ = ["BACKENDS", "product_key_search", "prepare_search", "prepare_pair_sort", "memory_lookup",
+           "linear_cross_entropy", "cast_table", "memory_lookup_into_grad", "can_accumulate", "grad_sum_of_squares",
            "grad_nonzero_rows"]

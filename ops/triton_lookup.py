@@ -6,8 +6,8 @@ accumulator and reduces it over the slot axis once at the end. Any value dim wor
 loads stay 16 bytes wide whenever D is a multiple of 16 elements (Triton specialises such sizes).
 
 Backward (one kernel, deterministic, no float atomics):
-  1. sort the flattened (token, slot) pairs by row (torch.sort, stable): equal rows become one segment whose
-     pairs are in pair-index order;
+  1. sort the flattened (token, slot) pairs by row, stably (on CUDA a CUB radix sort over the row bits only,
+     ops/cuda_sort.py; torch.sort elsewhere): equal rows become one segment whose pairs are in pair-index order;
   2. one program per segment (= per touched row) loads the row's value V[r] once, gathers the output
      gradient of each of its pairs, writes grad_w[pair] = <grad_out[t], V[r]> and accumulates
      grad_V[r] = sum w[pair] * grad_out[t] in fp32, in a fixed order.

@@ -131,10 +131,16 @@ def test_prepare_memory_kernels_asks_ops_for_the_memory_layers_settings(monkeypa
     from model import prepare_memory_kernels
 
     calls = []
-    monkeypatch.setattr(ops, "prepare_search", lambda *a: calls.append(a) or "ready")
+    monkeypatch.setattr(ops, "prepare_search", lambda *a: calls.append(a) or "search ready")
+    monkeypatch.setattr(ops, "prepare_pair_sort", lambda *a: calls.append(a) or "sort ready")
     dense = ModelConfig(vocab_size=11, dim=8, n_layers=2, n_heads=2)
     assert prepare_memory_kernels(dense, "cuda", torch.bfloat16) is None and calls == []  # no memory layer
     cfg = ModelConfig(vocab_size=11, dim=8, n_layers=2, n_heads=2,
                       memory=MemoryConfig(layers=[1], n_keys=64, knn=16, backend="triton"))
-    assert prepare_memory_kernels(cfg, "cuda", torch.bfloat16) == "ready"
-    assert calls == [("cuda", torch.bfloat16, 16, 64, "triton")]
+    assert prepare_memory_kernels(cfg, "cuda", torch.bfloat16) == "search ready\nsort ready"
+    assert calls == [("cuda", torch.bfloat16, 16, 64, "triton"), ("cuda", "triton")]
+    assert prepare_memory_kernels(cfg, "cuda", torch.bfloat16, backward=False) == "search ready"  # evaluation
+    assert len(calls) == 3
+    monkeypatch.setattr(ops, "prepare_search", lambda *a: None)  # neither used (a CPU run): no line
+    monkeypatch.setattr(ops, "prepare_pair_sort", lambda *a: None)
+    assert prepare_memory_kernels(cfg, "cpu", None) is None

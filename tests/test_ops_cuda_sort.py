@@ -1,11 +1,13 @@
 """The lookup backward's compiled pair sort (ops/cuda_sort.py): torch.sort's stable result on random rows, heavy
 duplicates, edge sizes and int32 input; the lookup backward's gradients bit-equal with either sort; and the dispatch
-around it: CPU pairs never build, a failed build warns once and the backward sorts with torch.sort."""
+around it: CPU pairs never build, a failed build warns once and the backward sorts with torch.sort, and training
+builds it before its first step only where it would be used."""
 import pytest
 import torch
 
 triton = pytest.importorskip("triton")
 
+import ops  # noqa: E402
 from ops import cuda_sort, triton_lookup  # noqa: E402
 
 
@@ -37,6 +39,25 @@ def test_a_failed_build_warns_once_and_torch_sort_runs(monkeypatch):
             assert torch.equal(out[0], want[0]) and torch.equal(out[1], want[1])
     finally:
         cuda_sort.available.cache_clear()
+
+
+def test_prepare_pair_sort_builds_only_where_training_would_sort_on_a_gpu(monkeypatch):
+    built = []
+    monkeypatch.setattr(cuda_sort, "available", lambda: built.append(1) or ok)
+    ok, cuda = True, torch.device("cuda", 0)
+    assert ops.prepare_pair_sort("cpu") is None and ops.prepare_pair_sort(cuda, backend="reference") is None
+    assert built == []
+    assert "compiled pair sort ready" in ops.prepare_pair_sort(cuda)
+    assert "compiled pair sort ready" in ops.prepare_pair_sort("cuda", backend="triton")
+    ok = False
+    assert "could not be built; torch.sort runs" in ops.prepare_pair_sort(cuda)
+    assert built == [1, 1, 1]
+
+    def no_triton(op):
+        raise ImportError("triton missing")
+
+    monkeypatch.setattr(ops, "_triton_impl", no_triton)  # the backward would be the reference's: nothing to build
+    assert ops.prepare_pair_sort(cuda) is None and built == [1, 1, 1]
 
 
 def test_applies_only_to_cuda_pairs_it_can_index():

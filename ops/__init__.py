@@ -109,11 +109,7 @@ def prepare_search(device, query_dtype, knn: int, n_keys: int, backend: str = "a
     search = _CUDA_SEARCH[0]
     if not search.fits(torch.device(device).type == "cuda", query_dtype, knn, n_keys):
         return None
-    start = time.perf_counter()
-    if not search.available():  # warned once with the reason
-        return "memory search: the compiled CUDA top-k could not be built; the Triton search runs"
-    return (f"memory search: compiled CUDA top-k ready in {time.perf_counter() - start:.1f} s (built once per machine, "
-            "then loaded from torch's extension cache)")
+    return _build_note(search.available, "memory search: compiled CUDA top-k", "the Triton search runs")
 
 
 def prepare_pair_sort(device, backend: str = "auto"):
@@ -126,11 +122,16 @@ def prepare_pair_sort(device, backend: str = "auto"):
         _triton_impl("lookup_backward")
     except ImportError:  # "auto" runs the reference backward (torch only); "triton" reports it when used
         return None
+    return _build_note(cuda_sort.available, "memory lookup backward: compiled pair sort", "torch.sort runs")
+
+
+def _build_note(available, what: str, fallback: str) -> str:
+    """Build (or load) a compiled extension through its `available` and say how it went, in one log line."""
     start = time.perf_counter()
-    if not cuda_sort.available():  # warned once with the reason
-        return "memory lookup backward: the compiled pair sort could not be built; torch.sort runs"
-    return (f"memory lookup backward: compiled pair sort ready in {time.perf_counter() - start:.1f} s (built once per "
-            "machine, then loaded from torch's extension cache)")
+    if not available():  # warned once with the reason
+        return f"{what} could not be built; {fallback}"
+    return (f"{what} ready in {time.perf_counter() - start:.1f} s (built once per machine, then loaded from torch's "
+            "extension cache)")
 
 
 def memory_lookup(indices, weights, values, backend: str = "auto"):

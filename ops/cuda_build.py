@@ -1,8 +1,9 @@
 """Building mnemo's compiled CUDA extensions at first use (torch.utils.cpp_extension.load_inline: needs nvcc and
 ninja; the build lands in torch's extension cache, so later processes only load it). Each extension module keeps
-its own functools.cache around `load` and its own fallback when the build fails."""
+its own functools.cache around `load` and around `builds`, and its own fallback when the build fails."""
 import os
 import shutil
+import warnings
 
 
 def _ninja_on_path() -> None:
@@ -23,3 +24,15 @@ def load(name: str, cpp: str, cuda: str, functions: list[str]):
     _ninja_on_path()
     return load_inline(name=name, cpp_sources=cpp, cuda_sources=cuda, functions=functions,
                        extra_cuda_cflags=["-O3"], verbose=False)
+
+
+def builds(extension, failure: str) -> bool:
+    """Whether `extension()` (a module's cached `load`) builds and loads here. A failure warns once per process (the
+    caller caches the answer) with `failure` and the reason: no compiler, no ninja and a build error all mean that
+    the caller falls back to its slower path."""
+    try:
+        extension()
+        return True
+    except Exception as e:  # noqa: BLE001
+        warnings.warn(f"{failure} ({type(e).__name__}: {str(e)[:300]})", stacklevel=3)
+        return False

@@ -21,7 +21,6 @@ and n_keys <= 2048; when the build fails it warns once and runs the Triton kerne
 above). Importing this module builds nothing.
 """
 import functools
-import warnings
 
 import torch
 
@@ -481,13 +480,8 @@ def _extension():
 @functools.cache
 def available() -> bool:
     """Whether the CUDA selection builds and loads here; a failure warns once and leaves the Triton kernel in use."""
-    try:
-        _extension()
-        return True
-    except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a build error: all mean "use Triton"
-        warnings.warn(f"ops.cuda_search: the CUDA top-k could not be built ({type(e).__name__}: {str(e)[:300]}); "
-                      "the product-key search runs the Triton kernel instead (slower)", stacklevel=2)
-        return False
+    return cuda_build.builds(_extension, "ops.cuda_search: the CUDA top-k could not be built; the product-key search "
+                                         "runs the Triton kernel instead (slower)")
 
 
 def fits(on_cuda: bool, query_dtype: torch.dtype, knn: int, n_keys: int) -> bool:

@@ -10,7 +10,6 @@ Built on first use (ops/cuda_build.py), like ops/cuda_search.py; where it cannot
 torch.sort (it warns once). Importing this module builds nothing.
 """
 import functools
-import warnings
 
 import torch
 
@@ -109,13 +108,8 @@ def _extension():
 @functools.cache
 def available() -> bool:
     """Whether the compiled sort builds and loads here; a failure warns once and leaves torch.sort in use."""
-    try:
-        _extension()
-        return True
-    except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a build error: all mean "use torch.sort"
-        warnings.warn(f"ops.cuda_sort: the CUB pair sort could not be built ({type(e).__name__}: {str(e)[:300]}); "
-                      "the lookup backward sorts with torch.sort instead (slower)", stacklevel=2)
-        return False
+    return cuda_build.builds(_extension, "ops.cuda_sort: the CUB pair sort could not be built; the lookup backward "
+                                         "sorts with torch.sort instead (slower)")
 
 
 def applies(flat_rows: torch.Tensor, n_rows: int) -> bool:

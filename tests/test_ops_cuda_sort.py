@@ -30,7 +30,7 @@ def test_a_failed_build_warns_once_and_torch_sort_runs(monkeypatch):
     cuda_sort.available.cache_clear()
     try:
         rows = torch.randint(0, 50, (40, 8), generator=torch.Generator().manual_seed(0))
-        with pytest.warns(UserWarning, match="CUB pair sort could not be built"):
+        with pytest.warns(UserWarning, match="CUB pair sort could not be built.*nvcc not found"):
             got = triton_lookup._sort_pairs(rows, 50)
         again = triton_lookup._sort_pairs(rows, 50)
         assert calls == [1]  # tried once per process

@@ -2,9 +2,9 @@
 index needs, with int32 pair ids.
 
 The backward sorts every (token, slot) pair by its value row, stably, and keeps each sorted pair's flat position.
-torch.sort sorts all 32 bits of the int32 keys and returns int64 positions; a table of 2^20 rows needs 20 bits, so a
-radix sort of 8-bit digits makes 3 passes where torch makes 4, and int32 positions halve the ids' bytes in every pass
-(BENCHMARKS.md, "the pairs' sort"). The result is torch.sort's, stable, with the positions as int32.
+torch.sort sorts all 32 bits of the int32 keys and returns int64 positions. A table of 2^20 rows needs 20 bits, so
+a radix sort over those bits alone makes fewer passes over the pairs, and int32 positions halve the ids' bytes in each
+(BENCHMARKS.md, "the pairs' sort by CUB"). The result is torch.sort's, stable, with the positions as int32.
 
 Built on first use (ops/cuda_build.py), like ops/cuda_search.py; where it cannot be built, the backward keeps
 torch.sort (it warns once). Importing this module builds nothing.

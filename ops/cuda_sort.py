@@ -26,9 +26,10 @@ namespace {
 template <typename I>
 __global__ void pair_inputs_kernel(const I* __restrict__ rows, uint32_t* __restrict__ keys, int32_t* __restrict__ ids,
                                    int n) {
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    // 64-bit positions: n may be close to 2^31, where the last step of an int stride would overflow
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
         keys[i] = (uint32_t)rows[i];
-        ids[i] = i;
+        ids[i] = (int32_t)i;
     }
 }
 }  // namespace
@@ -42,7 +43,9 @@ cudaError_t sort_pairs_by_row(const I* rows, uint32_t* keys[2], int32_t* ids[2],
     cub::DoubleBuffer<uint32_t> k(keys[0], keys[1]);
     cub::DoubleBuffer<int32_t> v(ids[0], ids[1]);
     if (temp == nullptr) return cub::DeviceRadixSort::SortPairs(nullptr, *temp_bytes, k, v, n, 0, bits, stream);
-    const int threads = 256, blocks = (int)((n + threads - 1) / threads < 4096 ? (n + threads - 1) / threads : 4096);
+    const int threads = 256;
+    const int64_t wanted = ((int64_t)n + threads - 1) / threads;  // n + 255 may not fit an int
+    const int blocks = (int)(wanted < 4096 ? wanted : 4096);
     pair_inputs_kernel<I><<<blocks, threads, 0, stream>>>(rows, keys[0], ids[0], n);
     const cudaError_t launched = cudaGetLastError();
     if (launched != cudaSuccess) return launched;

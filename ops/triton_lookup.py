@@ -13,6 +13,9 @@ Backward (one kernel, deterministic, no float atomics):
      grad_V[r] = sum w[pair] * grad_out[t] in fp32, in a fixed order.
   Cost O(tokens * slots) plus one read of each touched row: the value table is read once per touched row
   (not once per pair as a token-ordered grad_w would), and nothing table-sized is sorted.
+  A program is bound by its chain of dependent loads more than by bytes, so each segment's row and its first
+  pair to walk are gathered by segment before the launch: the value row and the first output-gradient row then
+  wait for one load of the program's own index, not for a segment bound and a sorted entry after it.
   Untouched rows of the dense gradient are zeroed by the same launch: programs past the last segment each
   take one untouched row (listed in order by a cumsum over a touched-row mask), so every row is written once.
   Hot rows: a training step reads some rows thousands of times, and the program walking such a row would hold
@@ -115,14 +118,22 @@ def _walk_pairs(acc, vrow, i_begin, end, perm_ptr, w_ptr, g_ptr, gw_ptr, P, S, s
         i = i0 + tl.arange(0, BLOCK_P)
         pmask = i < end
         p = tl.load(perm_ptr + i, mask=pmask, other=0).to(tl.int64)
-        t = p // S
-        w = tl.load(w_ptr + p, mask=pmask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + t[:, None] * stride_g + d[None, :], mask=pmask[:, None] & dmask[None, :], other=0.0)
-        g = g.to(tl.float32)
-        acc += tl.sum(w[:, None] * g, axis=0)
-        if COMPUTE_GW:
-            gw = tl.sum(g * vrow[None, :], axis=1)
-            tl.store(gw_ptr + pid_d * P + p, gw, mask=pmask)
+        acc = _add_pairs(acc, vrow, p, pmask, w_ptr, g_ptr, gw_ptr, P, S, stride_g, d, dmask, pid_d, COMPUTE_GW)
+    return acc
+
+
+@triton.jit
+def _add_pairs(acc, vrow, p, pmask, w_ptr, g_ptr, gw_ptr, P, S, stride_g, d, dmask, pid_d, COMPUTE_GW: tl.constexpr):
+    """acc + sum of w[p] * grad_out[p // S] over a tile of pairs p (int64, those under pmask), and with COMPUTE_GW their
+    grad_w over this program's columns."""
+    t = p // S
+    w = tl.load(w_ptr + p, mask=pmask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + t[:, None] * stride_g + d[None, :], mask=pmask[:, None] & dmask[None, :], other=0.0)
+    g = g.to(tl.float32)
+    acc += tl.sum(w[:, None] * g, axis=0)
+    if COMPUTE_GW:
+        gw = tl.sum(g * vrow[None, :], axis=1)
+        tl.store(gw_ptr + pid_d * P + p, gw, mask=pmask)
     return acc
 
 
@@ -161,13 +172,13 @@ def _store_square_parts(sq_ptr, seg, pid_d, parts, SQ_PARTS: tl.constexpr):
 
 @triton.jit
 def _segment_bwd_kernel(
-    sorted_rows_ptr, perm_ptr, seg_start_ptr, nseg_ptr, nfull_ptr, cum_ptr, part_ptr,
+    perm_ptr, seg_start_ptr, nseg_ptr, nfull_ptr, cum_ptr, part_ptr, seg_rows_ptr, seg_first_ptr,
     w_ptr, g_ptr, v_ptr, gw_ptr, gv_ptr, rows_out_ptr, untouched_ptr, sq_ptr,
     P, S, D, stride_g, stride_v, stride_gv,
     RUN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, HAS_RUNS: tl.constexpr,
     COMPUTE_GW: tl.constexpr, SPARSE: tl.constexpr, ZERO_UNTOUCHED: tl.constexpr, ACCUMULATE: tl.constexpr,
     ADJACENT_CHUNKS: tl.constexpr = 0, ROW_PROGRAMS: tl.constexpr = False, SUM_SQUARES: tl.constexpr = False,
-    SQ_PARTS: tl.constexpr = 1,
+    SQ_PARTS: tl.constexpr = 1, FIRST_PAIR: tl.constexpr = False,
 ):
     if ADJACENT_CHUNKS > 0:  # a 1-D grid: the column chunks of a segment are ADJACENT_CHUNKS neighbouring programs
         seg = tl.program_id(0) // ADJACENT_CHUNKS
@@ -190,7 +201,9 @@ def _segment_bwd_kernel(
         else:
             start = tl.load(seg_start_ptr + seg)
             end = tl.load(seg_start_ptr + seg + 1)
-            r = tl.load(sorted_rows_ptr + start).to(tl.int64)
+            # the segment's row as prepared by segment (seg_rows), not sorted_rows[start]: its value row's load then
+            # waits for one load instead of two (BENCHMARKS.md, "the segments' rows and first pairs prepared")
+            r = tl.load(seg_rows_ptr + seg).to(tl.int64)
         # The value row, the old gradient row and the rows written are touched once each and stream gigabytes
         # through L2: marked evict-first, they leave more of it to the rest (BENCHMARKS.md, evict-first hints).
         vrow = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -210,6 +223,15 @@ def _segment_bwd_kernel(
                 acc += tl.load(part_row + d, mask=dmask, other=0.0)
                 part_row += D
             i_begin = start + n_full * RUN
+        if FIRST_PAIR:
+            # The first pair left to walk, its index prepared by segment (seg_first): its weight and output-gradient
+            # row wait for the segment's bounds only, not for a pair index read after them. A segment whose pairs
+            # were all summed in runs has none (masked loads add +0).
+            one = tl.arange(0, 1)
+            p0 = tl.load(seg_first_ptr + seg + one).to(tl.int64)
+            acc = _add_pairs(acc, vrow, p0, i_begin + one < end, w_ptr, g_ptr, gw_ptr, P, S, stride_g, d, dmask, pid_d,
+                             COMPUTE_GW)
+            i_begin += 1
         acc = _walk_pairs(acc, vrow, i_begin, end, perm_ptr, w_ptr, g_ptr, gw_ptr, P, S, stride_g, d, dmask, pid_d,
                           BLOCK_P, COMPUTE_GW)
         row_grad = acc
@@ -499,14 +521,25 @@ def lookup_backward(grad_out, indices, weights, values, compute_gw: bool = True,
     sq_parts_per_program = max(1, block_d // 256)
     sq_parts = (torch.empty(grid * n_d * sq_parts_per_program, dtype=torch.float32, device=dev)
                 if sum_squares_out is not None else nseg)
+    # Prepared by segment so that a program's first loads depend on its segment's index only: the segment's row and
+    # its first pair to walk, after any runs; that pair's loads are then peeled out of the walk, so only with one pair
+    # per walk step (the same summation order). Row programs know their row, and the first pair slowed their launch
+    # (the merged pass, with the runs' extra preparation: BENCHMARKS.md, "the segments' rows and first pairs
+    # prepared").
+    first_pair = block_p == 1 and not row_programs
+    seg_rows = nseg if row_programs else sorted_rows[seg_start[:-1].clamp(max=P - 1)]
+    seg_first = nseg
+    if first_pair:
+        first = seg_start[:-1] + nfull * run if J > 0 else seg_start[:-1]
+        seg_first = perm[first.clamp(max=P - 1)]
     _segment_bwd_kernel[(grid * n_d,) if adjacent else (grid, n_d)](
-        sorted_rows, perm, seg_start, nseg, nfull, cum, part,
+        perm, seg_start, nseg, nfull, cum, part, seg_rows, seg_first,
         weights, grad_out, values, gw_out, gv, rows_out, untouched, sq_parts,
         P, S, D, grad_out.stride(0), values.stride(0), gv.stride(0),
         RUN=run, BLOCK_P=block_p, BLOCK_D=block_d, HAS_RUNS=J > 0, COMPUTE_GW=compute_gw, SPARSE=sparse,
         ZERO_UNTOUCHED=dense, ACCUMULATE=accumulate_into is not None,
         num_warps=warps, ADJACENT_CHUNKS=adjacent, ROW_PROGRAMS=row_programs,
-        SUM_SQUARES=sum_squares_out is not None, SQ_PARTS=sq_parts_per_program,
+        SUM_SQUARES=sum_squares_out is not None, SQ_PARTS=sq_parts_per_program, FIRST_PAIR=first_pair,
     )
     if sum_squares_out is not None:
         torch.sum(sq_parts, 0, out=sum_squares_out)

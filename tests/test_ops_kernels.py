@@ -191,10 +191,13 @@ def test_lookup_backward_is_deterministic():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
-@pytest.mark.parametrize("run,run_config", [(2, None), (3, (2, 1)), (5, None), (64, None)])
-def test_lookup_backward_hot_rows_in_runs(run, run_config):
+@pytest.mark.parametrize("run,run_config,config", [(2, None, None), (3, (2, 1), None), (5, None, None), (64, None, None),
+                                                   (2, None, (1, 32, 1)), (5, None, (1, 32, 1))])
+def test_lookup_backward_hot_rows_in_runs(run, run_config, config):
     # rows read by more pairs than `run`: their full runs are summed by programs of their own and added by the
-    # row's program with its remaining pairs (64: no run at all); every form against the reference
+    # row's program with its remaining pairs (64: no run at all); every form against the reference. With one pair per
+    # walk step (config), the first remaining pair is loaded as prepared by segment, and a row whose pairs all went
+    # into runs (row 7 at run 5) has none left.
     gen = torch.Generator().manual_seed(run)
     T, S, N, D = 6, 5, 9, 24
     idx = torch.randint(0, 3, (T, S), generator=gen)  # rows 0-2 hot: about 10 pairs each
@@ -206,7 +209,7 @@ def test_lookup_backward_hot_rows_in_runs(run, run_config):
     ww, vv = w.clone().requires_grad_(), v.clone().requires_grad_()
     reference.memory_lookup(idx, ww, vv).backward(g)
     tol = dict(atol=1e-5, rtol=1e-5)
-    kw = dict(run=run, run_config=run_config)
+    kw = dict(run=run, run_config=run_config, config=config)
     gw, gv = lookup_backward(g, idx, w, v, **kw)
     torch.testing.assert_close(gw, ww.grad, **tol)
     torch.testing.assert_close(gv, vv.grad, **tol)

@@ -15,7 +15,8 @@ Backward (one kernel, deterministic, no float atomics):
   (not once per pair as a token-ordered grad_w would), and nothing table-sized is sorted.
   A program is bound by its chain of dependent loads more than by bytes, so each segment's row and its first
   pair to walk are gathered by segment before the launch: the value row and the first output-gradient row then
-  wait for one load of the program's own index, not for a segment bound and a sorted entry after it.
+  wait for one load of the program's own index, not for a segment bound and a sorted entry after it (programs
+  that own a row of the table, the merged pass's, know their row and walk as before).
   Untouched rows of the dense gradient are zeroed by the same launch: programs past the last segment each
   take one untouched row (listed in order by a cumsum over a touched-row mask), so every row is written once.
   Hot rows: a training step reads some rows thousands of times, and the program walking such a row would hold

@@ -528,11 +528,12 @@ def lookup_backward(grad_out, indices, weights, values, compute_gw: bool = True,
     # (the merged pass, with the runs' extra preparation: BENCHMARKS.md, "the segments' rows and first pairs
     # prepared").
     first_pair = block_p == 1 and not row_programs
-    seg_rows = nseg if row_programs else sorted_rows[seg_start[:-1].clamp(max=P - 1)]
-    seg_first = nseg
-    if first_pair:
-        first = seg_start[:-1] + nfull * run if J > 0 else seg_start[:-1]
-        seg_first = perm[first.clamp(max=P - 1)]
+    seg_rows = seg_first = nseg  # unused by row programs
+    if not row_programs:
+        starts = seg_start[:-1].clamp(max=P - 1)  # each segment's first sorted pair (P - 1 past the last segment)
+        seg_rows = sorted_rows[starts]
+        if first_pair:
+            seg_first = perm[(seg_start[:-1] + nfull * run).clamp(max=P - 1) if J > 0 else starts]
     _segment_bwd_kernel[(grid * n_d,) if adjacent else (grid, n_d)](
         perm, seg_start, nseg, nfull, cum, part, seg_rows, seg_first,
         weights, grad_out, values, gw_out, gv, rows_out, untouched, sq_parts,
